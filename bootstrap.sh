@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Sets up everything on a fresh machine with only Python 3, then runs one job:
+#   ./bootstrap.sh test [pytest args]   the test suite (CPU, about 6 minutes on 2 cores)
+#   ./bootstrap.sh install              only the set-up
+# The set-up: a virtual environment in .venv (override with PROTOKD_VENV), this project installed into it in
+# editable mode with nnU-Net v2 and PyTorch, and the .pth hook that lets nnUNetv2_train/nnUNetv2_predict of that
+# environment find trainers/ (see nnunet_protokd/trainer_path.py). It is redone whenever setup.cfg changes.
+set -euo pipefail
+cd "$(dirname "$0")"
+venv="${PROTOKD_VENV:-.venv}"
+stamp="$venv/.nnunet_protokd_installed"
+
+if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
+    echo "== setting up $venv (first run: a few minutes; PyTorch is large)"
+    python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet -e '.[test]'
+    "$venv/bin/nnunet-protokd" register-trainers
+    touch "$stamp"
+fi
+
+job="${1:-}"
+[ $# -gt 0 ] && shift
+case "$job" in
+    test)
+        # two data-augmentation workers and two export processes: the CPU machines have 2 cores
+        export nnUNet_n_proc_DA="${nnUNet_n_proc_DA:-2}" nnUNet_def_n_proc="${nnUNet_def_n_proc:-2}"
+        exec "$venv/bin/python" -m pytest "$@" ;;
+    install) echo "ready: $venv/bin/nnunet-protokd, $venv/bin/nnUNetv2_train, ..." ;;
+    *) echo "usage: $0 test [pytest args] | install" >&2; exit 2 ;;
+esac

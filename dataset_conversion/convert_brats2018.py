@@ -1,0 +1,46 @@
+#!/usr/bin/env python3
+"""Convert a BraTS training folder (2018 layout; 2019-2023 detected too) into an nnU-Net raw dataset.
+
+    python dataset_conversion/convert_brats2018.py /data/MICCAI_BraTS_2018_Data_Training 501
+    python dataset_conversion/convert_brats2018.py TRAIN_FOLDER 501 --test /data/MICCAI_BraTS_2018_Data_Validation
+
+Writes $nnUNet_raw/Dataset501_BraTS2018 with channels 0000-0003 = T1, T1ce, T2, FLAIR and region-based labels
+(whole tumour, tumour core, enhancing tumour); --labels writes plain labels (softmax training) instead.
+"""
+import argparse
+import os
+import sys
+
+from nnunet_protokd.brats import ConversionError, convert_brats_dataset
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input_folder", help="BraTS training folder: HGG/ and LGG/ with one folder per case "
+                                             "(BraTS 2018/2019), or case folders directly (2020-2023)")
+    parser.add_argument("dataset_id", type=int, help="nnU-Net dataset id, 1-999")
+    parser.add_argument("--name", default=None, help="dataset name (default BraTS2018, or BraTS2023 for t1n/t1c/... files)")
+    parser.add_argument("--test", default=None, metavar="FOLDER",
+                        help="a validation/test folder (images, no seg) converted into imagesTs")
+    parser.add_argument("--labels", action="store_true",
+                        help="plain labels 1 edema / 2 necrosis / 3 enhancing (softmax) instead of regions")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
+    parser.add_argument("--nnunet-raw", default=os.environ.get("nnUNet_raw"),
+                        help="nnU-Net raw folder (default: $nnUNet_raw)")
+    parser.add_argument("-j", "--num-processes", type=int, default=2, help="parallel case conversions (default 2)")
+    args = parser.parse_args(argv)
+    if not args.nnunet_raw:
+        parser.error("set the environment variable nnUNet_raw or pass --nnunet-raw")
+    try:
+        target = convert_brats_dataset(args.input_folder, args.dataset_id, args.nnunet_raw, args.name, args.test,
+                                       region_based=not args.labels, overwrite=args.overwrite,
+                                       num_processes=args.num_processes)
+    except ConversionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Student and schedule settings, stored as extra nnU-Net plans configurations.
+
+A student of modality M trains on configuration `<base>_<M>` (e.g. `3d_fullres_T1ce`), which inherits `<base>`
+and therefore its preprocessed data, and carries our settings under the key `protokd`:
+
+    "3d_fullres_T1ce": {"inherits_from": "3d_fullres", "protokd": {"modality": "T1ce"}}
+
+Because nnU-Net names model folders `<trainer>__<plans>__<configuration>`, students of different modalities
+never share a folder, and the model folder's plans.json records the modality (and, later, method settings).
+A schedule (`num_epochs`, `num_iterations_per_epoch`, `num_val_iterations_per_epoch`) may be set on any
+configuration, for smoke runs and the CPU demo; the plugin's trainers read it, nnU-Net's ignore it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+SETTINGS_KEY = "protokd"
+SCHEDULE_KEYS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch")
+TEACHER_KEYS = ("trainer", "configuration", "plans", "checkpoint")
+# each distilling trainer's settings and the paper's values; a configuration overrides them under the
+# trainer's name, e.g. {"protokd": {"modality": "T1ce", "ProtoKDTrainer": {"beta": 0.0}}}
+METHOD_DEFAULTS = {
+    # ProtoKD (Wang et al., ICASSP 2023): L = L_seg + alpha L_kd + beta L_proto, temperature T
+    "ProtoKDTrainer": {"alpha": 10.0, "beta": 0.1, "temperature": 10.0, "intra_class_only": False},
+}
+
+
+class ConfigurationError(ValueError):
+    """A plans configuration that cannot serve the requested student or teacher."""
+
+
+def resolved_configuration(plans: dict, name: str) -> dict:
+    """The configuration `name` with its `inherits_from` chain applied (nnU-Net's own resolution)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    if name not in plans["configurations"]:
+        raise ConfigurationError(f"configuration {name!r} is not in the plans {plans.get('plans_name')!r}; "
+                                 f"available: {sorted(plans['configurations'])}")
+    return PlansManager(plans).get_configuration(name).configuration
+
+
+def configuration_settings(configuration: dict) -> dict:
+    """Our settings of a resolved configuration ({} for plain nnU-Net configurations)."""
+    return dict(configuration.get(SETTINGS_KEY, {}))
+
+
+def channel_index(dataset_json: dict, modality: str) -> int:
+    """Index of `modality` among the dataset's channel_names (case-insensitive; an index as text also works)."""
+    channel_names = {int(k): v for k, v in dataset_json["channel_names"].items()}
+    matches = [i for i, name in channel_names.items() if name.lower() == modality.lower()]
+    if not matches and modality.isdigit() and int(modality) in channel_names:
+        matches = [int(modality)]
+    if len(matches) != 1:
+        raise ConfigurationError(f"modality {modality!r} is not one of this dataset's channels "
+                                 f"{[channel_names[i] for i in sorted(channel_names)]}")
+    return matches[0]
+
+
+def method_settings(configuration: dict, method: str) -> dict:
+    """The settings of distilling trainer `method` in a resolved configuration, over the paper's defaults."""
+    given = configuration_settings(configuration).get(method, {})
+    _check_method_settings(method, given)
+    return {**METHOD_DEFAULTS[method], **given}
+
+
+def _check_method_settings(method: str, given: dict) -> None:
+    if method not in METHOD_DEFAULTS:
+        raise ConfigurationError(f"unknown method {method!r}; known: {sorted(METHOD_DEFAULTS)}")
+    for key, value in given.items():
+        if key not in METHOD_DEFAULTS[method]:
+            raise ConfigurationError(f"unknown {method} setting {key!r}; known: {sorted(METHOD_DEFAULTS[method])}")
+        if type(value) is not type(METHOD_DEFAULTS[method][key]) and not (
+                isinstance(value, int) and isinstance(METHOD_DEFAULTS[method][key], float)):
+            raise ConfigurationError(f"{method} setting {key} must be a {type(METHOD_DEFAULTS[method][key]).__name__}"
+                                     f", got {value!r}")
+
+
+def add_configuration(plans_file: str, dataset_json: dict, base: str, modality: str | None = None,
+                      name: str | None = None, schedule: dict | None = None, overwrite: bool = False,
+                      teacher: dict | None = None, methods: dict | None = None) -> str:
+    """Adds a configuration inheriting `base` to `plans_file` and returns its name.
+
+    With `modality` it is a student configuration (default name `<base>_<modality>`); without, a variant of
+    `base` (e.g. a short schedule for a teacher), which needs `name`. Re-adding an identical configuration is a
+    no-op; a different one with the same name is refused unless `overwrite`. `teacher` names a student's
+    teacher (see teacher.py) and `methods` overrides distilling trainers' settings ({trainer: {key: value}}). The plans file is replaced
+    atomically, so an interrupted call leaves the old plans intact.
+    """
+    with open(plans_file) as f:
+        plans = json.load(f)
+    parent_settings = configuration_settings(resolved_configuration(plans, base))
+    if modality is not None:
+        if "modality" in parent_settings:
+            raise ConfigurationError(f"{base!r} is already a student configuration (modality "
+                                     f"{parent_settings['modality']!r}); inherit from a multi-channel configuration")
+        modality = dataset_json["channel_names"][str(channel_index(dataset_json, modality))]
+        name = name or f"{base}_{modality}"
+    elif not name:
+        raise ConfigurationError("a configuration without a modality needs a name")
+    settings = {**parent_settings, **({"modality": modality} if modality else {})}
+    for key, value in (schedule or {}).items():
+        if key not in SCHEDULE_KEYS:
+            raise ConfigurationError(f"unknown schedule setting {key!r}; known: {SCHEDULE_KEYS}")
+        if value is not None:
+            if int(value) < 1:
+                raise ConfigurationError(f"{key} must be a positive integer, got {value}")
+            settings[key] = int(value)
+    for key, value in (teacher or {}).items():
+        if key not in TEACHER_KEYS:
+            raise ConfigurationError(f"unknown teacher setting {key!r}; known: {TEACHER_KEYS}")
+        if value is not None:
+            settings.setdefault("teacher", {})[key] = value
+    for method, values in (methods or {}).items():
+        _check_method_settings(method, values)
+        settings[method] = {**settings.get(method, {}), **values}
+    # the parent's settings are copied in: nnU-Net's inheritance replaces a nested dict instead of merging it
+    entry = {"inherits_from": base, SETTINGS_KEY: settings}
+    existing = plans["configurations"].get(name)
+    if existing == entry:
+        return name
+    if existing is not None and not overwrite:
+        raise ConfigurationError(f"configuration {name!r} already exists in {plans_file} with different settings "
+                                 f"{existing}; pass --overwrite to replace it")
+    plans["configurations"][name] = entry
+    write_json_atomically(plans, plans_file)
+    return name
+
+
+def write_json_atomically(content: dict, path: str) -> None:
+    handle, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_", suffix=".json")
+    try:
+        with os.fdopen(handle, "w") as f:
+            json.dump(content, f, indent=4)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def schedule_of(configuration: dict) -> dict:
+    """The schedule settings present in a resolved configuration."""
+    settings = configuration_settings(configuration)
+    return {k: int(settings[k]) for k in SCHEDULE_KEYS if k in settings}

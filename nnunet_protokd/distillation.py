@@ -1,0 +1,143 @@
+"""The base of every distilling trainer: a single-modality student plus a frozen multi-modality teacher."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+from torch import distributed as dist
+
+from nnunetv2.paths import nnUNet_results
+from nnunetv2.utilities.collate_outputs import collate_outputs
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast
+
+from nnunet_protokd.configurations import method_settings
+from nnunet_protokd.features import FeatureCapture
+from nnunet_protokd.plots import plot_loss_terms
+from nnunet_protokd.teacher import TeacherError, load_checkpoint_weights_only, locate_teacher
+from nnunet_protokd.training import SingleModalityTrainer
+
+RECORD_FILE = "distillation.json"
+
+
+class DistillationTrainer(SingleModalityTrainer):
+    """Student trainer whose loss is nnU-Net's segmentation loss plus weighted distillation terms.
+
+    Subclasses name their terms in `loss_terms` and compute them in `distillation_terms`. The teacher is found
+    and checked before nnU-Net creates the model folder, built on the device in `initialize`, run under
+    no_grad in every training step on the full multi-channel batch, and never saved: the checkpoint and
+    `fold_X/distillation.json` record its path and sha256 instead, and resuming with `--c` checks them.
+    Every term is logged each epoch (training log, nnU-Net's logger, distillation_progress.png).
+    """
+    loss_terms: tuple = ()
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        if "ignore" in dataset_json.get("labels", {}):
+            raise NotImplementedError(f"{self.__class__.__name__}: datasets with an ignore label are not supported")
+        self.teacher_checkpoint = locate_teacher(plans, configuration, fold, dataset_json, nnUNet_results.get())
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.settings = method_settings(self.configuration_manager.configuration, self.__class__.__name__)
+        self.teacher = self.student_features = None
+        for name in self.logged_terms:
+            self.logger.local_logger.my_fantastic_logging.setdefault(name, [])
+
+    @property
+    def logged_terms(self) -> tuple:
+        return ("seg_loss",) + tuple(self.loss_terms)
+
+    def record(self) -> dict:
+        return {"method": self.__class__.__name__, "modality": self.modality.name, "settings": self.settings,
+                "teacher": self.teacher_checkpoint.identity()}
+
+    def initialize(self):
+        super().initialize()
+        self.teacher = self.teacher_checkpoint.build(self.device)
+        self.student_features = FeatureCapture(self.network)
+        self.print_to_log_file(f"distillation: {json.dumps(self.record())}", also_print_to_console=False)
+
+    def on_train_start(self):
+        super().on_train_start()
+        if self.local_rank == 0:
+            with open(os.path.join(self.output_folder, RECORD_FILE), "w") as f:
+                json.dump(self.record(), f, indent=4)
+
+    def distillation_terms(self, output, target, student_features: dict, teacher_logits: torch.Tensor,
+                           teacher_features: dict) -> dict:
+        """{name: (weight, value)} for each name in loss_terms; `output`/`target` as nnU-Net's loss gets them."""
+        raise NotImplementedError
+
+    @staticmethod
+    def gradient_if(weight: float):
+        """A term with weight 0 is left out of the loss (an ablation) but still computed and logged: without
+        gradient, so that it costs no backward memory."""
+        return dummy_context() if weight else torch.no_grad()
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            teacher_logits, teacher_features = self.teacher(data)
+            with self.student_features.recording() as student_features:
+                output = self.network(self.modality.select(data))
+            seg_loss = self.loss(output, target)
+            terms = self.distillation_terms(output, target, student_features, teacher_logits, teacher_features)
+            loss = seg_loss + sum(weight * value for weight, value in terms.values() if weight)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        # one device-to-host copy for all logged values
+        values = torch.stack([loss, seg_loss] + [terms[n][1] for n in self.loss_terms]).detach().float().cpu().numpy()
+        return dict(zip(("loss",) + self.logged_terms, values))
+
+    def on_train_epoch_end(self, train_outputs: list):
+        super().on_train_epoch_end(train_outputs)
+        outputs = collate_outputs(train_outputs)
+        means = {}
+        for name in self.logged_terms:
+            values = outputs[name]
+            if self.is_ddp:
+                gathered = [None] * dist.get_world_size()
+                dist.all_gather_object(gathered, values)
+                values = np.concatenate([np.atleast_1d(v) for v in gathered])
+            means[name] = float(np.mean(values))
+            self.logger.log(name, means[name], self.current_epoch)
+        self.print_to_log_file("train " + ", ".join(f"{n} {v:.4g}" for n, v in means.items()))
+
+    def on_epoch_end(self):
+        if self.local_rank == 0:
+            plot_loss_terms({n: self.logger.get_value(n, step=None) for n in self.logged_terms},
+                            os.path.join(self.output_folder, "distillation_progress.png"), self.record()["method"])
+        super().on_epoch_end()
+
+    def save_checkpoint(self, filename: str) -> None:
+        super().save_checkpoint(filename)
+        if self.local_rank == 0 and not self.disable_checkpointing:
+            # nnU-Net builds its checkpoint inside save_checkpoint; the teacher's identity is added afterwards
+            checkpoint = load_checkpoint_weights_only(filename)
+            checkpoint["protokd"] = self.record()
+            torch.save(checkpoint, filename + ".partial")
+            os.replace(filename + ".partial", filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) \
+            else load_checkpoint_weights_only(filename_or_checkpoint, self.device)
+        recorded = checkpoint.get("protokd", {}).get("teacher", {})
+        current = self.teacher_checkpoint.identity()
+        if recorded and recorded["sha256"] != current["sha256"]:
+            raise TeacherError(f"this student was trained with the teacher {recorded['checkpoint']} (sha256 "
+                               f"{recorded['sha256'][:12]}...), but its teacher is now {current['checkpoint']} "
+                               f"(sha256 {current['sha256'][:12]}...); continuing would mix two teachers")
+        super().load_checkpoint(filename_or_checkpoint)

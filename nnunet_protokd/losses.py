@@ -1,0 +1,119 @@
+"""Distillation losses as pure functions of tensors.
+
+Shapes: N batch items, K classes (or R regions), C feature channels, S... spatial axes (2D or 3D).
+"Region-based" means nnU-Net's sigmoid outputs, one channel per (possibly overlapping) region; otherwise
+the outputs are softmax logits over mutually exclusive labels, background included. Everything is computed
+in float32, whatever precision the network ran in.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def pixelwise_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                      region_based: bool) -> torch.Tensor:
+    """ProtoKD Eq. (1): KL(teacher || student) of temperature-softened predictions.
+
+    Args:
+        student_logits, teacher_logits: (N, K, *S) raw network outputs.
+        temperature: T > 0; both logits are divided by T before the softmax/sigmoid.
+        region_based: softmax over K classes (False) or an independent Bernoulli per region channel (True).
+    Returns:
+        scalar, the KL divergence averaged over all N*K*S elements (the mean reduction of the authors'
+        code; for softmax this is the per-voxel KL divided by K). No T^2 factor. The teacher is detached:
+        gradients reach the student only.
+    """
+    student = student_logits.float() / temperature
+    teacher = teacher_logits.detach().float() / temperature
+    if region_based:
+        # per-region Bernoulli KL: p log(p/q) + (1-p) log((1-p)/(1-q)), written with log-sigmoids for stability
+        log_p, log_not_p = F.logsigmoid(teacher), F.logsigmoid(-teacher)
+        log_q, log_not_q = F.logsigmoid(student), F.logsigmoid(-student)
+        kl = log_p.exp() * (log_p - log_q) + log_not_p.exp() * (log_not_p - log_not_q)
+    else:
+        log_p, log_q = F.log_softmax(teacher, dim=1), F.log_softmax(student, dim=1)
+        kl = log_p.exp() * (log_p - log_q)
+    return kl.mean()
+
+
+def ground_truth_class_masks(target: torch.Tensor, region_based: bool, num_classes: int) -> torch.Tensor:
+    """The voxel sets whose feature means are the prototypes of Eq. (2), from the ground truth.
+
+    Args:
+        target: label-based (N, 1, *S) integer labels 0..num_classes-1; region-based (N, R, *S) binary region
+            maps as nnU-Net's data loader produces them.
+        num_classes: label-based only: number of labels including background.
+    Returns:
+        (N, K, *S) float masks. Label-based: K = num_classes one-hot masks. Region-based: K = R + 1, background
+        (no region) first, then each region as its own foreground class; regions may overlap.
+    """
+    if region_based:
+        regions = target.float()
+        background = 1.0 - regions.amax(dim=1, keepdim=True)
+        return torch.cat((background, regions), dim=1)
+    labels = target[:, 0].long()
+    return F.one_hot(labels, num_classes).movedim(-1, 1).float()
+
+
+def class_prototypes(features: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ProtoKD Eq. (2): c_k = mean of the feature vectors z_i of the voxels i in class k, per batch item.
+
+    Args:
+        features: (N, C, *S) feature maps.
+        masks: (N, K, *S) class masks at the same resolution (see ground_truth_class_masks).
+    Returns:
+        prototypes (N, K, C), zero for absent classes; present (N, K) bool, True where class k has voxels in
+        item n. One batched matmul; no division by zero.
+    """
+    flat_features = features.float().flatten(2)  # (N, C, V)
+    flat_masks = masks.float().flatten(2)  # (N, K, V)
+    counts = flat_masks.sum(dim=2)  # (N, K)
+    sums = torch.bmm(flat_masks, flat_features.transpose(1, 2))  # (N, K, C)
+    prototypes = sums / counts.clamp_min(1.0).unsqueeze(2)
+    return prototypes, counts > 0
+
+
+def prototype_similarity_maps(features: torch.Tensor, prototypes: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """ProtoKD Eq. (3): M_k(i) = cos(z_i, c_k) for every voxel i and class k (the I2FV maps).
+
+    Args:
+        features: (N, C, *S); prototypes: (N, K, C).
+    Returns:
+        (N, K, *S) cosine similarities in [-1, 1]; 0 where a feature vector or prototype is all zeros.
+    """
+    unit_features = F.normalize(features.float().flatten(2), dim=1, eps=eps)  # (N, C, V)
+    unit_prototypes = F.normalize(prototypes.float(), dim=2, eps=eps)  # (N, K, C)
+    maps = torch.bmm(unit_prototypes, unit_features)  # (N, K, V)
+    return maps.view(maps.shape[:2] + features.shape[2:])
+
+
+def prototype_kd_loss(student_features: torch.Tensor, teacher_features: torch.Tensor, masks: torch.Tensor,
+                      intra_class_only: bool = False) -> torch.Tensor:
+    """ProtoKD Eq. (4): mean squared difference of the student's and the teacher's I2FV maps.
+
+    Each network's maps use its own features and its own prototypes (Eq. 2) over the same ground-truth masks;
+    cosine similarity makes them comparable whatever the two channel counts are.
+
+    Args:
+        student_features: (N, Cs, *S); teacher_features: (N, Ct, *S), Cs and Ct may differ.
+        masks: (N, K, *S) ground-truth class masks (ground_truth_class_masks).
+        intra_class_only: keep only M_k(i) with voxel i in class k (Table 3 ablation); by default all voxels,
+            i.e. intra- and inter-class similarities.
+    Returns:
+        scalar: the squared differences averaged over voxels and over the classes present in each item
+        (absent classes contribute nothing; with intra_class_only, over the voxels of each class). 0 if no
+        class is present anywhere. The teacher is detached: gradients reach the student only.
+    """
+    teacher_features = teacher_features.detach()
+    student_prototypes, present = class_prototypes(student_features, masks)
+    teacher_prototypes, _ = class_prototypes(teacher_features, masks)
+    squared = (prototype_similarity_maps(student_features, student_prototypes)
+               - prototype_similarity_maps(teacher_features, teacher_prototypes)).square().flatten(2)  # (N, K, V)
+    if intra_class_only:
+        flat_masks = masks.float().flatten(2)
+        per_class = (squared * flat_masks).sum(2) / flat_masks.sum(2).clamp_min(1.0)
+    else:
+        per_class = squared.mean(2)
+    weights = present.float()
+    return (per_class * weights).sum() / weights.sum().clamp_min(1.0)

@@ -1,0 +1,173 @@
+"""The one teacher loader: finds a student's frozen multi-modality teacher, checks it, builds it.
+
+A student's teacher is, by default, the `ProtoKDTeacherTrainer` model of the same dataset and plans, trained
+on the configuration the student's configuration inherits from, for the **same fold** (a teacher trained on
+the student's validation cases would leak them). The student configuration may name another one under
+`protokd.teacher`: `trainer`, `configuration`, `plans`, and `checkpoint` (a file name inside the fold folder,
+or a path to any nnU-Net checkpoint). Any plain multi-channel nnU-Net model qualifies: only its weights,
+plans.json and dataset.json are read; no code from the teacher's folder is run and its trainer class is
+never imported (the checkpoint is loaded with torch.load(weights_only=True)).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nnunet_protokd.configurations import configuration_settings, resolved_configuration
+from nnunet_protokd.features import FeatureCapture
+
+TEACHER_DEFAULTS = {"trainer": "ProtoKDTeacherTrainer", "configuration": None, "plans": None,
+                    "checkpoint": "checkpoint_final.pth"}
+# numpy scalars that nnU-Net stores in its checkpoints (e.g. the EMA Dice); allowed in weights-only loading
+_CHECKPOINT_SAFE_GLOBALS = [np.dtype, np._core.multiarray.scalar, np.dtypes.Float32DType,
+                            np.dtypes.Float64DType, np.dtypes.Int64DType]
+
+
+class TeacherError(RuntimeError):
+    """No usable teacher for this student; the message says which and why."""
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_checkpoint_weights_only(path: str, map_location="cpu") -> dict:
+    with torch.serialization.safe_globals(_CHECKPOINT_SAFE_GLOBALS):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+@dataclass
+class TeacherCheckpoint:
+    """A located and checked teacher, before its network is built."""
+    checkpoint_path: str
+    sha256: str
+    trainer_name: str
+    configuration: str
+    fold: str
+    plans: dict
+    dataset_json: dict
+    channel_indices: tuple  # the dataset channels fed to the teacher, in the teacher's order
+    network_weights: dict
+
+    def identity(self) -> dict:
+        """What a student records to say which teacher it learnt from."""
+        return {"checkpoint": os.path.abspath(self.checkpoint_path), "sha256": self.sha256,
+                "trainer": self.trainer_name, "plans": self.plans["plans_name"],
+                "configuration": self.configuration, "fold": self.fold,
+                "channels": [self.dataset_json["channel_names"][str(c)] for c in range(len(self.channel_indices))]}
+
+    def build(self, device: torch.device) -> "Teacher":
+        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+        plans_manager = PlansManager(self.plans)
+        # without deep supervision the decoder computes only the full-resolution head the losses use
+        network = nnUNetTrainer.build_network_architecture(
+            plans_manager, plans_manager.get_configuration(self.configuration), len(self.channel_indices),
+            plans_manager.get_label_manager(self.dataset_json).num_segmentation_heads, False)
+        network.load_state_dict(self.network_weights)
+        network.to(device).eval().requires_grad_(False)
+        self.network_weights = None  # the copy on the device is the one in use
+        return Teacher(network, self.channel_indices)
+
+
+class Teacher:
+    """A frozen teacher network: eval mode, no gradients, never in an optimiser or a checkpoint."""
+
+    def __init__(self, network: torch.nn.Module, channel_indices: tuple):
+        self.network = network
+        self.channel_indices = list(channel_indices)
+        self.features = FeatureCapture(network)
+
+    @torch.no_grad()
+    def __call__(self, data: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(logits (N, K, *S), {"bottleneck": ..., "decoder": ...}) for a batch holding every dataset channel."""
+        if self.channel_indices != list(range(data.shape[1])):
+            data = data[:, self.channel_indices]
+        with self.features.recording() as features:
+            logits = self.network(data)
+        return logits, features
+
+
+def _fail(student: str, message: str):
+    raise TeacherError(f"teacher of {student}: {message}")
+
+
+def locate_teacher(plans: dict, configuration: str, fold, dataset_json: dict, results_folder: str) -> TeacherCheckpoint:
+    """Finds and checks the teacher of the student (plans, configuration, fold) of a multi-channel dataset."""
+    student = f"{plans['dataset_name']} {configuration} fold {fold}"
+    resolved = resolved_configuration(plans, configuration)
+    settings = configuration_settings(resolved)
+    spec = {**TEACHER_DEFAULTS, **settings.get("teacher", {})}
+    teacher_configuration = spec["configuration"] or plans["configurations"][configuration].get("inherits_from")
+    if not teacher_configuration:
+        _fail(student, "the configuration inherits from no base configuration; name the teacher's configuration")
+    if os.path.isabs(spec["checkpoint"]):
+        checkpoint_path = spec["checkpoint"]
+    else:
+        if not results_folder:
+            _fail(student, "set nnUNet_results, where the teacher's model folder is looked for")
+        folder = f"{spec['trainer']}__{spec['plans'] or plans['plans_name']}__{teacher_configuration}"
+        checkpoint_path = os.path.join(results_folder, plans["dataset_name"], folder, f"fold_{fold}",
+                                       spec["checkpoint"])
+    if not os.path.isfile(checkpoint_path):
+        _fail(student, f"{checkpoint_path} does not exist. Train it first (nnUNetv2_train {plans['dataset_name']} "
+                       f"{teacher_configuration} {fold} -tr {spec['trainer']}) or name another teacher in the "
+                       f"student configuration (nnunet-protokd add-config --teacher-...)")
+    model_folder = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_path)))
+    try:
+        with open(os.path.join(model_folder, "plans.json")) as f:
+            teacher_plans = json.load(f)
+        with open(os.path.join(model_folder, "dataset.json")) as f:
+            teacher_dataset_json = json.load(f)
+        checkpoint = load_checkpoint_weights_only(checkpoint_path)
+    except Exception as exc:  # missing files, bad JSON and the unpickler's several error types alike
+        _fail(student, f"cannot read the teacher in {model_folder}: {type(exc).__name__}: {str(exc)[:300]}")
+
+    teacher_fold = str(checkpoint["init_args"]["fold"])
+    if teacher_fold != str(fold):
+        _fail(student, f"{checkpoint_path} was trained on fold {teacher_fold}, the student on fold {fold}: the "
+                       f"teacher would have seen the student's validation cases")
+    if teacher_plans.get("dataset_name") != plans["dataset_name"]:
+        _fail(student, f"{checkpoint_path} belongs to dataset {teacher_plans.get('dataset_name')}")
+    dataset_channels = {name: int(i) for i, name in dataset_json["channel_names"].items()}
+    teacher_channels = [teacher_dataset_json["channel_names"][str(i)]
+                        for i in range(len(teacher_dataset_json["channel_names"]))]
+    unknown = [c for c in teacher_channels if c not in dataset_channels]
+    if unknown:
+        _fail(student, f"its input channels {teacher_channels} include {unknown}, which the dataset "
+                       f"{list(dataset_channels)} does not have")
+    if settings["modality"] not in teacher_channels:
+        _fail(student, f"its input channels {teacher_channels} do not include the student's modality "
+                       f"{settings['modality']}")
+    for key in ("labels", "regions_class_order"):
+        if teacher_dataset_json.get(key) != dataset_json.get(key):
+            _fail(student, f"its {key} {teacher_dataset_json.get(key)} differ from the dataset's {dataset_json.get(key)}")
+
+    teacher_configuration = checkpoint["init_args"]["configuration"]
+    teacher_resolved = resolved_configuration(teacher_plans, teacher_configuration)
+    if not np.allclose(teacher_resolved["spacing"], resolved["spacing"]):
+        _fail(student, f"it was trained at spacing {teacher_resolved['spacing']}, the student's data has "
+                       f"{resolved['spacing']}")
+    for position, name in enumerate(teacher_channels):
+        ours = resolved["normalization_schemes"][dataset_channels[name]]
+        if teacher_resolved["normalization_schemes"][position] != ours:
+            _fail(student, f"it normalises {name} with {teacher_resolved['normalization_schemes'][position]}, "
+                           f"the student's data with {ours}")
+    strides = teacher_resolved["architecture"]["arch_kwargs"].get("strides")
+    if strides is not None:
+        total_stride = np.prod(np.array(strides), axis=0)
+        if len(total_stride) != len(resolved["patch_size"]) or np.any(np.array(resolved["patch_size"]) % total_stride):
+            _fail(student, f"the student's patch size {resolved['patch_size']} is not a multiple of the teacher "
+                           f"network's total stride {total_stride.tolist()}")
+    return TeacherCheckpoint(checkpoint_path, sha256_of(checkpoint_path), str(checkpoint.get("trainer_name")),
+                             teacher_configuration, teacher_fold, teacher_plans, teacher_dataset_json,
+                             tuple(dataset_channels[c] for c in teacher_channels), checkpoint["network_weights"])

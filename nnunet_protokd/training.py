@@ -1,0 +1,77 @@
+"""What the plugin's trainers share: schedules from the plans and the single-modality student base class."""
+from __future__ import annotations
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_protokd.configurations import (ConfigurationError, configuration_settings, resolved_configuration,
+                                           schedule_of)
+from nnunet_protokd.modality import StudentModality, with_input_channel_check
+
+
+def apply_schedule(trainer: nnUNetTrainer) -> None:
+    """Epochs and iterations from the configuration's settings (see configurations.py), so that a short
+    schedule is recorded in the model folder's plans.json instead of living in an environment variable."""
+    for key, value in schedule_of(trainer.configuration_manager.configuration).items():
+        setattr(trainer, key, value)
+
+
+def build_checked_network(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                          enable_deep_supervision=True) -> torch.nn.Module:
+    """nnU-Net's network, with a clear error when prediction feeds it the wrong number of channels."""
+    network = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                       num_output_channels, enable_deep_supervision)
+    return with_input_channel_check(network, num_input_channels, configuration_manager.configuration)
+
+
+class MultiModalityTrainer(nnUNetTrainer):
+    """nnU-Net training on every channel (a teacher); refuses student configurations."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        # checked before nnU-Net creates the model folder, so that a wrong call leaves nothing behind
+        resolved = resolved_configuration(plans, configuration)
+        modality = configuration_settings(resolved).get("modality")
+        if modality is not None:
+            raise ConfigurationError(f"{self.__class__.__name__} trains on all channels, but configuration "
+                                     f"{configuration!r} is a {modality} student configuration; use its base "
+                                     f"{plans['configurations'][configuration].get('inherits_from')!r}")
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        apply_schedule(self)
+
+    build_network_architecture = staticmethod(build_checked_network)
+
+
+class SingleModalityTrainer(nnUNetTrainer):
+    """nnU-Net training of a one-modality student on a multi-channel preprocessed dataset.
+
+    The configuration names the modality. Batches keep every channel (distilling subclasses give them to the
+    teacher); the student network sees only its own, in training, validation and nnU-Net's final validation.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        modality = StudentModality.of_configuration(plans, configuration, dataset_json)
+        # the model folder then holds single-channel plans.json/dataset.json, which is what prediction reads
+        super().__init__(modality.single_channel_plans(plans), configuration, fold,
+                         modality.single_channel_dataset_json(dataset_json), device)
+        self.modality = modality
+        apply_schedule(self)
+        self.print_to_log_file(f"student modality: {modality.name} (channel {modality.channel_index} of the "
+                               f"preprocessed data)", also_print_to_console=False)
+
+    build_network_architecture = staticmethod(build_checked_network)
+
+    def train_step(self, batch: dict) -> dict:
+        return super().train_step({**batch, "data": self.modality.select(batch["data"])})
+
+    def validation_step(self, batch: dict) -> dict:
+        return super().validation_step({**batch, "data": self.modality.select(batch["data"])})
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        multi_channel_dataset_class = self.dataset_class
+        self.dataset_class = self.modality.dataset_class(multi_channel_dataset_class)
+        try:
+            super().perform_actual_validation(save_probabilities)
+        finally:
+            self.dataset_class = multi_channel_dataset_class

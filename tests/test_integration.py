@@ -1,0 +1,201 @@
+"""End to end on CPU, as a user runs it: phantoms -> conversion -> plan/preprocess -> teacher, unimodal and
+ProtoKD students (a few iterations) -> nnUNetv2_predict on single-modality files.
+
+About five minutes on a 2-core CPU; the commands are the README's, with a short schedule.
+"""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import BIN, REPO, nnunet_environment, run
+from nnunet_protokd.phantoms import generate_brats_phantoms
+
+DATASET = "Dataset501_BraTS2018"
+TEACHER = "ProtoKDTeacherTrainer__nnUNetPlans__3d_smoke"
+STUDENT = "UnimodalTrainer__nnUNetPlans__3d_smoke_T1ce"
+PROTOKD = "ProtoKDTrainer__nnUNetPlans__3d_smoke_T1ce"
+T1CE = 1  # channel of T1ce in the converted dataset
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("integration")
+    env = nnunet_environment(root)
+    generate_brats_phantoms(str(root / "train"), num_hgg=6, num_lgg=4, seed=1, shape_zyx=(24, 32, 32))
+    generate_brats_phantoms(str(root / "test"), num_hgg=2, num_lgg=1, seed=2, shape_zyx=(24, 32, 32),
+                            with_segmentation=False, first_case_index=100)
+    run([BIN / "python", REPO / "dataset_conversion" / "convert_brats2018.py", root / "train", "501",
+         "--test", root / "test"], env)
+    run([BIN / "nnUNetv2_plan_and_preprocess", "-d", "501", "-c", "3d_fullres", "-np", "2",
+         "--verify_dataset_integrity"], env)
+    run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-c", "3d_fullres", "--name", "3d_smoke",
+         "--epochs", "2", "--iterations-per-epoch", "4", "--val-iterations-per-epoch", "2"], env)
+    run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-c", "3d_smoke", "-m", "T1ce"], env)
+    run([BIN / "nnUNetv2_train", "501", "3d_smoke", "0", "-tr", "ProtoKDTeacherTrainer", "-device", "cpu"], env)
+    for student in ("UnimodalTrainer", "ProtoKDTrainer"):
+        run([BIN / "nnUNetv2_train", "501", "3d_smoke_T1ce", "0", "-tr", student, "-device", "cpu"], env)
+    single = root / "t1ce_only"
+    single.mkdir()
+    for image in sorted((root / "nnUNet_raw" / DATASET / "imagesTs").glob(f"*_{T1CE:04d}.nii.gz")):
+        shutil.copy(image, single / image.name.replace(f"_{T1CE:04d}.nii.gz", "_0000.nii.gz"))
+    return root
+
+
+def predict(workspace, input_folder, output_folder, configuration, trainer, expect_success=True):
+    return run([BIN / "nnUNetv2_predict", "-i", input_folder, "-o", output_folder, "-d", "501", "-c", configuration,
+                "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"],
+               nnunet_environment(workspace), expect_success=expect_success)
+
+
+def test_teacher_and_student_trained_with_the_configured_schedule(workspace):
+    results = workspace / "nnUNet_results" / DATASET
+    for model in (TEACHER, STUDENT, PROTOKD):
+        debug = json.loads((results / model / "fold_0" / "debug.json").read_text())
+        assert debug["num_epochs"] == "2" and debug["num_iterations_per_epoch"] == "4"
+        assert (results / model / "fold_0" / "checkpoint_final.pth").is_file()
+        summary = json.loads((results / model / "fold_0" / "validation" / "summary.json").read_text())
+        assert len(summary["metric_per_case"]) == 2  # nnU-Net's final validation ran on fold 0's cases
+        assert set(summary["mean"]) == {"(1, 2, 3)", "(2, 3)", "(3,)"}  # regions WT, TC, ET
+
+
+def test_student_model_folder_is_single_channel(workspace):
+    folder = workspace / "nnUNet_results" / DATASET / STUDENT
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    plans = json.loads((folder / "plans.json").read_text())
+    preprocessed = json.loads((workspace / "nnUNet_preprocessed" / DATASET / "nnUNetPlans.json").read_text())
+    assert dataset_json["channel_names"] == {"0": "T1ce"}
+    assert plans["configurations"]["3d_smoke_T1ce"]["protokd"]["modality"] == "T1ce"
+    # T1ce is normalised with T1ce's statistics
+    assert plans["foreground_intensity_properties_per_channel"]["0"] == \
+           preprocessed["foreground_intensity_properties_per_channel"][str(T1CE)]
+    log = next((folder / "fold_0").glob("training_log_*.txt")).read_text()
+    assert "student modality: T1ce (channel 1" in log
+
+
+def test_single_modality_prediction_keeps_geometry_and_labels(workspace):
+    output = workspace / "predicted_t1ce"
+    predict(workspace, workspace / "t1ce_only", output, "3d_smoke_T1ce", "UnimodalTrainer")
+    inputs = sorted((workspace / "t1ce_only").glob("*_0000.nii.gz"))
+    assert len(inputs) == 3
+    for image_path in inputs:
+        prediction = sitk.ReadImage(str(output / image_path.name.replace("_0000.nii.gz", ".nii.gz")))
+        image = sitk.ReadImage(str(image_path))
+        assert prediction.GetSize() == image.GetSize() and prediction.GetSpacing() == image.GetSpacing()
+        assert prediction.GetOrigin() == image.GetOrigin() and prediction.GetDirection() == image.GetDirection()
+        assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= {0, 1, 2, 3}
+
+
+def test_student_refuses_four_channel_input(workspace):
+    four = workspace / "four_channels"
+    shutil.copytree(workspace / "nnUNet_raw" / DATASET / "imagesTs", four)
+    result = predict(workspace, four, workspace / "bad1", "3d_smoke_T1ce", "UnimodalTrainer", expect_success=False)
+    assert result.returncode != 0
+    assert "takes 1 input channel(s) per case (<case>_0000 = T1ce only) but received 4" in result.stderr
+
+
+def test_teacher_refuses_single_channel_input(workspace):
+    result = predict(workspace, workspace / "t1ce_only", workspace / "bad2", "3d_smoke", "ProtoKDTeacherTrainer",
+                     expect_success=False)
+    assert result.returncode != 0
+    assert "takes 4 input channel(s) per case (<case>_0000 <case>_0001 <case>_0002 <case>_0003) but received 1" \
+           in result.stderr
+
+
+def preprocess(files, plans, configuration, dataset_json):
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    plans_manager = PlansManager(plans)
+    data, _, properties = DefaultPreprocessor(verbose=False).run_case(
+        [str(f) for f in files], None, plans_manager, plans_manager.get_configuration(configuration), dataset_json)
+    return data, properties
+
+
+def test_single_channel_preprocessing_matches_training_on_skull_stripped_data(workspace):
+    """Training crops to the nonzero region of all four channels, single-modality inference to that of T1ce
+    alone; skull-stripped BraTS has one brain mask for all modalities, so the T1ce the student sees must be
+    the same at inference as in training."""
+    raw = workspace / "nnUNet_raw" / DATASET
+    case = sorted((raw / "imagesTs").glob("*_0000.nii.gz"))[0].name[:-len("_0000.nii.gz")]
+    four_channel_files = [raw / "imagesTs" / f"{case}_{c:04d}.nii.gz" for c in range(4)]
+    preprocessed = workspace / "nnUNet_preprocessed" / DATASET
+    training_view, training_properties = preprocess(
+        four_channel_files, json.loads((preprocessed / "nnUNetPlans.json").read_text()), "3d_smoke_T1ce",
+        json.loads((preprocessed / "dataset.json").read_text()))
+    student = workspace / "nnUNet_results" / DATASET / STUDENT
+    inference_view, inference_properties = preprocess(
+        [four_channel_files[T1CE]], json.loads((student / "plans.json").read_text()), "3d_smoke_T1ce",
+        json.loads((student / "dataset.json").read_text()))
+    assert training_properties["bbox_used_for_cropping"] == inference_properties["bbox_used_for_cropping"]
+    np.testing.assert_allclose(inference_view[0], training_view[T1CE], atol=1e-5)
+
+
+def test_protokd_logs_every_loss_term_and_records_its_teacher(workspace):
+    from nnunet_protokd.teacher import load_checkpoint_weights_only, sha256_of
+    results = workspace / "nnUNet_results" / DATASET
+    fold = results / PROTOKD / "fold_0"
+    teacher_checkpoint = results / TEACHER / "fold_0" / "checkpoint_final.pth"
+    record = json.loads((fold / "distillation.json").read_text())
+    assert record["teacher"]["sha256"] == sha256_of(str(teacher_checkpoint))
+    assert record["teacher"]["checkpoint"] == str(teacher_checkpoint) and record["modality"] == "T1ce"
+    assert record["settings"] == {"alpha": 10.0, "beta": 0.1, "temperature": 10.0, "intra_class_only": False}
+    log = next(fold.glob("training_log_*.txt")).read_text()
+    assert log.count("train seg_loss ") == 2 and log.count("kd_loss ") >= 2 and log.count("proto_loss ") >= 2
+    checkpoint = load_checkpoint_weights_only(str(fold / "checkpoint_final.pth"))
+    assert checkpoint["protokd"]["teacher"] == record["teacher"]
+    for term in ("seg_loss", "kd_loss", "proto_loss"):
+        values = checkpoint["logging"][term]
+        assert len(values) == 2 and all(np.isfinite(values)) and all(v > 0 for v in values), (term, values)
+    assert (fold / "distillation_progress.png").stat().st_size > 10_000
+
+
+def test_protokd_checkpoint_holds_the_student_only(workspace):
+    from nnunet_protokd.teacher import load_checkpoint_weights_only
+    results = workspace / "nnUNet_results" / DATASET
+    protokd = load_checkpoint_weights_only(str(results / PROTOKD / "fold_0" / "checkpoint_final.pth"))
+    unimodal = load_checkpoint_weights_only(str(results / STUDENT / "fold_0" / "checkpoint_final.pth"))
+    shapes = {k: tuple(v.shape) for k, v in protokd["network_weights"].items()}
+    assert shapes == {k: tuple(v.shape) for k, v in unimodal["network_weights"].items()}
+    first_convolution = next(v for k, v in protokd["network_weights"].items() if k.endswith("conv.weight"))
+    assert first_convolution.shape[1] == 1  # one input channel: no teacher weights in here
+
+
+def test_protokd_predicts_without_its_teacher(workspace):
+    teacher = workspace / "nnUNet_results" / DATASET / TEACHER
+    hidden = teacher.with_name(teacher.name + ".moved")
+    os.rename(teacher, hidden)
+    try:
+        predict(workspace, workspace / "t1ce_only", workspace / "predicted_protokd", "3d_smoke_T1ce", "ProtoKDTrainer")
+    finally:
+        os.rename(hidden, teacher)
+    assert len(list((workspace / "predicted_protokd").glob("*.nii.gz"))) == 3
+
+
+def test_protokd_without_a_teacher_for_its_fold_stops_before_writing(workspace):
+    result = run([BIN / "nnUNetv2_train", "501", "3d_smoke_T1ce", "1", "-tr", "ProtoKDTrainer", "-device", "cpu"],
+                 nnunet_environment(workspace), expect_success=False)
+    assert result.returncode != 0
+    assert "teacher of Dataset501_BraTS2018 3d_smoke_T1ce fold 1: " in result.stderr
+    assert "fold_1/checkpoint_final.pth does not exist. Train it first (nnUNetv2_train" in result.stderr
+    assert not (workspace / "nnUNet_results" / DATASET / PROTOKD / "fold_1").exists()
+
+
+def test_resuming_with_a_changed_teacher_is_refused(workspace):
+    from nnunet_protokd.teacher import load_checkpoint_weights_only
+    import torch
+    teacher_checkpoint = workspace / "nnUNet_results" / DATASET / TEACHER / "fold_0" / "checkpoint_final.pth"
+    original = teacher_checkpoint.read_bytes()
+    changed = load_checkpoint_weights_only(str(teacher_checkpoint))
+    changed["network_weights"] = {k: v + 0.01 if v.is_floating_point() else v
+                                  for k, v in changed["network_weights"].items()}
+    torch.save(changed, teacher_checkpoint)
+    try:
+        result = run([BIN / "nnUNetv2_train", "501", "3d_smoke_T1ce", "0", "-tr", "ProtoKDTrainer", "-device", "cpu",
+                      "--c"], nnunet_environment(workspace), expect_success=False)
+    finally:
+        teacher_checkpoint.write_bytes(original)
+    assert result.returncode != 0 and "continuing would mix two teachers" in result.stderr

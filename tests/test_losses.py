@@ -1,0 +1,154 @@
+"""The distillation losses against slow, obviously correct references written here with loops and numpy."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_protokd.losses import (class_prototypes, ground_truth_class_masks, pixelwise_kd_loss,
+                                   prototype_kd_loss, prototype_similarity_maps)
+
+SHAPES = [(2, 3, (5, 6)), (3, 4, (4, 5, 6)), (1, 2, (3, 3, 3))]  # (N, K, spatial)
+
+
+def reference_kd(student, teacher, temperature, region_based):
+    s, t = student.double().numpy() / temperature, teacher.double().numpy() / temperature
+    n_items, n_classes = s.shape[:2]
+    s, t = s.reshape(n_items, n_classes, -1), t.reshape(n_items, n_classes, -1)
+    total, count = 0.0, 0
+    for n in range(n_items):
+        for v in range(s.shape[2]):
+            if region_based:
+                for k in range(n_classes):
+                    p, q = 1 / (1 + math.exp(-t[n, k, v])), 1 / (1 + math.exp(-s[n, k, v]))
+                    total += p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+                    count += 1
+            else:
+                p = np.exp(t[n, :, v]) / np.exp(t[n, :, v]).sum()
+                q = np.exp(s[n, :, v]) / np.exp(s[n, :, v]).sum()
+                total += float(np.sum(p * np.log(p / q)))
+                count += n_classes
+    return total / count
+
+
+def reference_maps(features, mask):
+    """Prototype of one class of one item and the cosine map of every voxel to it."""
+    vectors = features.reshape(features.shape[0], -1).T  # (V, C)
+    prototype = vectors[mask.reshape(-1) > 0].mean(axis=0)
+    maps = np.zeros(len(vectors))
+    for v, z in enumerate(vectors):
+        norms = np.linalg.norm(z) * np.linalg.norm(prototype)
+        maps[v] = z @ prototype / norms if norms > 0 else 0.0
+    return maps
+
+
+def reference_proto(student, teacher, masks, intra_class_only):
+    student, teacher, masks = student.double().numpy(), teacher.double().numpy(), masks.double().numpy()
+    per_class = []
+    for n in range(masks.shape[0]):
+        for k in range(masks.shape[1]):
+            if masks[n, k].sum() == 0:
+                continue  # class absent from this item
+            diff = (reference_maps(student[n], masks[n, k]) - reference_maps(teacher[n], masks[n, k])) ** 2
+            if intra_class_only:
+                diff = diff[masks[n, k].reshape(-1) > 0]
+            per_class.append(diff.mean())
+    return float(np.mean(per_class)) if per_class else 0.0
+
+
+def random_labels(rng, n_items, n_classes, spatial):
+    labels = torch.from_numpy(rng.integers(0, n_classes, size=(n_items, 1, *spatial)))
+    labels[0][labels[0] == n_classes - 1] = 0  # the last class is absent from item 0
+    if n_items > 2:
+        labels[-1] = 0  # an item with background only
+    return labels
+
+
+def nested_regions(labels, n_regions):
+    """nnU-Net-style region targets: region r holds labels >= r + 1 (like WT ⊃ TC ⊃ ET)."""
+    return torch.cat([(labels >= r + 1) for r in range(n_regions)], dim=1).to(torch.uint8)
+
+
+@pytest.mark.parametrize("region_based", [False, True])
+@pytest.mark.parametrize("n_items, n_classes, spatial", SHAPES)
+@pytest.mark.parametrize("temperature", [1.0, 10.0])
+def test_pixelwise_kd_matches_reference(n_items, n_classes, spatial, temperature, region_based):
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(n_items, n_classes, *spatial, generator=generator) * 3
+    teacher = torch.randn(n_items, n_classes, *spatial, generator=generator) * 3
+    loss = pixelwise_kd_loss(student, teacher, temperature, region_based)
+    assert loss.item() == pytest.approx(reference_kd(student, teacher, temperature, region_based), rel=1e-4, abs=1e-7)
+    assert pixelwise_kd_loss(teacher, teacher, temperature, region_based).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("region_based", [False, True])
+@pytest.mark.parametrize("n_items, n_classes, spatial", SHAPES)
+@pytest.mark.parametrize("intra_class_only", [False, True])
+def test_prototype_loss_matches_reference(n_items, n_classes, spatial, region_based, intra_class_only):
+    rng = np.random.default_rng(1)
+    labels = random_labels(rng, n_items, n_classes, spatial)
+    target = nested_regions(labels, n_classes - 1) if region_based else labels
+    masks = ground_truth_class_masks(target, region_based, n_classes)
+    assert masks.shape == (n_items, n_classes, *spatial)
+    # teacher and student with different channel counts: cosine similarity makes them comparable
+    student = torch.from_numpy(rng.normal(size=(n_items, 5, *spatial))).float()
+    teacher = torch.from_numpy(rng.normal(size=(n_items, 9, *spatial))).float()
+    loss = prototype_kd_loss(student, teacher, masks, intra_class_only)
+    assert loss.item() == pytest.approx(reference_proto(student, teacher, masks, intra_class_only), rel=1e-4)
+
+
+def test_region_masks_put_background_first_and_keep_overlaps():
+    labels = torch.tensor([[[0, 1, 2, 3]]])
+    masks = ground_truth_class_masks(nested_regions(labels[:, None], 3)[:, :, 0], True, 4)
+    assert masks[0].tolist() == [[1, 0, 0, 0], [0, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1]]
+
+
+def test_prototypes_skip_absent_classes_without_nan():
+    features = torch.randn(2, 3, 4, 4)
+    masks = torch.zeros(2, 3, 4, 4)
+    masks[:, 0] = 1  # background everywhere: classes 1 and 2 absent in both items
+    prototypes, present = class_prototypes(features, masks)
+    assert present.tolist() == [[True, False, False]] * 2
+    assert torch.all(prototypes[:, 1:] == 0) and torch.isfinite(prototypes).all()
+    torch.testing.assert_close(prototypes[:, 0], features.mean(dim=(2, 3)))
+    loss = prototype_kd_loss(features, torch.randn(2, 6, 4, 4), masks)
+    assert torch.isfinite(loss) and loss > 0  # the background-only items still contribute their background term
+    assert prototype_kd_loss(features, features, torch.zeros(2, 3, 4, 4)).item() == 0.0
+
+
+def test_zero_features_give_zero_similarity_not_nan():
+    maps = prototype_similarity_maps(torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 3))
+    assert torch.all(maps == 0)
+
+
+def test_identical_student_and_teacher_features_give_zero_loss():
+    features = torch.randn(2, 4, 3, 3, 3)
+    masks = ground_truth_class_masks(torch.randint(0, 3, (2, 1, 3, 3, 3)), False, 3)
+    assert prototype_kd_loss(features, features.clone(), masks).item() == pytest.approx(0.0, abs=1e-10)
+    # scaling the features changes neither prototypes' directions nor cosine maps
+    assert prototype_kd_loss(3 * features, features, masks).item() == pytest.approx(0.0, abs=1e-10)
+
+
+@pytest.mark.parametrize("region_based", [False, True])
+def test_gradients_reach_the_student_only(region_based):
+    student_logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    teacher_logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    student_features = torch.randn(2, 5, 4, 4, requires_grad=True)
+    teacher_features = torch.randn(2, 7, 4, 4, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 1, 4, 4))
+    target = nested_regions(labels, 2) if region_based else labels
+    masks = ground_truth_class_masks(target, region_based, 3)
+    loss = pixelwise_kd_loss(student_logits, teacher_logits, 10.0, region_based) \
+        + prototype_kd_loss(student_features, teacher_features, masks)
+    loss.backward()
+    assert teacher_logits.grad is None and teacher_features.grad is None
+    for tensor in (student_logits, student_features):
+        assert torch.isfinite(tensor.grad).all() and tensor.grad.abs().sum() > 0
+
+
+def test_half_precision_inputs_are_computed_in_float32():
+    student = torch.randn(1, 3, 8, 8).half()
+    teacher = torch.randn(1, 3, 8, 8).half()
+    loss = pixelwise_kd_loss(student, teacher, 10.0, False)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(pixelwise_kd_loss(student.float(), teacher.float(), 10.0, False).item())

@@ -1,0 +1,5 @@
+from nnunet_protokd.training import SingleModalityTrainer
+
+
+class UnimodalTrainer(SingleModalityTrainer):
+    """The unimodal baseline: nnU-Net's network, loss and schedule on the configuration's one modality."""
