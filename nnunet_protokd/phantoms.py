@@ -51,16 +51,17 @@ def generate_brats_phantoms(output_folder: str, num_hgg: int = 8, num_lgg: int =
     shape_zyx, spacing_xyz = _validate_arguments(output_folder, num_hgg, num_lgg, seed, shape_zyx,
                                                  spacing_xyz, naming, first_case_index)
     output_folder = os.path.abspath(output_folder)
-    # One independent stream per (grade, case index): a case does not change when counts change.
-    hgg_seeds, lgg_seeds = np.random.SeedSequence(seed).spawn(2)
-    jobs = [("HGG", k, s) for k, s in enumerate(hgg_seeds.spawn(num_hgg))]
-    jobs += [("LGG", k, s) for k, s in enumerate(lgg_seeds.spawn(num_lgg))]
+    # One independent stream per (grade, case number), so a case id always has the same content for a
+    # given seed whatever the counts or first_case_index (this equals SeedSequence(seed).spawn(2)[g].spawn).
+    jobs = [(grade, number, np.random.SeedSequence(seed, spawn_key=(grade_index, number)))
+            for grade_index, (grade, count) in enumerate((("HGG", num_hgg), ("LGG", num_lgg)))
+            for number in range(first_case_index, first_case_index + count)]
 
     os.makedirs(output_folder, exist_ok=True)
     case_folders = []
-    for case_number, (grade, k, case_seed) in enumerate(jobs):
+    for case_number, (grade, number, case_seed) in enumerate(jobs):
         if naming == "brats2018":
-            case_id = f"Brats18_PHANTOM_{grade}_{first_case_index + k:03d}"
+            case_id = f"Brats18_PHANTOM_{grade}_{number:03d}"
             case_folder = os.path.join(output_folder, grade, case_id)
             file_names = {m: f"{case_id}_{m}.nii.gz" for m in MODALITIES}
             seg_name = f"{case_id}_seg.nii.gz"
@@ -85,7 +86,8 @@ def generate_brats_phantoms(output_folder: str, num_hgg: int = 8, num_lgg: int =
     return case_folders
 
 
-def _validate_arguments(output_folder, num_hgg, num_lgg, seed, shape_zyx, spacing_xyz, naming, first_case_index):
+def _validate_arguments(output_folder, num_hgg, num_lgg, seed, shape_zyx, spacing_xyz, naming,
+                        first_case_index):
     for name, count in (("num_hgg", num_hgg), ("num_lgg", num_lgg)):
         if not isinstance(count, (int, np.integer)) or isinstance(count, bool) or count <= 0:
             raise ValueError(f"{name} must be a positive integer, got {count!r}")
@@ -95,7 +97,8 @@ def _validate_arguments(output_folder, num_hgg, num_lgg, seed, shape_zyx, spacin
         raise ValueError(f"shape_zyx must be three integers >= 16, got {shape_zyx!r}")
     if len(spacing_xyz) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing_xyz):
         raise ValueError(f"spacing_xyz must be three positive numbers, got {spacing_xyz!r}")
-    if not isinstance(first_case_index, (int, np.integer)) or first_case_index < 0:
+    if (not isinstance(first_case_index, (int, np.integer)) or isinstance(first_case_index, bool)
+            or first_case_index < 0):
         raise ValueError(f"first_case_index must be a non-negative integer, got {first_case_index!r}")
     if naming not in _NAMINGS:
         raise ValueError(f"naming must be one of {_NAMINGS}, got {naming!r}")

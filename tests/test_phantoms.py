@@ -163,6 +163,21 @@ def test_case_does_not_depend_on_case_counts(tmp_path):
         assert all(np.array_equal(images_few[m], images_many[m]) for m in MODALITIES)
 
 
+def test_first_case_index_gives_held_out_sets_their_own_ids_and_content(tmp_path):
+    train = generate_brats_phantoms(str(tmp_path / "train"), num_hgg=1, num_lgg=1, shape_zyx=SMALL_SHAPE)
+    held_out = generate_brats_phantoms(str(tmp_path / "test"), num_hgg=1, num_lgg=1, shape_zyx=SMALL_SHAPE,
+                                       with_segmentation=False, first_case_index=100)
+    assert [os.path.basename(c) for c in held_out] == ["Brats18_PHANTOM_HGG_100", "Brats18_PHANTOM_LGG_100"]
+    flat = generate_brats_phantoms(str(tmp_path / "flat"), num_hgg=1, num_lgg=1, shape_zyx=SMALL_SHAPE,
+                                   naming="brats2023", first_case_index=100)
+    assert [os.path.basename(c) for c in flat] == ["BraTS-GLI-00100-000", "BraTS-GLI-00101-000"]
+    # Same seed, different case numbers: the held-out cases must not duplicate the training cases.
+    for train_case, held_out_case in zip(train, held_out):
+        train_t1 = sitk.GetArrayFromImage(sitk.ReadImage(_case_files(train_case, "brats2018")[0]["t1"]))
+        held_out_t1 = sitk.GetArrayFromImage(sitk.ReadImage(_case_files(held_out_case, "brats2018")[0]["t1"]))
+        assert not np.array_equal(train_t1, held_out_t1)
+
+
 def test_without_segmentation_writes_no_seg(tmp_path):
     cases = generate_brats_phantoms(str(tmp_path / "val"), num_hgg=1, num_lgg=1, shape_zyx=SMALL_SHAPE,
                                     with_segmentation=False)
@@ -189,6 +204,7 @@ def test_refuses_non_empty_output_folder(tmp_path):
     (dict(spacing_xyz=(1.0, -1.0, 2.0)), "spacing_xyz"),
     (dict(naming="brats2021"), "naming"),
     (dict(seed=-1), "seed"),
+    (dict(first_case_index=-1), "first_case_index"),
 ])
 def test_bad_arguments_raise(tmp_path, kwargs, argument):
     with pytest.raises(ValueError, match=argument):
