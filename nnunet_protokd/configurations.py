@@ -24,6 +24,8 @@ TEACHER_KEYS = ("trainer", "configuration", "plans", "checkpoint")
 METHOD_DEFAULTS = {
     # ProtoKD (Wang et al., ICASSP 2023): L = L_seg + alpha L_kd + beta L_proto, temperature T
     "ProtoKDTrainer": {"alpha": 10.0, "beta": 0.1, "temperature": 10.0, "intra_class_only": False},
+    # KD-Net (Hu et al., MICCAI 2020): L = lambda L_KD + (1 - lambda) L_GT + alpha L_KL, temperature T
+    "KDNetTrainer": {"lambda": 0.75, "temperature": 5.0, "alpha": 10.0},
 }
 
 

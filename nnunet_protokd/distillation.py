@@ -13,10 +13,10 @@ from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
-from nnunet_protokd.configurations import method_settings
+from nnunet_protokd.configurations import method_settings, resolved_configuration
 from nnunet_protokd.features import FeatureCapture
 from nnunet_protokd.plots import plot_loss_terms
-from nnunet_protokd.teacher import TeacherError, load_checkpoint_weights_only, locate_teacher
+from nnunet_protokd.teacher import TeacherCheckpoint, TeacherError, load_checkpoint_weights_only, locate_teacher
 from nnunet_protokd.training import SingleModalityTrainer
 
 RECORD_FILE = "distillation.json"
@@ -25,7 +25,8 @@ RECORD_FILE = "distillation.json"
 class DistillationTrainer(SingleModalityTrainer):
     """Student trainer whose loss is nnU-Net's segmentation loss plus weighted distillation terms.
 
-    Subclasses name their terms in `loss_terms` and compute them in `distillation_terms`. The teacher is found
+    Subclasses name their terms in `loss_terms` and compute them in `distillation_terms`; they may reweight
+    the segmentation loss (`segmentation_weight`) and add checks of the teacher (`check_teacher`). The teacher is found
     and checked before nnU-Net creates the model folder, built on the device in `initialize`, run under
     no_grad in every training step on the full multi-channel batch, and never saved: the checkpoint and
     `fold_X/distillation.json` record its path and sha256 instead, and resuming with `--c` checks them.
@@ -38,6 +39,7 @@ class DistillationTrainer(SingleModalityTrainer):
         if "ignore" in dataset_json.get("labels", {}):
             raise NotImplementedError(f"{self.__class__.__name__}: datasets with an ignore label are not supported")
         self.teacher_checkpoint = locate_teacher(plans, configuration, fold, dataset_json, nnUNet_results.get())
+        self.check_teacher(self.teacher_checkpoint, resolved_configuration(plans, configuration))
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.settings = method_settings(self.configuration_manager.configuration, self.__class__.__name__)
         self.teacher = self.student_features = None
@@ -64,6 +66,12 @@ class DistillationTrainer(SingleModalityTrainer):
             with open(os.path.join(self.output_folder, RECORD_FILE), "w") as f:
                 json.dump(self.record(), f, indent=4)
 
+    def check_teacher(self, teacher: TeacherCheckpoint, student_configuration: dict) -> None:
+        """Method-specific requirements on the teacher; raise TeacherError. Runs before anything is written."""
+
+    def segmentation_weight(self) -> float:
+        return 1.0
+
     def distillation_terms(self, output, target, student_features: dict, teacher_logits: torch.Tensor,
                            teacher_features: dict) -> dict:
         """{name: (weight, value)} for each name in loss_terms; `output`/`target` as nnU-Net's loss gets them."""
@@ -87,7 +95,7 @@ class DistillationTrainer(SingleModalityTrainer):
                 output = self.network(self.modality.select(data))
             seg_loss = self.loss(output, target)
             terms = self.distillation_terms(output, target, student_features, teacher_logits, teacher_features)
-            loss = seg_loss + sum(weight * value for weight, value in terms.values() if weight)
+            loss = self.segmentation_weight() * seg_loss + sum(w * value for w, value in terms.values() if w)
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)

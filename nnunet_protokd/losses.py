@@ -117,3 +117,64 @@ def prototype_kd_loss(student_features: torch.Tensor, teacher_features: torch.Te
         per_class = squared.mean(2)
     weights = present.float()
     return (per_class * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def soft_dice_loss(probabilities: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """1 - soft Dice of probabilities against a (soft or hard) reference, per item and channel.
+
+    Args:
+        probabilities, reference: (N, K, *S) values in [0, 1].
+    Returns:
+        scalar: 1 - mean over N*K of (2 sum(p r) + eps) / (sum(p) + sum(r) + eps), sums over S.
+    """
+    axes = tuple(range(2, probabilities.ndim))
+    intersection = (probabilities * reference).sum(axes)
+    denominator = probabilities.sum(axes) + reference.sum(axes)
+    return 1.0 - ((2.0 * intersection + eps) / (denominator + eps)).mean()
+
+
+def soft_label_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                       region_based: bool) -> torch.Tensor:
+    """KD-Net's L_KD (Hu et al., MICCAI 2020; the L_KD term of L = lambda L_KD + (1-lambda) L_GT + alpha L_KL).
+
+    (1 - soft Dice) between the student's and the teacher's predictions both softened by T, plus the
+    cross-entropy of the student's plain logits against the teacher's hard prediction. Softmax outputs: the
+    Dice term skips the background channel (as nnU-Net's Dice does), the hard prediction is the teacher's
+    argmax and the cross-entropy is averaged over voxels. Region outputs: sigmoid per region, the hard
+    prediction is sigmoid(teacher) > 0.5, binary cross-entropy averaged over all elements.
+
+    Args:
+        student_logits, teacher_logits: (N, K, *S).
+    Returns:
+        scalar. The teacher is detached: gradients reach the student only.
+    """
+    student = student_logits.float()
+    teacher = teacher_logits.detach().float()
+    if region_based:
+        dice = soft_dice_loss(torch.sigmoid(student / temperature), torch.sigmoid(teacher / temperature))
+        cross_entropy = F.binary_cross_entropy_with_logits(student, (teacher > 0).float())
+    else:
+        dice = soft_dice_loss(F.softmax(student / temperature, dim=1)[:, 1:],
+                              F.softmax(teacher / temperature, dim=1)[:, 1:])
+        cross_entropy = F.cross_entropy(student, teacher.argmax(dim=1))
+    return dice + cross_entropy
+
+
+def bottleneck_kl_loss(student_bottleneck: torch.Tensor, teacher_bottleneck: torch.Tensor) -> torch.Tensor:
+    """KD-Net's L_KL: KL(teacher || student) between the bottleneck features of each batch item, flattened and
+    normalised by a softmax over all their C*S elements.
+
+    Args:
+        student_bottleneck, teacher_bottleneck: (N, C, *S) of identical shapes (KD-Net's teacher and student
+            share the architecture apart from the input channels).
+    Returns:
+        scalar: the KL summed over the elements of an item, averaged over the N items. The teacher is detached.
+    Raises:
+        ValueError if the shapes differ.
+    """
+    if student_bottleneck.shape != teacher_bottleneck.shape:
+        raise ValueError(f"bottleneck shapes differ: student {tuple(student_bottleneck.shape)}, teacher "
+                         f"{tuple(teacher_bottleneck.shape)}; KD-Net needs a teacher with the student's architecture")
+    log_p = F.log_softmax(teacher_bottleneck.detach().float().flatten(1), dim=1)
+    log_q = F.log_softmax(student_bottleneck.float().flatten(1), dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()

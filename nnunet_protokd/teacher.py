@@ -58,6 +58,10 @@ class TeacherCheckpoint:
     channel_indices: tuple  # the dataset channels fed to the teacher, in the teacher's order
     network_weights: dict
 
+    def resolved_configuration(self) -> dict:
+        """The teacher's configuration as its own plans resolve it."""
+        return resolved_configuration(self.plans, self.configuration)
+
     def identity(self) -> dict:
         """What a student records to say which teacher it learnt from."""
         return {"checkpoint": os.path.abspath(self.checkpoint_path), "sha256": self.sha256,

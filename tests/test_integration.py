@@ -1,5 +1,5 @@
-"""End to end on CPU, as a user runs it: phantoms -> conversion -> plan/preprocess -> teacher, unimodal and
-ProtoKD students (a few iterations) -> nnUNetv2_predict on single-modality files.
+"""End to end on CPU, as a user runs it: phantoms -> conversion -> plan/preprocess -> teacher, unimodal,
+ProtoKD and KD-Net students (a few iterations) -> nnUNetv2_predict on single-modality files.
 
 About five minutes on a 2-core CPU; the commands are the README's, with a short schedule.
 """
@@ -19,6 +19,8 @@ DATASET = "Dataset501_BraTS2018"
 TEACHER = "ProtoKDTeacherTrainer__nnUNetPlans__3d_smoke"
 STUDENT = "UnimodalTrainer__nnUNetPlans__3d_smoke_T1ce"
 PROTOKD = "ProtoKDTrainer__nnUNetPlans__3d_smoke_T1ce"
+KDNET = "KDNetTrainer__nnUNetPlans__3d_smoke_T1ce"
+DISTILLED = {PROTOKD: ("kd_loss", "proto_loss"), KDNET: ("kd_loss", "kl_loss")}
 T1CE = 1  # channel of T1ce in the converted dataset
 
 
@@ -37,7 +39,7 @@ def workspace(tmp_path_factory) -> Path:
          "--epochs", "2", "--iterations-per-epoch", "4", "--val-iterations-per-epoch", "2"], env)
     run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-c", "3d_smoke", "-m", "T1ce"], env)
     run([BIN / "nnUNetv2_train", "501", "3d_smoke", "0", "-tr", "ProtoKDTeacherTrainer", "-device", "cpu"], env)
-    for student in ("UnimodalTrainer", "ProtoKDTrainer"):
+    for student in ("UnimodalTrainer", "ProtoKDTrainer", "KDNetTrainer"):
         run([BIN / "nnUNetv2_train", "501", "3d_smoke_T1ce", "0", "-tr", student, "-device", "cpu"], env)
     single = root / "t1ce_only"
     single.mkdir()
@@ -54,7 +56,7 @@ def predict(workspace, input_folder, output_folder, configuration, trainer, expe
 
 def test_teacher_and_student_trained_with_the_configured_schedule(workspace):
     results = workspace / "nnUNet_results" / DATASET
-    for model in (TEACHER, STUDENT, PROTOKD):
+    for model in (TEACHER, STUDENT, PROTOKD, KDNET):
         debug = json.loads((results / model / "fold_0" / "debug.json").read_text())
         assert debug["num_epochs"] == "2" and debug["num_iterations_per_epoch"] == "4"
         assert (results / model / "fold_0" / "checkpoint_final.pth").is_file()
@@ -134,45 +136,52 @@ def test_single_channel_preprocessing_matches_training_on_skull_stripped_data(wo
     np.testing.assert_allclose(inference_view[0], training_view[T1CE], atol=1e-5)
 
 
-def test_protokd_logs_every_loss_term_and_records_its_teacher(workspace):
+@pytest.mark.parametrize("model", DISTILLED)
+def test_distilled_student_logs_every_loss_term_and_records_its_teacher(workspace, model):
+    from nnunet_protokd.configurations import METHOD_DEFAULTS
     from nnunet_protokd.teacher import load_checkpoint_weights_only, sha256_of
     results = workspace / "nnUNet_results" / DATASET
-    fold = results / PROTOKD / "fold_0"
+    fold = results / model / "fold_0"
     teacher_checkpoint = results / TEACHER / "fold_0" / "checkpoint_final.pth"
     record = json.loads((fold / "distillation.json").read_text())
     assert record["teacher"]["sha256"] == sha256_of(str(teacher_checkpoint))
     assert record["teacher"]["checkpoint"] == str(teacher_checkpoint) and record["modality"] == "T1ce"
-    assert record["settings"] == {"alpha": 10.0, "beta": 0.1, "temperature": 10.0, "intra_class_only": False}
+    assert record["settings"] == METHOD_DEFAULTS[model.split("__")[0]]
     log = next(fold.glob("training_log_*.txt")).read_text()
-    assert log.count("train seg_loss ") == 2 and log.count("kd_loss ") >= 2 and log.count("proto_loss ") >= 2
+    terms = ("seg_loss",) + DISTILLED[model]
+    epoch_lines = [line for line in log.splitlines() if ": train seg_loss " in line]
+    assert len(epoch_lines) == 2 and all(f"{term} " in line for line in epoch_lines for term in terms)
     checkpoint = load_checkpoint_weights_only(str(fold / "checkpoint_final.pth"))
     assert checkpoint["protokd"]["teacher"] == record["teacher"]
-    for term in ("seg_loss", "kd_loss", "proto_loss"):
+    for term in terms:
         values = checkpoint["logging"][term]
         assert len(values) == 2 and all(np.isfinite(values)) and all(v > 0 for v in values), (term, values)
     assert (fold / "distillation_progress.png").stat().st_size > 10_000
 
 
-def test_protokd_checkpoint_holds_the_student_only(workspace):
+@pytest.mark.parametrize("model", DISTILLED)
+def test_distilled_checkpoint_holds_the_student_only(workspace, model):
     from nnunet_protokd.teacher import load_checkpoint_weights_only
     results = workspace / "nnUNet_results" / DATASET
-    protokd = load_checkpoint_weights_only(str(results / PROTOKD / "fold_0" / "checkpoint_final.pth"))
+    distilled = load_checkpoint_weights_only(str(results / model / "fold_0" / "checkpoint_final.pth"))
     unimodal = load_checkpoint_weights_only(str(results / STUDENT / "fold_0" / "checkpoint_final.pth"))
-    shapes = {k: tuple(v.shape) for k, v in protokd["network_weights"].items()}
+    shapes = {k: tuple(v.shape) for k, v in distilled["network_weights"].items()}
     assert shapes == {k: tuple(v.shape) for k, v in unimodal["network_weights"].items()}
-    first_convolution = next(v for k, v in protokd["network_weights"].items() if k.endswith("conv.weight"))
+    first_convolution = next(v for k, v in distilled["network_weights"].items() if k.endswith("conv.weight"))
     assert first_convolution.shape[1] == 1  # one input channel: no teacher weights in here
 
 
-def test_protokd_predicts_without_its_teacher(workspace):
+def test_distilled_students_predict_without_their_teacher(workspace):
     teacher = workspace / "nnUNet_results" / DATASET / TEACHER
     hidden = teacher.with_name(teacher.name + ".moved")
     os.rename(teacher, hidden)
     try:
-        predict(workspace, workspace / "t1ce_only", workspace / "predicted_protokd", "3d_smoke_T1ce", "ProtoKDTrainer")
+        for trainer in ("ProtoKDTrainer", "KDNetTrainer"):
+            output = workspace / f"predicted_{trainer}"
+            predict(workspace, workspace / "t1ce_only", output, "3d_smoke_T1ce", trainer)
+            assert len(list(output.glob("*.nii.gz"))) == 3
     finally:
         os.rename(hidden, teacher)
-    assert len(list((workspace / "predicted_protokd").glob("*.nii.gz"))) == 3
 
 
 def test_protokd_without_a_teacher_for_its_fold_stops_before_writing(workspace):

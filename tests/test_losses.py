@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_protokd.losses import (class_prototypes, ground_truth_class_masks, pixelwise_kd_loss,
-                                   prototype_kd_loss, prototype_similarity_maps)
+from nnunet_protokd.losses import (bottleneck_kl_loss, class_prototypes, ground_truth_class_masks,
+                                   pixelwise_kd_loss, prototype_kd_loss, prototype_similarity_maps,
+                                   soft_label_kd_loss)
 
 SHAPES = [(2, 3, (5, 6)), (3, 4, (4, 5, 6)), (1, 2, (3, 3, 3))]  # (N, K, spatial)
 
@@ -152,3 +153,80 @@ def test_half_precision_inputs_are_computed_in_float32():
     loss = pixelwise_kd_loss(student, teacher, 10.0, False)
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(pixelwise_kd_loss(student.float(), teacher.float(), 10.0, False).item())
+
+
+def reference_soft_label_kd(student, teacher, temperature, region_based):
+    """KD-Net's L_KD with explicit loops over items and channels."""
+    s, t = student.double().numpy(), teacher.double().numpy()
+    n_items, n_classes = s.shape[:2]
+    s, t = s.reshape(n_items, n_classes, -1), t.reshape(n_items, n_classes, -1)
+    sigmoid = lambda x: 1 / (1 + np.exp(-x))
+    if region_based:
+        soft_s, soft_t, channels = sigmoid(s / temperature), sigmoid(t / temperature), range(n_classes)
+    else:
+        softmax = lambda x: np.exp(x) / np.exp(x).sum(axis=1, keepdims=True)
+        soft_s, soft_t, channels = softmax(s / temperature), softmax(t / temperature), range(1, n_classes)
+    dices = []
+    for n in range(n_items):
+        for k in channels:
+            dices.append((2 * np.sum(soft_s[n, k] * soft_t[n, k]) + 1e-5)
+                         / (soft_s[n, k].sum() + soft_t[n, k].sum() + 1e-5))
+    cross_entropy, count = 0.0, 0
+    for n in range(n_items):
+        for v in range(s.shape[2]):
+            if region_based:
+                for k in range(n_classes):
+                    hard = 1.0 if sigmoid(t[n, k, v]) > 0.5 else 0.0
+                    p = sigmoid(s[n, k, v])
+                    cross_entropy -= hard * math.log(p) + (1 - hard) * math.log(1 - p)
+                    count += 1
+            else:
+                hard = int(np.argmax(t[n, :, v]))
+                cross_entropy -= s[n, hard, v] - math.log(np.exp(s[n, :, v]).sum())
+                count += 1
+    return 1 - np.mean(dices) + cross_entropy / count
+
+
+@pytest.mark.parametrize("region_based", [False, True])
+@pytest.mark.parametrize("n_items, n_classes, spatial", SHAPES)
+def test_soft_label_kd_matches_reference(n_items, n_classes, spatial, region_based):
+    generator = torch.Generator().manual_seed(2)
+    student = torch.randn(n_items, n_classes, *spatial, generator=generator) * 2
+    teacher = torch.randn(n_items, n_classes, *spatial, generator=generator) * 2
+    loss = soft_label_kd_loss(student, teacher, 5.0, region_based)
+    assert loss.item() == pytest.approx(reference_soft_label_kd(student, teacher, 5.0, region_based), rel=1e-4)
+
+
+def reference_bottleneck_kl(student, teacher):
+    total = 0.0
+    for s, t in zip(student.double().numpy(), teacher.double().numpy()):
+        p = np.exp(t.ravel()) / np.exp(t.ravel()).sum()
+        q = np.exp(s.ravel()) / np.exp(s.ravel()).sum()
+        total += float(np.sum(p * np.log(p / q)))
+    return total / len(student)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 3, 4), (3, 16, 2, 3, 4)])
+def test_bottleneck_kl_matches_reference(shape):
+    generator = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+    assert bottleneck_kl_loss(student, teacher).item() == pytest.approx(reference_bottleneck_kl(student, teacher),
+                                                                        rel=1e-5)
+    assert bottleneck_kl_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_bottleneck_kl_refuses_different_shapes():
+    with pytest.raises(ValueError, match=r"bottleneck shapes differ: student \(2, 8, 3, 4\), teacher \(2, 16, 3, 4\)"):
+        bottleneck_kl_loss(torch.zeros(2, 8, 3, 4), torch.zeros(2, 16, 3, 4))
+
+
+@pytest.mark.parametrize("region_based", [False, True])
+def test_kdnet_gradients_reach_the_student_only(region_based):
+    student_logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    teacher_logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    student_bottleneck = torch.randn(2, 8, 2, 2, requires_grad=True)
+    teacher_bottleneck = torch.randn(2, 8, 2, 2, requires_grad=True)
+    (soft_label_kd_loss(student_logits, teacher_logits, 5.0, region_based)
+     + bottleneck_kl_loss(student_bottleneck, teacher_bottleneck)).backward()
+    assert teacher_logits.grad is None and teacher_bottleneck.grad is None
+    assert student_logits.grad.abs().sum() > 0 and student_bottleneck.grad.abs().sum() > 0

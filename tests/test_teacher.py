@@ -156,3 +156,30 @@ def test_no_code_from_a_teacher_folder_is_run(tmp_path, monkeypatch):
     with pytest.raises(TeacherError, match="cannot read the teacher"):
         locate(tmp_path)
     assert not (tmp_path / "teacher_code_ran").exists()
+
+
+def wider_plans():
+    wider = plans()
+    wider["configurations"]["3d_fullres"]["architecture"] = copy.deepcopy(ARCHITECTURE)
+    wider["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"] = [8, 16, 32]
+    return wider
+
+
+def construct_student(trainer_name, results):
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    student_plans = plans()
+    student_plans["continue_training"] = False
+    return recursive_find_trainer_class_by_name(trainer_name)(student_plans, "3d_fullres_T1ce", 0, dataset_json(),
+                                                              torch.device("cpu"))
+
+
+def test_kdnet_needs_the_students_architecture_but_protokd_does_not(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    write_teacher(tmp_path, teacher_plans=wider_plans())
+    with pytest.raises(TeacherError, match=r"features_per_stage \[8, 16, 32\] differ from the student's \[4, 8, 16\]"):
+        construct_student("KDNetTrainer", tmp_path)
+    assert not (tmp_path / DATASET / "KDNetTrainer__nnUNetPlans__3d_fullres_T1ce").exists()
+    # prototype maps are cosine similarities: a wider teacher is fine for ProtoKD
+    trainer = construct_student("ProtoKDTrainer", tmp_path)
+    assert trainer.teacher_checkpoint.identity()["trainer"] == "ProtoKDTeacherTrainer"
+    assert trainer.settings == {"alpha": 10.0, "beta": 0.1, "temperature": 10.0, "intra_class_only": False}

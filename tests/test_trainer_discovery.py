@@ -10,7 +10,7 @@ from test_student_settings import DATASET_JSON, make_plans
 
 FIND = ("from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find;"
         "print(*[f'{c.__module__}.{c.__name__}<{c.__mro__[1].__module__}' "
-        "        for c in map(find, ('ProtoKDTeacherTrainer', 'UnimodalTrainer'))])")
+        "        for c in map(find, ('ProtoKDTeacherTrainer', 'UnimodalTrainer', 'ProtoKDTrainer', 'KDNetTrainer'))])")
 
 
 def test_nnunet_finds_the_trainers_with_no_environment_variable_set():
@@ -20,7 +20,9 @@ def test_nnunet_finds_the_trainers_with_no_environment_variable_set():
                                     "run in this environment (bootstrap.sh does it)?\n" + result.stderr[-2000:])
     # modules named after the files in trainers/, which nnU-Net imports from that folder
     assert result.stdout.splitlines()[-1].split() == ["ProtoKDTeacherTrainer.ProtoKDTeacherTrainer<nnunet_protokd.training",
-                                     "UnimodalTrainer.UnimodalTrainer<nnunet_protokd.training"]
+                                     "UnimodalTrainer.UnimodalTrainer<nnunet_protokd.training",
+                                     "ProtoKDTrainer.ProtoKDTrainer<nnunet_protokd.distillation",
+                                     "KDNetTrainer.KDNetTrainer<nnunet_protokd.distillation"]
     assert f"Searching in: {REPO / 'trainers'}" in result.stdout + result.stderr
 
 
