@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Sets up everything on a fresh machine with only Python 3, then runs one job:
+#   ./bootstrap.sh demo [demo args]     the main job on built-in phantoms (nnunet-protokd demo)
 #   ./bootstrap.sh test [pytest args]   the test suite (CPU, about 6 minutes on 2 cores)
 #   ./bootstrap.sh install              only the set-up
 # The set-up: a virtual environment in .venv (override with PROTOKD_VENV), this project installed into it in
@@ -25,6 +26,7 @@ case "$job" in
         # two data-augmentation workers and two export processes: the CPU machines have 2 cores
         export nnUNet_n_proc_DA="${nnUNet_n_proc_DA:-2}" nnUNet_def_n_proc="${nnUNet_def_n_proc:-2}"
         exec "$venv/bin/python" -m pytest "$@" ;;
+    demo) exec "$venv/bin/nnunet-protokd" demo "$@" ;;
     install) echo "ready: $venv/bin/nnunet-protokd, $venv/bin/nnUNetv2_train, ..." ;;
-    *) echo "usage: $0 test [pytest args] | install" >&2; exit 2 ;;
+    *) echo "usage: $0 demo [args] | test [pytest args] | install" >&2; exit 2 ;;
 esac

@@ -11,7 +11,8 @@ import argparse
 import os
 import sys
 
-from nnunet_protokd.brats import ConversionError, convert_brats_dataset
+from nnunet_protokd.brats import convert_brats_dataset
+from nnunet_protokd.cli import run_reporting_errors
 
 
 def main(argv=None) -> int:
@@ -21,7 +22,7 @@ def main(argv=None) -> int:
     parser.add_argument("dataset_id", type=int, help="nnU-Net dataset id, 1-999")
     parser.add_argument("--name", default=None, help="dataset name (default BraTS2018, or BraTS2023 for t1n/t1c/... files)")
     parser.add_argument("--test", default=None, metavar="FOLDER",
-                        help="a validation/test folder (images, no seg) converted into imagesTs")
+                        help="a validation/test folder converted into imagesTs (and labelsTs if its cases have seg)")
     parser.add_argument("--labels", action="store_true",
                         help="plain labels 1 edema / 2 necrosis / 3 enhancing (softmax) instead of regions")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
@@ -31,13 +32,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.nnunet_raw:
         parser.error("set the environment variable nnUNet_raw or pass --nnunet-raw")
-    try:
-        target = convert_brats_dataset(args.input_folder, args.dataset_id, args.nnunet_raw, args.name, args.test,
-                                       region_based=not args.labels, overwrite=args.overwrite,
-                                       num_processes=args.num_processes)
-    except ConversionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return run_reporting_errors(convert, args)
+
+
+def convert(args) -> int:
+    target = convert_brats_dataset(args.input_folder, args.dataset_id, args.nnunet_raw, args.name, args.test,
+                                   region_based=not args.labels, overwrite=args.overwrite,
+                                   num_processes=args.num_processes)
     print(f"wrote {target}")
     return 0
 

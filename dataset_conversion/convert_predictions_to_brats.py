@@ -6,7 +6,8 @@
 import argparse
 import sys
 
-from nnunet_protokd.brats import ConversionError, convert_predictions_to_brats
+from nnunet_protokd.brats import convert_predictions_to_brats
+from nnunet_protokd.cli import run_reporting_errors
 
 
 def main(argv=None) -> int:
@@ -19,12 +20,12 @@ def main(argv=None) -> int:
                         help="label of enhancing tumour in the output: 4 (BraTS 2018-2021, default) or 3 (BraTS 2023)")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
     args = parser.parse_args(argv)
-    try:
-        cases = convert_predictions_to_brats(args.prediction_folder, args.output_folder, args.et_label,
-                                             args.reference, args.overwrite)
-    except ConversionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return run_reporting_errors(convert, args)
+
+
+def convert(args) -> int:
+    cases = convert_predictions_to_brats(args.prediction_folder, args.output_folder, args.et_label, args.reference,
+                                         args.overwrite)
     print(f"wrote {len(cases)} BraTS label maps to {args.output_folder}")
     return 0
 

@@ -119,7 +119,7 @@ def geometry_mismatch(image: sitk.Image, reference: sitk.Image) -> str | None:
 
 def _convert_case(args) -> tuple[str, bool, list]:
     """Checks one case and writes it into the (temporary) dataset folder. Returns (case, has_seg, errors)."""
-    case, naming, images_folder, labels_folder, expect_seg = args
+    case, naming, images_folder, labels_folder = args
     errors: list = []
     expected = [naming.file_name(case.case_id, s) for s in naming.modality_suffixes]
     seg_name = naming.file_name(case.case_id, SEG_SUFFIX)
@@ -131,8 +131,6 @@ def _convert_case(args) -> tuple[str, bool, list]:
         if name not in present:
             errors.append(f"case {case.case_id}: missing modality file {os.path.join(case.folder, name)}")
     has_seg = seg_name in present
-    if has_seg and not expect_seg:
-        errors.append(f"case {case.case_id}: {seg_name} found in a test/validation folder, which must hold images only")
     if errors:
         return case.case_id, has_seg, errors
 
@@ -154,7 +152,7 @@ def _convert_case(args) -> tuple[str, bool, list]:
         # the file itself is fine: copy it byte for byte, so that nothing (dtype, header) changes
         shutil.copyfile(path, os.path.join(images_folder, f"{case.case_id}_{channel:04d}.nii.gz"))
 
-    if has_seg and expect_seg and reference is not None:
+    if has_seg and reference is not None:
         seg_path = os.path.join(case.folder, seg_name)
         seg = _read(seg_path, case.case_id, errors)
         if seg is not None:
@@ -217,7 +215,8 @@ def _run_cases(jobs: list, num_processes: int, description: str) -> list:
 def convert_brats_dataset(input_folder: str, dataset_id: int, nnunet_raw: str, dataset_name: str | None = None,
                           test_folder: str | None = None, region_based: bool = True, overwrite: bool = False,
                           num_processes: int = 2) -> str:
-    """Writes nnUNet_raw/DatasetXXX_NAME from a BraTS training folder (and optionally a validation/test folder).
+    """Writes nnUNet_raw/DatasetXXX_NAME from a BraTS training folder (and optionally a validation/test folder,
+    into imagesTs, with labelsTs when its cases have segmentations).
 
     The dataset is assembled in a temporary folder next to its destination and moved into place only when
     every case converted; on any error nothing is left behind and ConversionError lists all problems.
@@ -244,23 +243,29 @@ def convert_brats_dataset(input_folder: str, dataset_id: int, nnunet_raw: str, d
     os.makedirs(nnunet_raw, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".Dataset{int(dataset_id):03d}_incomplete_", dir=nnunet_raw)
     try:
-        folders = {k: os.path.join(staging, k) for k in ("imagesTr", "labelsTr", "imagesTs")}
+        folders = {k: os.path.join(staging, k) for k in ("imagesTr", "labelsTr", "imagesTs", "labelsTs")}
         for folder in folders.values():
             os.makedirs(folder)
-        jobs = [(c, naming, folders["imagesTr"], folders["labelsTr"], True) for c in train_cases]
-        jobs += [(c, naming, folders["imagesTs"], None, False) for c in test_cases]
+        jobs = [(c, naming, folders["imagesTr"], folders["labelsTr"]) for c in train_cases]
+        jobs += [(c, naming, folders["imagesTs"], folders["labelsTs"]) for c in test_cases]
         results = _run_cases(jobs, num_processes, f"converting {len(jobs)} BraTS cases")
         errors = [e for _, _, case_errors in results for e in case_errors]
         for case_id, has_seg, _ in results[:len(train_cases)]:
             if not has_seg:
                 errors.append(f"case {case_id}: missing segmentation {naming.file_name(case_id, SEG_SUFFIX)} in the "
                               f"training folder (a validation/test folder without labels goes in --test)")
+        test_results = results[len(train_cases):]
+        labelled_tests = sum(has_seg for _, has_seg, _ in test_results)
+        if 0 < labelled_tests < len(test_results):  # labelsTs must describe every test case or none
+            errors += [f"case {case_id}: missing segmentation {naming.file_name(case_id, SEG_SUFFIX)}; other cases "
+                       f"of {test_folder} have one" for case_id, has_seg, _ in test_results if not has_seg]
         if errors:
             shown = "\n  ".join(errors[:30])
             more = f"\n  ... and {len(errors) - 30} more" if len(errors) > 30 else ""
             raise ConversionError(f"{len(errors)} problem(s) in the input; nothing was written:\n  {shown}{more}")
-        if not test_cases:
-            os.rmdir(folders["imagesTs"])
+        for kind in ("imagesTs", "labelsTs"):
+            if not os.listdir(folders[kind]):
+                os.rmdir(folders[kind])
         write_dataset_json(staging, len(train_cases), region_based, dataset_name, naming)
         _move_into_place(staging, target, [os.path.join(nnunet_raw, e) for e in existing])
     except BaseException:

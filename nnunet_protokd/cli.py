@@ -21,7 +21,7 @@ def _dataset_paths(dataset: str, plans: str) -> tuple[str, str]:
 
 def add_config(args) -> int:
     import json
-    from nnunet_protokd.configurations import ConfigurationError, add_configuration
+    from nnunet_protokd.configurations import add_configuration
     plans_file, dataset_json_file = _dataset_paths(args.dataset, args.plans)
     with open(dataset_json_file) as f:
         dataset_json = json.load(f)
@@ -29,13 +29,9 @@ def add_config(args) -> int:
                 "num_val_iterations_per_epoch": args.val_iterations_per_epoch}
     teacher = {"trainer": args.teacher_trainer, "configuration": args.teacher_configuration,
                "plans": args.teacher_plans, "checkpoint": args.teacher_checkpoint}
-    try:
-        methods = parse_method_settings(args.set)
-        name = add_configuration(plans_file, dataset_json, args.configuration, args.modality, args.name,
-                                 schedule, args.overwrite, teacher, methods)
-    except ConfigurationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    name = add_configuration(plans_file, dataset_json, args.configuration, args.modality, args.name, schedule,
+                             args.overwrite, teacher, parse_method_settings(args.set),
+                             False if args.no_final_validation else None)
     print(f"configuration {name} (inherits {args.configuration}) is in {plans_file}")
     return 0
 
@@ -60,13 +56,65 @@ def parse_method_settings(assignments) -> dict:
 
 def phantoms(args) -> int:
     from nnunet_protokd.phantoms import generate_brats_phantoms
-    try:
-        cases = generate_brats_phantoms(args.output_folder, args.hgg, args.lgg, args.seed, tuple(args.shape),
-                                        tuple(args.spacing), not args.no_seg, args.naming, args.first_case_index)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    cases = generate_brats_phantoms(args.output_folder, args.hgg, args.lgg, args.seed, tuple(args.shape),
+                                    tuple(args.spacing), not args.no_seg, args.naming, args.first_case_index)
     print(f"wrote {len(cases)} phantom cases to {args.output_folder}")
+    return 0
+
+
+def parse_prediction_sets(specifications) -> list:
+    """["teacher=DIR", "protokd:T1ce=DIR", ...] -> PredictionSets."""
+    from nnunet_protokd.report import PredictionSet
+    sets = []
+    for specification in specifications:
+        key, sep, folder = specification.partition("=")
+        method, _, modality = key.partition(":")
+        if not sep or not method or not folder:
+            raise ValueError(f"--prediction expects METHOD[:MODALITY]=FOLDER, got {specification!r}")
+        if not os.path.isdir(folder):
+            raise ValueError(f"--prediction {specification}: {folder} is not a folder")
+        sets.append(PredictionSet(method.lower(), modality or None, folder))
+    return sets
+
+
+def report(args) -> int:
+    import json
+    from nnunet_protokd.report import build_report
+    with open(args.dataset_json) as f:
+        dataset_json = json.load(f)
+    run_info = None
+    if args.run_info:
+        with open(args.run_info) as f:
+            run_info = json.load(f)
+    build_report(args.ground_truth, dataset_json, parse_prediction_sets(args.prediction), args.output,
+                 args.images, run_info, args.seed)
+    print(f"report: {os.path.join(args.output, 'report.md')}")
+    return 0
+
+
+def _default_device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def experiment(args) -> int:
+    from nnunet_protokd.experiment import Experiment, ExperimentSettings
+    settings = ExperimentSettings(
+        dataset=args.dataset, output_folder=args.output or f"protokd_experiment_{args.dataset}",
+        configuration=args.configuration, modalities=tuple(args.modalities or ()), methods=tuple(args.methods),
+        folds=tuple(args.folds), device=args.device or _default_device(), epochs=args.epochs,
+        iterations_per_epoch=args.iterations_per_epoch, val_iterations_per_epoch=args.val_iterations_per_epoch,
+        final_validation=not args.no_final_validation, plans=args.plans, num_processes=args.num_processes)
+    Experiment(settings).run(dry_run=args.dry_run)
+    return 0
+
+
+def demo(args) -> int:
+    from nnunet_protokd.demo import run_demo
+    modalities = ("T1", "T1ce", "T2", "FLAIR") if args.all_modalities else tuple(args.modalities)
+    report_file = run_demo(args.output, args.seed, modalities, args.epochs, args.iterations_per_epoch,
+                           args.device or _default_device())
+    print(f"\nThe report is {report_file} (figures beside it: dice.png, overlays.png)")
     return 0
 
 
@@ -96,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="num_epochs for the plugin's trainers")
     p.add_argument("--iterations-per-epoch", type=int, default=None, help="training iterations per epoch")
     p.add_argument("--val-iterations-per-epoch", type=int, default=None, help="validation iterations per epoch")
+    p.add_argument("--no-final-validation", action="store_true",
+                   help="the plugin's trainers skip nnU-Net's final validation (when evaluating on held-out cases)")
     p.add_argument("--teacher-trainer", default=None,
                    help="trainer of the student's teacher model (default ProtoKDTeacherTrainer)")
     p.add_argument("--teacher-configuration", default=None,
@@ -122,6 +172,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-case-index", type=int, default=0, help="number of the first case (held-out sets)")
     p.set_defaults(func=phantoms)
 
+    p = commands.add_parser("demo", help="the whole protocol on built-in phantoms (CPU, under 20 minutes)",
+                            description="Phantoms in the BraTS 2018 layout -> conversion -> teacher, unimodal, "
+                                        "ProtoKD and KD-Net students -> predictions on held-out phantoms -> report. "
+                                        "Running it again continues where it stopped.")
+    p.add_argument("-o", "--output", default="demo_output", help="demo folder (default ./demo_output)")
+    p.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
+    p.add_argument("--modalities", nargs="+", default=["T1ce", "T1"], help="student modalities (default T1ce T1)")
+    p.add_argument("--all-modalities", action="store_true", help="students for T1, T1ce, T2 and FLAIR")
+    p.add_argument("--epochs", type=int, default=6, help="epochs of every model (default 6)")
+    p.add_argument("--iterations-per-epoch", type=int, default=25, help="training iterations per epoch (default 25)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.set_defaults(func=demo)
+
+    p = commands.add_parser("experiment", help="the paper's Table-1 protocol on a converted dataset, resumable",
+                            description="plan/preprocess -> teacher -> per modality the unimodal baseline and the "
+                                        "distilling students -> nnUNetv2_predict on held-out single-modality "
+                                        "images (imagesTs with labelsTs, else each fold's validation cases) -> "
+                                        "report. Finished steps are skipped, half-trained models continued (--c).")
+    p.add_argument("-d", "--dataset", required=True, help="dataset id or name (in nnUNet_raw)")
+    p.add_argument("-c", "--configuration", default="3d_fullres", help="base nnU-Net configuration")
+    p.add_argument("--modalities", nargs="+", default=None, help="student modalities (default: every channel)")
+    p.add_argument("--methods", nargs="+", default=["unimodal", "protokd", "kdnet"],
+                   help="students per modality (default: unimodal protokd kdnet)")
+    p.add_argument("--folds", nargs="+", default=[0], help="folds (default 0)")
+    p.add_argument("--device", default=None, help="passed to nnU-Net's -device (default: cuda if available)")
+    p.add_argument("--epochs", type=int, default=None, help="a shorter schedule (a configuration of its own)")
+    p.add_argument("--iterations-per-epoch", type=int, default=None)
+    p.add_argument("--val-iterations-per-epoch", type=int, default=None)
+    p.add_argument("--no-final-validation", action="store_true", help="skip nnU-Net's final validation")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
+    p.add_argument("-np", "--num-processes", type=int, default=2, help="preprocessing processes (default 2)")
+    p.add_argument("-o", "--output", default=None, help="predictions and report (default protokd_experiment_<d>)")
+    p.add_argument("--dry-run", action="store_true", help="print the exact commands without running anything")
+    p.set_defaults(func=experiment)
+
+    p = commands.add_parser("report", help="Table 1: Dice/HD95 of prediction folders, paired tests, figures",
+                            description="Scores labelled prediction folders against a ground-truth folder and "
+                                        "writes report.md, summary.json, dice.png (and overlays.png with --images).")
+    p.add_argument("--ground-truth", required=True, help="folder of reference label maps (<case>.nii.gz)")
+    p.add_argument("--dataset-json", required=True, help="the dataset's dataset.json (labels/regions, file ending)")
+    p.add_argument("--prediction", action="append", required=True, metavar="METHOD[:MODALITY]=FOLDER",
+                   help="e.g. teacher=DIR, unimodal:T1ce=DIR, protokd:T1ce=DIR, kdnet:T1ce=DIR (repeat)")
+    p.add_argument("-o", "--output", required=True, help="report folder")
+    p.add_argument("--images", default=None, help="folder of the cases' images (<case>_XXXX) for overlays.png")
+    p.add_argument("--run-info", default=None, help="JSON describing what ran, copied into the report")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.set_defaults(func=report)
+
     p = commands.add_parser("register-trainers", help="let nnUNetv2_train/-predict of this environment find "
                                                       "the plugin's trainers (done by bootstrap.sh)")
     p.add_argument("--remove", action="store_true", help="undo")
@@ -129,9 +227,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_reporting_errors(command, args) -> int:
+    """Runs a command; bad input (ValueError and its kinds: ConversionError, ConfigurationError) or a failed
+    experiment step becomes one `error: ...` message and exit status 1 instead of a traceback."""
+    from nnunet_protokd.experiment import StepFailed
+    try:
+        return command(args)
+    except (ValueError, StepFailed) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    return run_reporting_errors(args.func, args)
 
 
 if __name__ == "__main__":

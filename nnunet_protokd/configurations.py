@@ -18,6 +18,8 @@ import tempfile
 
 SETTINGS_KEY = "protokd"
 SCHEDULE_KEYS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch")
+# False skips nnU-Net's final validation on the fold's validation cases (the demo evaluates on held-out cases)
+FINAL_VALIDATION_KEY = "final_validation"
 TEACHER_KEYS = ("trainer", "configuration", "plans", "checkpoint")
 # each distilling trainer's settings and the paper's values; a configuration overrides them under the
 # trainer's name, e.g. {"protokd": {"modality": "T1ce", "ProtoKDTrainer": {"beta": 0.0}}}
@@ -80,7 +82,8 @@ def _check_method_settings(method: str, given: dict) -> None:
 
 def add_configuration(plans_file: str, dataset_json: dict, base: str, modality: str | None = None,
                       name: str | None = None, schedule: dict | None = None, overwrite: bool = False,
-                      teacher: dict | None = None, methods: dict | None = None) -> str:
+                      teacher: dict | None = None, methods: dict | None = None,
+                      final_validation: bool | None = None) -> str:
     """Adds a configuration inheriting `base` to `plans_file` and returns its name.
 
     With `modality` it is a student configuration (default name `<base>_<modality>`); without, a variant of
@@ -108,6 +111,8 @@ def add_configuration(plans_file: str, dataset_json: dict, base: str, modality: 
             if int(value) < 1:
                 raise ConfigurationError(f"{key} must be a positive integer, got {value}")
             settings[key] = int(value)
+    if final_validation is not None:
+        settings[FINAL_VALIDATION_KEY] = bool(final_validation)
     for key, value in (teacher or {}).items():
         if key not in TEACHER_KEYS:
             raise ConfigurationError(f"unknown teacher setting {key!r}; known: {TEACHER_KEYS}")

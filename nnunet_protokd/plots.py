@@ -1,27 +1,118 @@
-"""Plots written next to nnU-Net's own progress.png."""
+"""Figures: the distillation loss terms beside nnU-Net's progress.png, and the report's dice.png and overlays.png."""
 from __future__ import annotations
 
 import os
 
+import numpy as np
+
 
 def plot_loss_terms(series: dict, path: str, title: str) -> None:
-    """One line per loss term over epochs (log scale: the terms differ by orders of magnitude)."""
+    """The segmentation loss (linear axis: nnU-Net's Dice term makes it negative once training goes well) above
+    the distillation terms (log axis: they are non-negative and differ by orders of magnitude), per epoch."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     # nnU-Net's own progress plot changes matplotlib's global style (seaborn, huge fonts): start from defaults
     with matplotlib.rc_context(matplotlib.rcParamsDefault):
-        figure, axis = plt.subplots(figsize=(9, 5))
-        for name, values in series.items():
-            axis.plot(range(len(values)), values, marker="o" if len(values) < 30 else None, label=name)
-        axis.set_yscale("log")
-        axis.set_xlabel("epoch")
-        axis.set_ylabel("training loss term (epoch mean)")
-        axis.set_title(f"{title}: loss terms (unweighted)")
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend()
+        figure, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+        for axis, names in ((top, ["seg_loss"]), (bottom, [n for n in series if n != "seg_loss"])):
+            for name in names:
+                values = series[name]
+                axis.plot(range(len(values)), values, marker="o" if len(values) < 30 else None, label=name)
+            axis.grid(True, which="both", alpha=0.3)
+            axis.legend()
+        top.set_ylabel("segmentation loss")
+        bottom.set_yscale("log")
+        bottom.set_ylabel("distillation terms (unweighted)")
+        bottom.set_xlabel("epoch")
+        top.set_title(f"{title}: training loss terms, epoch means")
         figure.tight_layout()
         figure.savefig(path + ".partial.png", dpi=100)
         plt.close(figure)
     os.replace(path + ".partial.png", path)
+
+
+def plot_dice_bars(summary: dict, path: str) -> None:
+    """Grouped bars: one panel per region, modalities on the x axis, one bar per student method (mean ± std
+    over cases), the teacher as a dashed line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from nnunet_protokd.report import METHOD_TITLES, ordered_results
+
+    results = [r for _, r in ordered_results(summary)]
+    modalities = list(dict.fromkeys(r["modality"] for r in results if r["modality"] is not None))
+    methods = list(dict.fromkeys(r["method"] for r in results if r["modality"] is not None))
+    panels = summary["regions"] + ["mean"]
+    with matplotlib.rc_context(matplotlib.rcParamsDefault):
+        figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1, 3.6), sharey=True)
+        width = 0.8 / max(1, len(methods))
+        for axis, region in zip(np.atleast_1d(axes), panels):
+            for m, method in enumerate(methods):
+                values = [next((r["summary"][region] for r in results
+                                if r["method"] == method and r["modality"] == modality), None) for modality in modalities]
+                axis.bar(np.arange(len(modalities)) + (m - (len(methods) - 1) / 2) * width,
+                         [v["dice_mean"] if v else np.nan for v in values], width,
+                         yerr=[v["dice_std"] if v else 0 for v in values], capsize=2,
+                         label=METHOD_TITLES.get(method, method))
+            for r in results:
+                if r["method"] == "teacher":
+                    axis.axhline(r["summary"][region]["dice_mean"], color="k", ls="--", lw=1, label=METHOD_TITLES["teacher"])
+            axis.set_xticks(range(len(modalities)), modalities)
+            axis.set_title(region)
+            axis.set_ylim(0, 1)
+            axis.grid(True, axis="y", alpha=0.3)
+        np.atleast_1d(axes)[0].set_ylabel(f"Dice (mean ± std, {summary['n_cases']} cases)")
+        handles, labels = np.atleast_1d(axes)[0].get_legend_handles_labels()
+        figure.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
+        figure.tight_layout(rect=(0, 0.1, 1, 1))
+        figure.savefig(path, dpi=90)
+        plt.close(figure)
+
+
+def plot_overlays(summary: dict, dataset_json: dict, images_folder: str, ground_truth_folder: str, path: str,
+                  num_cases: int = 3) -> None:
+    """For a few cases, the axial slice with the most tumour: each student modality's image with the ground
+    truth, then every method's prediction on the image of the modality it saw (the teacher on the first)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import SimpleITK as sitk
+    from nnunet_protokd.report import METHOD_TITLES, ordered_results
+
+    results = [r for _, r in ordered_results(summary)]
+    channels = {name: int(index) for index, name in dataset_json["channel_names"].items()}
+    modalities = list(dict.fromkeys(r["modality"] for r in results if r["modality"] is not None)) or \
+        [dataset_json["channel_names"]["0"]]
+    file_ending = dataset_json["file_ending"]
+    cases = sorted(next(iter(results))["per_case"])[:num_cases] if results else []
+    columns = [("Ground truth", m, None) for m in modalities] + \
+              [(f"{METHOD_TITLES.get(r['method'], r['method'])}" + (f" {r['modality']}" if r["modality"] else ""),
+                r["modality"] or modalities[0], r["folder"]) for r in results]
+
+    def read(file):
+        return sitk.GetArrayFromImage(sitk.ReadImage(file))
+
+    colours = matplotlib.colors.ListedColormap([(0, 0, 0, 0), (0.1, 0.8, 0.1, 0.45), (0.9, 0.1, 0.1, 0.55),
+                                                (1.0, 0.9, 0.0, 0.6)] + [(0.2, 0.4, 1.0, 0.5)] * 12)
+    with matplotlib.rc_context(matplotlib.rcParamsDefault):
+        figure, axes = plt.subplots(len(cases), len(columns), figsize=(1.9 * len(columns), 2.1 * len(cases)),
+                                    squeeze=False)
+        for row, case in enumerate(cases):
+            reference = read(os.path.join(ground_truth_folder, case + file_ending))
+            z = int(np.argmax((reference > 0).sum(axis=(1, 2))))
+            for column, (title, modality, folder) in enumerate(columns):
+                image = read(os.path.join(images_folder, f"{case}_{channels[modality]:04d}{file_ending}"))[z]
+                labels = reference if folder is None else read(os.path.join(folder, case + file_ending))
+                axis = axes[row, column]
+                axis.imshow(image, cmap="gray")
+                axis.imshow(labels[z], cmap=colours, vmin=0, vmax=colours.N - 1, interpolation="nearest")
+                axis.set_xticks([])
+                axis.set_yticks([])
+                if row == 0:
+                    axis.set_title(title if folder else f"{title}\n({modality})", fontsize=8)
+            axes[row, 0].set_ylabel(case, fontsize=7)
+        figure.tight_layout()
+        figure.savefig(path, dpi=90)
+        plt.close(figure)

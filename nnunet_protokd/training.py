@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_protokd.configurations import (ConfigurationError, configuration_settings, resolved_configuration,
-                                           schedule_of)
+from nnunet_protokd.configurations import (FINAL_VALIDATION_KEY, ConfigurationError, configuration_settings,
+                                           resolved_configuration, schedule_of)
 from nnunet_protokd.modality import StudentModality, with_input_channel_check
 
 
@@ -14,6 +14,15 @@ def apply_schedule(trainer: nnUNetTrainer) -> None:
     schedule is recorded in the model folder's plans.json instead of living in an environment variable."""
     for key, value in schedule_of(trainer.configuration_manager.configuration).items():
         setattr(trainer, key, value)
+    trainer.final_validation = configuration_settings(trainer.configuration_manager.configuration).get(
+        FINAL_VALIDATION_KEY, True)
+
+
+def final_validation_skipped(trainer: nnUNetTrainer) -> bool:
+    if trainer.final_validation:
+        return False
+    trainer.print_to_log_file(f"final validation skipped ({FINAL_VALIDATION_KEY}: false in the configuration)")
+    return True
 
 
 def build_checked_network(plans_manager, configuration_manager, num_input_channels, num_output_channels,
@@ -40,6 +49,10 @@ class MultiModalityTrainer(nnUNetTrainer):
         apply_schedule(self)
 
     build_network_architecture = staticmethod(build_checked_network)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if not final_validation_skipped(self):
+            super().perform_actual_validation(save_probabilities)
 
 
 class SingleModalityTrainer(nnUNetTrainer):
@@ -69,6 +82,8 @@ class SingleModalityTrainer(nnUNetTrainer):
         return super().validation_step({**batch, "data": self.modality.select(batch["data"])})
 
     def perform_actual_validation(self, save_probabilities: bool = False):
+        if final_validation_skipped(self):
+            return
         multi_channel_dataset_class = self.dataset_class
         self.dataset_class = self.modality.dataset_class(multi_channel_dataset_class)
         try:

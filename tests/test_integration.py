@@ -155,7 +155,9 @@ def test_distilled_student_logs_every_loss_term_and_records_its_teacher(workspac
     assert checkpoint["protokd"]["teacher"] == record["teacher"]
     for term in terms:
         values = checkpoint["logging"][term]
-        assert len(values) == 2 and all(np.isfinite(values)) and all(v > 0 for v in values), (term, values)
+        assert len(values) == 2 and all(np.isfinite(values)), (term, values)
+        # distillation terms are divergences or squares; nnU-Net's segmentation loss may be negative
+        assert term == "seg_loss" or all(v >= 0 for v in values), (term, values)
     assert (fold / "distillation_progress.png").stat().st_size > 10_000
 
 

@@ -1,0 +1,124 @@
+"""`report` on small synthetic prediction folders whose scores can be computed by hand."""
+import json
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import stats
+
+from conftest import BIN, run
+from nnunet_protokd.brats import NNUNET_REGIONS
+from nnunet_protokd.report import PredictionSet, build_report, evaluation_regions, hd95, paired_comparison
+
+DATASET_JSON = {"channel_names": {"0": "T1", "1": "T1ce"}, "labels": NNUNET_REGIONS,
+                "regions_class_order": [1, 2, 3], "file_ending": ".nii.gz"}
+SPACING = (1.0, 1.0, 2.0)  # x, y, z
+
+
+def write(path, array):
+    image = sitk.GetImageFromArray(array.astype(np.uint8 if array.dtype != np.float32 else np.float32))
+    image.SetSpacing(SPACING)
+    sitk.WriteImage(image, str(path))
+
+
+def reference_case():
+    """nnU-Net BraTS labels in a (z, y, x) = (6, 8, 8) volume: 1 = oedema, 2 = necrosis, 3 = enhancing."""
+    labels = np.zeros((6, 8, 8), np.uint8)
+    labels[1:5, 1:7, 1:7] = 1
+    labels[2:4, 2:6, 2:6] = 2
+    labels[2:4, 3:5, 3:5] = 3
+    return labels
+
+
+@pytest.fixture
+def folders(tmp_path):
+    reference = reference_case()
+    no_enhancing = np.where(reference == 3, 2, reference)
+    cases = {"case_a": reference, "case_b": no_enhancing}
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "images").mkdir()
+    for case, labels in cases.items():
+        write(tmp_path / "gt" / f"{case}.nii.gz", labels)
+        for channel in range(2):
+            write(tmp_path / "images" / f"{case}_{channel:04d}.nii.gz", (labels * 10.0 + channel).astype(np.float32))
+    predictions = {
+        "identical": cases,
+        "disjoint": {c: np.roll(np.where(v > 0, 0, 1), 0).astype(np.uint8) for c, v in cases.items()},
+        # case_b: enhancing predicted where the reference has none
+        "spurious_et": {"case_a": reference, "case_b": reference},
+    }
+    for name, per_case in predictions.items():
+        (tmp_path / name).mkdir()
+        for case, labels in per_case.items():
+            write(tmp_path / name / f"{case}.nii.gz", labels)
+    return tmp_path
+
+
+def test_regions_of_region_and_label_datasets():
+    assert evaluation_regions(DATASET_JSON) == [("WT", (1, 2, 3)), ("TC", (2, 3)), ("ET", (3,))]
+    label_based = {"labels": {"background": 0, "edema": 1, "necrosis": 2, "enhancing tumor": 3},
+                   "brats_naming": "brats2018"}
+    assert evaluation_regions(label_based) == evaluation_regions(DATASET_JSON)  # scored as BraTS regions
+    assert evaluation_regions({"labels": {"background": 0, "liver": 1}}) == [("liver", (1,))]
+
+
+def test_hand_computable_scores(folders, tmp_path):
+    sets = [PredictionSet("teacher", None, str(folders / "identical")),
+            PredictionSet("unimodal", "T1ce", str(folders / "disjoint")),
+            PredictionSet("protokd", "T1ce", str(folders / "spurious_et"))]
+    summary = build_report(str(folders / "gt"), DATASET_JSON, sets, str(tmp_path / "report"), str(folders / "images"))
+    teacher = summary["results"]["teacher"]
+    assert all(teacher["per_case"][c][r] == {"dice": 1.0, "hd95": 0.0} for c in ("case_a", "case_b")
+               for r in ("WT", "TC", "ET"))  # case_b's ET is empty in both: Dice 1, HD95 0
+    disjoint = summary["results"]["unimodal:T1ce"]["per_case"]["case_a"]
+    assert disjoint["WT"]["dice"] == 0.0 and disjoint["ET"]["dice"] == 0.0
+    spurious = summary["results"]["protokd:T1ce"]["per_case"]["case_b"]
+    assert spurious["WT"]["dice"] == 1.0 and spurious["ET"]["dice"] == 0.0 and math.isnan(spurious["ET"]["hd95"])
+    # ProtoKD's ET: Dice 1 on case_a, 0 on case_b; its HD95 is defined on case_a only
+    et = summary["results"]["protokd:T1ce"]["summary"]["ET"]
+    assert et["dice_mean"] == 0.5 and et["dice_std"] == 0.5 and et["hd95_n"] == 1
+    assert summary["results"]["protokd:T1ce"]["summary"]["mean"]["dice_mean"] == pytest.approx((1 + 2 / 3) / 2)
+    comparison = summary["comparisons_with_unimodal"]["protokd:T1ce"]["WT"]
+    assert comparison["n"] == 2 and comparison["mean_difference"] == 1.0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| all | Teacher (all modalities) | 1.000 ± 0.000 | 1.000 ± 0.000 | 1.000 ± 0.000 | 1.000 ± 0.000 |" in report
+    assert "| T1ce | ProtoKD | 1.000 ± 0.000 | 1.000 ± 0.000 | 0.500 ± 0.500 |" in report
+    assert json.loads((tmp_path / "report" / "summary.json").read_text())["n_cases"] == 2
+    for figure in ("dice.png", "overlays.png"):
+        assert (tmp_path / "report" / figure).stat().st_size > 5000
+
+
+def test_hd95_of_two_planes_is_their_distance_in_mm():
+    reference = np.zeros((8, 5, 5), bool)
+    prediction = np.zeros((8, 5, 5), bool)
+    reference[2] = True
+    prediction[4] = True
+    assert hd95(reference, prediction, (2.0, 1.0, 1.0)) == pytest.approx(4.0)  # two slices of 2 mm
+    assert hd95(reference, reference, (2.0, 1.0, 1.0)) == 0.0
+
+
+def test_paired_statistics_are_scipys():
+    rng = np.random.default_rng(0)
+    baseline = rng.uniform(0.5, 0.8, 25)
+    student = baseline + rng.normal(0.03, 0.05, 25)
+    result = paired_comparison(student, baseline, seed=1)
+    assert result["wilcoxon_p"] == pytest.approx(stats.wilcoxon(student, baseline).pvalue)
+    assert result["ttest_p"] == pytest.approx(stats.ttest_rel(student, baseline).pvalue)
+    assert result["ci95"][0] < result["mean_difference"] < result["ci95"][1]
+    assert result["mean_difference"] == pytest.approx(np.mean(student - baseline))
+    assert paired_comparison([0.5, 0.6], [0.5, 0.6])["wilcoxon_p"] is None  # no difference at all
+
+
+def test_missing_predictions_are_named(folders, tmp_path):
+    (folders / "identical" / "case_b.nii.gz").unlink()
+    result = run([BIN / "nnunet-protokd", "report", "--ground-truth", folders / "gt", "--dataset-json",
+                  write_json(tmp_path), "--prediction", f"teacher={folders / 'identical'}", "-o", tmp_path / "r"],
+                 expect_success=False)
+    assert result.returncode == 1 and "lacks predictions of 1 reference case(s): ['case_b']" in result.stderr
+
+
+def write_json(tmp_path):
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps(DATASET_JSON))
+    return path
