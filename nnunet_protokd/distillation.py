@@ -6,12 +6,11 @@ import os
 
 import numpy as np
 import torch
-from torch import distributed as dist
-
 from nnunetv2.paths import nnUNet_results
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
+from torch import distributed as dist
 
 from nnunet_protokd.configurations import method_settings, resolved_configuration
 from nnunet_protokd.features import FeatureCapture
@@ -26,11 +25,12 @@ class DistillationTrainer(SingleModalityTrainer):
     """Student trainer whose loss is nnU-Net's segmentation loss plus weighted distillation terms.
 
     Subclasses name their terms in `loss_terms` and compute them in `distillation_terms`; they may reweight
-    the segmentation loss (`segmentation_weight`) and add checks of the teacher (`check_teacher`). The teacher is found
-    and checked before nnU-Net creates the model folder, built on the device in `initialize`, run under
-    no_grad in every training step on the full multi-channel batch, and never saved: the checkpoint and
-    `fold_X/distillation.json` record its path and sha256 instead, and resuming with `--c` checks them.
-    Every term is logged each epoch (training log, nnU-Net's logger, distillation_progress.png).
+    the segmentation loss (`segmentation_weight`) and add checks of the teacher (`check_teacher`). The
+    teacher and the settings are checked before nnU-Net creates the model folder; the teacher is built on the
+    device in `initialize`, run under no_grad in every training step on the full multi-channel batch, and never
+    saved: the checkpoint and `fold_X/distillation.json` record its path and sha256 instead, and resuming
+    with `--c` checks them. Every term is logged each epoch (training log, nnU-Net's logger,
+    distillation_progress.png).
     """
     loss_terms: tuple = ()
 
@@ -38,10 +38,11 @@ class DistillationTrainer(SingleModalityTrainer):
                  device: torch.device = torch.device("cuda")):
         if "ignore" in dataset_json.get("labels", {}):
             raise NotImplementedError(f"{self.__class__.__name__}: datasets with an ignore label are not supported")
+        student_configuration = resolved_configuration(plans, configuration)
+        self.settings = method_settings(student_configuration, self.__class__.__name__)
         self.teacher_checkpoint = locate_teacher(plans, configuration, fold, dataset_json, nnUNet_results.get())
-        self.check_teacher(self.teacher_checkpoint, resolved_configuration(plans, configuration))
+        self.check_teacher(self.teacher_checkpoint, student_configuration)
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.settings = method_settings(self.configuration_manager.configuration, self.__class__.__name__)
         self.teacher = self.student_features = None
         for name in self.logged_terms:
             self.logger.local_logger.my_fantastic_logging.setdefault(name, [])
