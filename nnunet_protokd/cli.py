@@ -118,6 +118,26 @@ def demo(args) -> int:
     return 0
 
 
+def benchmark(args) -> int:
+    import json
+    from nnunet_protokd.benchmark import _load, format_table, run_benchmark
+    teacher_checkpoint = args.teacher_checkpoint
+    if teacher_checkpoint is None:  # the teacher a fold-0 student of this configuration would train with
+        from nnunetv2.paths import nnUNet_results
+        from nnunet_protokd.teacher import locate_teacher
+        plans, dataset_json = _load(args.dataset, args.plans)
+        teacher_checkpoint = locate_teacher(plans, args.configuration, 0, dataset_json,
+                                            nnUNet_results.get()).checkpoint_path
+    report = run_benchmark(args.dataset, args.configuration, teacher_checkpoint, args.device or _default_device(),
+                           args.steps, args.warmup, args.plans, args.inference_cases)
+    print(format_table(report))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.output}")
+    return 0
+
+
 def register_trainers(args) -> int:
     from nnunet_protokd import trainer_path
     if args.remove:
@@ -219,6 +239,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-info", default=None, help="JSON describing what ran, copied into the report")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     p.set_defaults(func=report)
+
+    p = commands.add_parser("benchmark", help="step time and peak memory of the students vs the unimodal baseline",
+                            description="Unimodal, ProtoKD and KD-Net train_step on the same cached batches (each "
+                                        "trainer in its own process), the teacher's forward, and single-modality "
+                                        "inference against a plain nnU-Net network; ratios to UnimodalTrainer.")
+    p.add_argument("-d", "--dataset", required=True)
+    p.add_argument("-c", "--configuration", required=True, help="a student configuration (e.g. 3d_fullres_T1ce)")
+    p.add_argument("--teacher-checkpoint", default=None, help="default: the fold-0 teacher a student would use")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--steps", type=int, default=20, help="measured steps per trainer (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (default 3)")
+    p.add_argument("--inference-cases", type=int, default=3)
+    p.add_argument("-p", "--plans", default="nnUNetPlans")
+    p.add_argument("-o", "--output", default=None, help="write the figures as JSON")
+    p.set_defaults(func=benchmark)
 
     p = commands.add_parser("register-trainers", help="let nnUNetv2_train/-predict of this environment find "
                                                       "the plugin's trainers (done by bootstrap.sh)")

@@ -210,3 +210,25 @@ def test_resuming_with_a_changed_teacher_is_refused(workspace):
     finally:
         teacher_checkpoint.write_bytes(original)
     assert result.returncode != 0 and "continuing would mix two teachers" in result.stderr
+
+
+def test_benchmark_reports_every_trainer_side_by_side(workspace):
+    """Two measured steps per trainer on CPU: the JSON's keys and that every figure is positive (the figures
+    themselves are the benchmark's business, not a test's)."""
+    output = workspace / "benchmark.json"
+    student_folder = workspace / "nnUNet_results" / DATASET / STUDENT / "fold_0"
+    before = sorted(os.listdir(student_folder))
+    result = run([BIN / "nnunet-protokd", "benchmark", "-d", "501", "-c", "3d_smoke_T1ce", "--device", "cpu",
+                  "--steps", "2", "--warmup", "1", "--inference-cases", "1", "-o", output],
+                 nnunet_environment(workspace))
+    assert "ProtoKDTrainer" in result.stdout and "x step" in result.stdout
+    report = json.loads(output.read_text())
+    assert set(report["results"]) == {"UnimodalTrainer", "ProtoKDTrainer", "KDNetTrainer", "teacher", "inference"}
+    for trainer in ("UnimodalTrainer", "ProtoKDTrainer", "KDNetTrainer"):
+        figures = report["results"][trainer]
+        assert figures["n"] == 2 and all(figures[k] > 0 for k in ("median_s", "peak_memory_mb", "step_ratio",
+                                                                    "memory_ratio"))
+    assert report["results"]["UnimodalTrainer"]["step_ratio"] == 1.0
+    assert all(report["results"]["inference"][k] > 0 for k in ("student_median_s", "plain_median_s", "ratio"))
+    # the trainers ran in a scratch results folder: the user's model folders are untouched
+    assert sorted(os.listdir(student_folder)) == before

@@ -1,0 +1,196 @@
+"""`nnunet-protokd benchmark`: what distillation costs, side by side in one run.
+
+Batches are drawn once from nnU-Net's own training data loader (real loading and augmentation) and cached, so
+every trainer gets the very same batches and the measured step excludes data loading. Each trainer then runs in
+a process of its own (its peak resident memory is that process's; on CUDA torch.cuda.max_memory_allocated):
+after warm-up steps, the median and IQR of seconds per `train_step`. The teacher's plain forward is timed the
+same way, and the student's sliding-window inference through nnU-Net's predictor against a plain one-channel
+nnU-Net network of the same plans.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+TRAINERS = ("UnimodalTrainer", "ProtoKDTrainer", "KDNetTrainer")
+
+
+def _load(dataset: str, plans_name: str):
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    folder = os.path.join(str(nnUNet_preprocessed), maybe_convert_to_dataset_name(dataset))
+    with open(os.path.join(folder, f"{plans_name}.json")) as f:
+        plans = json.load(f)
+    with open(os.path.join(folder, "dataset.json")) as f:
+        dataset_json = json.load(f)
+    return plans, dataset_json
+
+
+def _trainer(name: str, plans: dict, configuration: str, dataset_json: dict, device: str, teacher_checkpoint: str):
+    """A trainer writing into a scratch results folder, its teacher named by path (so nothing of the user's
+    nnUNet_results is touched)."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    settings = plans["configurations"][configuration].setdefault("protokd", {})
+    settings["teacher"] = {**settings.get("teacher", {}), "checkpoint": teacher_checkpoint}
+    plans["continue_training"] = False
+    trainer = recursive_find_trainer_class_by_name(name)(plans, configuration, 0, dataset_json, torch.device(device))
+    trainer.initialize()
+    return trainer
+
+
+def _synchronize(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def _statistics(seconds: list) -> dict:
+    q1, median, q3 = np.percentile(seconds, [25, 50, 75])
+    return {"median_s": float(median), "iqr_s": float(q3 - q1), "n": len(seconds)}
+
+
+def worker(mode: str, args: dict) -> dict:
+    """Runs in its own process: one trainer's steps, the teacher's forward, or the inference comparison."""
+    plans, dataset_json = _load(args["dataset"], args["plans"])
+    device, warmup = args["device"], args["warmup"]
+    batches = torch.load(args["batches"], weights_only=True)
+    if mode == "inference":
+        return _inference(plans, dataset_json, args)
+    trainer = _trainer("ProtoKDTrainer" if mode == "teacher" else mode, plans, args["configuration"], dataset_json,
+                       device, args["teacher_checkpoint"])
+    seconds = []
+    for index, batch in enumerate(batches):
+        _synchronize(device)
+        start = time.perf_counter()
+        if mode == "teacher":
+            trainer.teacher(batch["data"].to(trainer.device))
+        else:
+            trainer.train_step(batch)
+        _synchronize(device)
+        if index >= warmup:
+            seconds.append(time.perf_counter() - start)
+    return {**_statistics(seconds), "peak_memory_mb": _peak_memory_mb(device)}
+
+
+def _inference(plans: dict, dataset_json: dict, args: dict) -> dict:
+    """Sliding-window prediction of a few preprocessed cases (student channel) by the student's network and by
+    a plain nnU-Net network with the same weights, alternating to share the machine's state fairly."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunet_protokd.modality import StudentModality
+    from nnunet_protokd.training import build_checked_network
+    from nnunetv2.paths import nnUNet_preprocessed
+    configuration = args["configuration"]
+    modality = StudentModality.of_configuration(plans, configuration, dataset_json)
+    plans_manager = PlansManager(modality.single_channel_plans(plans))
+    configuration_manager = plans_manager.get_configuration(configuration)
+    heads = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+    student = build_checked_network(plans_manager, configuration_manager, 1, heads, False)
+    plain = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, 1, heads, False)
+    plain.load_state_dict(student.state_dict())
+    folder = os.path.join(str(nnUNet_preprocessed), plans["dataset_name"], configuration_manager.data_identifier)
+    dataset_class = modality.dataset_class(infer_dataset_class(folder))
+    identifiers = dataset_class.get_identifiers(folder)[:args["inference_cases"]]
+    dataset = dataset_class(folder, identifiers)
+    times = {"student": [], "plain": []}
+    for identifier in identifiers:
+        data = torch.from_numpy(np.ascontiguousarray(dataset.load_case(identifier)[0][:])).float()
+        for name, network in (("student", student), ("plain", plain)) if len(times["student"]) % 2 == 0 \
+                else (("plain", plain), ("student", student)):
+            predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device(args["device"]),
+                                        perform_everything_on_device=args["device"].startswith("cuda"),
+                                        verbose=False, allow_tqdm=False)
+            predictor.manual_initialization(network.to(args["device"]).eval(), plans_manager, configuration_manager,
+                                            None, modality.single_channel_dataset_json(dataset_json), "benchmark", None)
+            _synchronize(args["device"])
+            start = time.perf_counter()
+            predictor.predict_sliding_window_return_logits(data)
+            _synchronize(args["device"])
+            times[name].append(time.perf_counter() - start)
+    student_median, plain_median = np.median(times["student"]), np.median(times["plain"])
+    return {"student_median_s": float(student_median), "plain_median_s": float(plain_median),
+            "ratio": float(student_median / plain_median), "cases": len(identifiers)}
+
+
+def cache_batches(dataset: str, plans_name: str, configuration: str, device: str, teacher_checkpoint: str,
+                  count: int, path: str) -> None:
+    """`count` batches from nnU-Net's training data loader (single-threaded, so the cache itself is cheap)."""
+    plans, dataset_json = _load(dataset, plans_name)
+    trainer = _trainer("UnimodalTrainer", plans, configuration, dataset_json, device, teacher_checkpoint)
+    loader, _ = trainer.get_dataloaders()
+    batches = [next(loader) for _ in range(count)]
+    torch.save([{"data": b["data"], "target": b["target"]} for b in batches], path)
+
+
+def run_benchmark(dataset: str, configuration: str, teacher_checkpoint: str, device: str = "cpu",
+                  steps: int = 20, warmup: int = 3, plans: str = "nnUNetPlans", inference_cases: int = 3,
+                  log=print) -> dict:
+    teacher_checkpoint = os.path.abspath(teacher_checkpoint)
+    if not os.path.isfile(teacher_checkpoint):
+        raise ValueError(f"teacher checkpoint {teacher_checkpoint} does not exist")
+    with tempfile.TemporaryDirectory(prefix="protokd_benchmark_") as scratch:
+        env = dict(os.environ, nnUNet_results=scratch, nnUNet_n_proc_DA="0")
+        batches = os.path.join(scratch, "batches.pt")
+        args = {"dataset": dataset, "plans": plans, "configuration": configuration, "device": device,
+                "teacher_checkpoint": teacher_checkpoint, "warmup": warmup, "batches": batches,
+                "inference_cases": inference_cases}
+        log(f"caching {steps + warmup} batches from nnU-Net's data loader")
+        _in_process(["cache", json.dumps({**args, "count": steps + warmup})], env)
+        results = {}
+        for mode in TRAINERS + ("teacher", "inference"):
+            log(f"measuring {mode}")
+            results[mode] = _in_process(["worker", mode, json.dumps(args)], env)
+    base = results["UnimodalTrainer"]
+    for mode in TRAINERS:
+        results[mode]["step_ratio"] = results[mode]["median_s"] / base["median_s"]
+        results[mode]["memory_ratio"] = results[mode]["peak_memory_mb"] / base["peak_memory_mb"]
+    return {"dataset": dataset, "configuration": configuration, "device": device, "steps": steps, "warmup": warmup,
+            "batches": "cached: drawn once from nnU-Net's training data loader, the same for every trainer; "
+                       "data loading is not in the measured step",
+            "torch": torch.__version__, "results": results}
+
+
+def _in_process(arguments: list, env: dict) -> dict:
+    completed = subprocess.run([sys.executable, "-m", "nnunet_protokd.benchmark", *arguments], env=env,
+                               capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"benchmark process {arguments[:2]} failed:\n{completed.stderr[-3000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def format_table(report: dict) -> str:
+    r = report["results"]
+    lines = [f"{'':<18}{'median s/step':>14}{'IQR':>10}{'peak MB':>10}{'x step':>8}{'x memory':>10}"]
+    for mode in TRAINERS + ("teacher",):
+        row = r[mode]
+        lines.append(f"{mode:<18}{row['median_s']:>14.4f}{row['iqr_s']:>10.4f}{row['peak_memory_mb']:>10.0f}"
+                     f"{row.get('step_ratio', float('nan')):>8.2f}{row.get('memory_ratio', float('nan')):>10.2f}")
+    i = r["inference"]
+    lines.append(f"inference (sliding window, {i['cases']} cases): student {i['student_median_s']:.3f} s, plain "
+                 f"nnU-Net {i['plain_median_s']:.3f} s, x{i['ratio']:.3f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the per-trainer processes
+    if sys.argv[1] == "cache":
+        options = json.loads(sys.argv[2])
+        cache_batches(options["dataset"], options["plans"], options["configuration"], options["device"],
+                      options["teacher_checkpoint"], options["count"], options["batches"])
+        print(json.dumps({}))
+    else:
+        print(json.dumps(worker(sys.argv[2], json.loads(sys.argv[3]))))
