@@ -1,7 +1,7 @@
 """End to end on CPU, as a user runs it: phantoms -> conversion -> plan/preprocess -> teacher, unimodal,
 ProtoKD and KD-Net students (a few iterations) -> nnUNetv2_predict on single-modality files.
 
-About five minutes on a 2-core CPU; the commands are the README's, with a short schedule.
+About six minutes on a 2-core CPU (the benchmark test included); the commands are the README's, with a short schedule.
 """
 import json
 import os
