@@ -20,18 +20,9 @@ import time
 import numpy as np
 import torch
 
+from nnunet_protokd.configurations import load_preprocessed
+
 TRAINERS = ("UnimodalTrainer", "ProtoKDTrainer", "KDNetTrainer")
-
-
-def _load(dataset: str, plans_name: str):
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    folder = os.path.join(str(nnUNet_preprocessed), maybe_convert_to_dataset_name(dataset))
-    with open(os.path.join(folder, f"{plans_name}.json")) as f:
-        plans = json.load(f)
-    with open(os.path.join(folder, "dataset.json")) as f:
-        dataset_json = json.load(f)
-    return plans, dataset_json
 
 
 def _trainer(name: str, plans: dict, configuration: str, dataset_json: dict, device: str, teacher_checkpoint: str):
@@ -64,7 +55,7 @@ def _statistics(seconds: list) -> dict:
 
 def worker(mode: str, args: dict) -> dict:
     """Runs in its own process: one trainer's steps, the teacher's forward, or the inference comparison."""
-    plans, dataset_json = _load(args["dataset"], args["plans"])
+    plans, dataset_json = load_preprocessed(args["dataset"], args["plans"])
     device, warmup = args["device"], args["warmup"]
     batches = torch.load(args["batches"], weights_only=True)
     if mode == "inference":
@@ -130,7 +121,7 @@ def _inference(plans: dict, dataset_json: dict, args: dict) -> dict:
 def cache_batches(dataset: str, plans_name: str, configuration: str, device: str, teacher_checkpoint: str,
                   count: int, path: str) -> None:
     """`count` batches from nnU-Net's training data loader (single-threaded, so the cache itself is cheap)."""
-    plans, dataset_json = _load(dataset, plans_name)
+    plans, dataset_json = load_preprocessed(dataset, plans_name)
     trainer = _trainer("UnimodalTrainer", plans, configuration, dataset_json, device, teacher_checkpoint)
     loader, _ = trainer.get_dataloaders()
     batches = [next(loader) for _ in range(count)]

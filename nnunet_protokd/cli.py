@@ -6,23 +6,10 @@ import os
 import sys
 
 
-def _dataset_paths(dataset: str, plans: str) -> tuple[str, str]:
-    """(plans file, dataset.json) of a preprocessed dataset, by id or name."""
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    if not nnUNet_preprocessed:
-        raise SystemExit("error: set the environment variable nnUNet_preprocessed (see README)")
-    folder = os.path.join(nnUNet_preprocessed, maybe_convert_to_dataset_name(dataset))
-    plans_file = os.path.join(folder, f"{plans}.json")
-    if not os.path.isfile(plans_file):
-        raise SystemExit(f"error: {plans_file} not found; run nnUNetv2_plan_and_preprocess -d {dataset} first")
-    return plans_file, os.path.join(folder, "dataset.json")
-
-
 def add_config(args) -> int:
     import json
-    from nnunet_protokd.configurations import add_configuration
-    plans_file, dataset_json_file = _dataset_paths(args.dataset, args.plans)
+    from nnunet_protokd.configurations import add_configuration, preprocessed_files
+    plans_file, dataset_json_file = preprocessed_files(args.dataset, args.plans)
     with open(dataset_json_file) as f:
         dataset_json = json.load(f)
     schedule = {"num_epochs": args.epochs, "num_iterations_per_epoch": args.iterations_per_epoch,
@@ -120,12 +107,13 @@ def demo(args) -> int:
 
 def benchmark(args) -> int:
     import json
-    from nnunet_protokd.benchmark import _load, format_table, run_benchmark
+    from nnunet_protokd.benchmark import format_table, run_benchmark
+    from nnunet_protokd.configurations import load_preprocessed
     teacher_checkpoint = args.teacher_checkpoint
     if teacher_checkpoint is None:  # the teacher a fold-0 student of this configuration would train with
         from nnunetv2.paths import nnUNet_results
         from nnunet_protokd.teacher import locate_teacher
-        plans, dataset_json = _load(args.dataset, args.plans)
+        plans, dataset_json = load_preprocessed(args.dataset, args.plans)
         teacher_checkpoint = locate_teacher(plans, args.configuration, 0, dataset_json,
                                             nnUNet_results.get()).checkpoint_path
     report = run_benchmark(args.dataset, args.configuration, teacher_checkpoint, args.device or _default_device(),

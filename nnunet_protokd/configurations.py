@@ -35,6 +35,36 @@ class ConfigurationError(ValueError):
     """A plans configuration that cannot serve the requested student or teacher."""
 
 
+def dataset_name(dataset: str) -> str:
+    """nnU-Net's dataset name (DatasetXXX_Name) for an id or a name; a ConfigurationError if there is none."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    try:
+        return maybe_convert_to_dataset_name(dataset)
+    except RuntimeError as exc:  # nnU-Net's own "could not find a dataset with the ID ..."
+        raise ConfigurationError(f"dataset {dataset}: {exc}") from None
+
+
+def preprocessed_files(dataset: str, plans_name: str) -> tuple[str, str]:
+    """(plans file, dataset.json) of a preprocessed dataset given by id or name."""
+    from nnunetv2.paths import nnUNet_preprocessed
+    if not nnUNet_preprocessed:
+        raise ConfigurationError("set the environment variable nnUNet_preprocessed (see README)")
+    folder = os.path.join(str(nnUNet_preprocessed), dataset_name(dataset))
+    plans_file = os.path.join(folder, f"{plans_name}.json")
+    if not os.path.isfile(plans_file):
+        raise ConfigurationError(f"{plans_file} not found; run nnUNetv2_plan_and_preprocess -d {dataset} first")
+    return plans_file, os.path.join(folder, "dataset.json")
+
+
+def load_preprocessed(dataset: str, plans_name: str) -> tuple[dict, dict]:
+    """(plans, dataset.json) of a preprocessed dataset given by id or name."""
+    plans_file, dataset_json_file = preprocessed_files(dataset, plans_name)
+    with open(plans_file) as f:
+        plans = json.load(f)
+    with open(dataset_json_file) as f:
+        return plans, json.load(f)
+
+
 def resolved_configuration(plans: dict, name: str) -> dict:
     """The configuration `name` with its `inherits_from` chain applied (nnU-Net's own resolution)."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager

@@ -62,16 +62,13 @@ def _bin(name: str) -> str:
 class Experiment:
     def __init__(self, settings: ExperimentSettings):
         from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw, nnUNet_results
-        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+        from nnunet_protokd.configurations import dataset_name
         for variable, value in (("nnUNet_raw", nnUNet_raw), ("nnUNet_preprocessed", nnUNet_preprocessed),
                                 ("nnUNet_results", nnUNet_results)):
             if not value:
                 raise ValueError(f"set the environment variable {variable} (see README)")
         self.settings = s = settings
-        try:
-            self.dataset_name = maybe_convert_to_dataset_name(s.dataset)
-        except RuntimeError as exc:  # nnU-Net's own "could not find a dataset with the ID ..."
-            raise ValueError(f"dataset {s.dataset}: {exc}") from None
+        self.dataset_name = dataset_name(s.dataset)
         self.dataset_id = self.dataset_name[len("Dataset"):len("Dataset") + 3]
         self.raw = os.path.join(str(nnUNet_raw), self.dataset_name)
         self.preprocessed = os.path.join(str(nnUNet_preprocessed), self.dataset_name)
