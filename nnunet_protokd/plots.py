@@ -102,8 +102,11 @@ def plot_overlays(summary: dict, dataset_json: dict, images_folder: str, ground_
         for row, case in enumerate(cases):
             reference = read(os.path.join(ground_truth_folder, case + file_ending))
             z = int(np.argmax((reference > 0).sum(axis=(1, 2))))
+            # each modality's slice is read once per case, however many columns show it
+            slices = {m: read(os.path.join(images_folder, f"{case}_{channels[m]:04d}{file_ending}"))[z]
+                      for m in dict.fromkeys(modality for _, modality, _ in columns)}
             for column, (title, modality, folder) in enumerate(columns):
-                image = read(os.path.join(images_folder, f"{case}_{channels[modality]:04d}{file_ending}"))[z]
+                image = slices[modality]
                 labels = reference if folder is None else read(os.path.join(folder, case + file_ending))
                 axis = axes[row, column]
                 axis.imshow(image, cmap="gray")
