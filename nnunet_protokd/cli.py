@@ -23,6 +23,33 @@ def add_config(args) -> int:
     return 0
 
 
+def lckd_subset(args) -> int:
+    import json
+    from nnunetv2.paths import nnUNet_results
+    from nnunet_protokd.configurations import ConfigurationError, dataset_name, preprocessed_files
+    from nnunet_protokd.lckd import all_subsets, subset_configuration_name, write_subset_model_folder
+    from nnunet_protokd.modality import ChannelSubset
+    if not nnUNet_results:
+        raise ConfigurationError("set the environment variable nnUNet_results (see README)")
+    with open(preprocessed_files(args.dataset, args.plans)[1]) as f:
+        dataset_json = json.load(f)
+    if args.all == bool(args.modalities):
+        raise ConfigurationError("give either -m MODALITY [MODALITY ...] or --all")
+    if args.all:
+        names = dataset_json["channel_names"]
+        subsets = [ChannelSubset(tuple(names[str(c)] for c in s), s) for s in all_subsets(len(names))]
+    else:
+        subsets = [ChannelSubset.of_names(dataset_json, args.modalities)]
+    results = os.path.join(str(nnUNet_results), dataset_name(args.dataset))
+    for subset in subsets:
+        folder = write_subset_model_folder(results, args.trainer, args.plans, args.configuration, subset,
+                                           args.overwrite)
+        files = " ".join(f"<case>_{c:04d} ({name})" for c, name in enumerate(subset.names))
+        print(f"{folder}\n  nnUNetv2_predict -d {args.dataset} -c {subset_configuration_name(args.configuration, subset)}"
+              f" -tr {args.trainer} -p {args.plans} -i INPUT -o OUTPUT   # INPUT holds {files} per case")
+    return 0
+
+
 def parse_method_settings(assignments) -> dict:
     """["ProtoKDTrainer.beta=0", ...] -> {"ProtoKDTrainer": {"beta": 0}}; values are JSON (numbers, true/false)."""
     import json
@@ -242,6 +269,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--plans", default="nnUNetPlans")
     p.add_argument("-o", "--output", default=None, help="write the figures as JSON")
     p.set_defaults(func=benchmark)
+
+    p = commands.add_parser("lckd-subset", help="model folder(s) of a trained LCKD model for a subset of the "
+                                                "modalities, for nnUNetv2_predict (weights shared, not copied)",
+                            description="Writes <trainer>__<plans>__<configuration>_<A+B> next to the trained "
+                                        "model: its dataset.json lists only those channels, its checkpoints link "
+                                        "to the trained ones. Then: nnUNetv2_predict -c <configuration>_<A+B> -tr "
+                                        "LCKDTrainer -i <folder with only those files per case> ...")
+    p.add_argument("-d", "--dataset", required=True, help="dataset id or name")
+    p.add_argument("-c", "--configuration", required=True, help="the configuration the LCKD model was trained on")
+    p.add_argument("-m", "--modalities", nargs="+", default=None, help="the modalities available at prediction")
+    p.add_argument("--all", action="store_true", help="a folder for every non-empty subset (15 for BraTS)")
+    p.add_argument("-tr", "--trainer", default="LCKDTrainer", help="default LCKDTrainer")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("--overwrite", action="store_true", help="replace a different folder of that name")
+    p.set_defaults(func=lckd_subset)
 
     p = commands.add_parser("register-trainers", help="let nnUNetv2_train/-predict of this environment find "
                                                       "the plugin's trainers (done by bootstrap.sh)")

@@ -28,6 +28,10 @@ METHOD_DEFAULTS = {
     "ProtoKDTrainer": {"alpha": 10.0, "beta": 0.1, "temperature": 10.0, "intra_class_only": False},
     # KD-Net (Hu et al., MICCAI 2020): L = lambda L_KD + (1 - lambda) L_GT + alpha L_KL, temperature T
     "KDNetTrainer": {"lambda": 0.75, "temperature": 5.0, "alpha": 10.0},
+    # LCKD (Wang et al., MICCAI 2023): L = L_seg + kd_weight * L1(teacher modalities' bottlenecks, others').
+    # kd_weight is the paper's; the schedule split, election interval and held-out share are ours
+    "LCKDTrainer": {"kd_weight": 0.1, "full_modality_fraction": 0.2, "election_interval": 10,
+                    "election_fraction": 0.1, "election_batches": 10},
 }
 
 

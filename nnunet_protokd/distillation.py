@@ -4,24 +4,20 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import torch
 from nnunetv2.paths import nnUNet_results
-from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
-from torch import distributed as dist
 
 from nnunet_protokd.configurations import method_settings, resolved_configuration
 from nnunet_protokd.features import FeatureCapture
-from nnunet_protokd.plots import plot_loss_terms
 from nnunet_protokd.teacher import TeacherCheckpoint, TeacherError, load_checkpoint_weights_only, locate_teacher
-from nnunet_protokd.training import SingleModalityTrainer
+from nnunet_protokd.training import LossTermLogging, SingleModalityTrainer, batch_on_device, optimizer_step
 
 RECORD_FILE = "distillation.json"
 
 
-class DistillationTrainer(SingleModalityTrainer):
+class DistillationTrainer(LossTermLogging, SingleModalityTrainer):
     """Student trainer whose loss is nnU-Net's segmentation loss plus weighted distillation terms.
 
     Subclasses name their terms in `loss_terms` and compute them in `distillation_terms`; they may reweight
@@ -44,8 +40,7 @@ class DistillationTrainer(SingleModalityTrainer):
         self.check_teacher(self.teacher_checkpoint, student_configuration)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.teacher = self.student_features = None
-        for name in self.logged_terms:
-            self.logger.local_logger.my_fantastic_logging.setdefault(name, [])
+        self.register_logged_terms()
 
     @property
     def logged_terms(self) -> tuple:
@@ -85,10 +80,7 @@ class DistillationTrainer(SingleModalityTrainer):
         return dummy_context() if weight else torch.no_grad()
 
     def train_step(self, batch: dict) -> dict:
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
-            else target.to(self.device, non_blocking=True)
+        data, target = batch_on_device(self, batch)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             teacher_logits, teacher_features = self.teacher(data)
@@ -97,39 +89,10 @@ class DistillationTrainer(SingleModalityTrainer):
             seg_loss = self.loss(output, target)
             terms = self.distillation_terms(output, target, student_features, teacher_logits, teacher_features)
             loss = self.segmentation_weight() * seg_loss + sum(w * value for w, value in terms.values() if w)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
+        optimizer_step(self, loss)
         # one device-to-host copy for all logged values
         values = torch.stack([loss, seg_loss] + [terms[n][1] for n in self.loss_terms]).detach().float().cpu().numpy()
         return dict(zip(("loss",) + self.logged_terms, values))
-
-    def on_train_epoch_end(self, train_outputs: list):
-        super().on_train_epoch_end(train_outputs)
-        outputs = collate_outputs(train_outputs)
-        means = {}
-        for name in self.logged_terms:
-            values = outputs[name]
-            if self.is_ddp:
-                gathered = [None] * dist.get_world_size()
-                dist.all_gather_object(gathered, values)
-                values = np.concatenate([np.atleast_1d(v) for v in gathered])
-            means[name] = float(np.mean(values))
-            self.logger.log(name, means[name], self.current_epoch)
-        self.print_to_log_file("train " + ", ".join(f"{n} {v:.4g}" for n, v in means.items()))
-
-    def on_epoch_end(self):
-        if self.local_rank == 0:
-            plot_loss_terms({n: self.logger.get_value(n, step=None) for n in self.logged_terms},
-                            os.path.join(self.output_folder, "distillation_progress.png"), self.record()["method"])
-        super().on_epoch_end()
 
     def save_checkpoint(self, filename: str) -> None:
         super().save_checkpoint(filename)

@@ -178,3 +178,35 @@ def bottleneck_kl_loss(student_bottleneck: torch.Tensor, teacher_bottleneck: tor
     log_p = F.log_softmax(teacher_bottleneck.detach().float().flatten(1), dim=1)
     log_q = F.log_softmax(student_bottleneck.float().flatten(1), dim=1)
     return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
+
+
+def cross_modal_kd_loss(bottlenecks: torch.Tensor, available: torch.Tensor, teacher_modalities) -> torch.Tensor:
+    """LCKD's cross-modal distillation: L1 distance from each elected teacher modality's bottleneck features
+    (detached) to those of every other modality available in the same batch item.
+
+    Args:
+        bottlenecks: (N, M, C, *S) the shared encoder's bottleneck features of each of the M modalities of each
+            item, before fusion; entries of unavailable modalities are never read (they may hold anything).
+        available: (N, M) bool, which modalities each item has.
+        teacher_modalities: indices (into M) of the elected teachers, the union over tasks.
+    Returns:
+        scalar: the mean absolute difference over the C*S elements of a (teacher, student) pair, averaged over
+        all pairs present in the batch (teacher and student both available, student != teacher); 0 when there
+        is no such pair (e.g. the items' teachers are missing). Gradients reach the students only.
+    """
+    # which pairs exist is decided on the host (one copy at most), so that no step waits on the device
+    available_on_host = available.detach().cpu()
+    available = available.to(bottlenecks.device)
+    total = bottlenecks.new_zeros((), dtype=torch.float32)
+    pairs = 0
+    for teacher in sorted(set(int(t) for t in teacher_modalities)):
+        target = bottlenecks[:, teacher].detach().float()
+        for student in range(bottlenecks.shape[1]):
+            pairs_in_batch = int((available_on_host[:, teacher] & available_on_host[:, student]).sum())
+            if student == teacher or pairs_in_batch == 0:
+                continue
+            present = available[:, teacher] & available[:, student]
+            distance = (bottlenecks[:, student].float() - target).abs().flatten(1).mean(dim=1)
+            total = total + torch.where(present, distance, torch.zeros_like(distance)).sum()
+            pairs += pairs_in_batch
+    return total / max(pairs, 1)

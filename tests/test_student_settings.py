@@ -130,7 +130,7 @@ def test_single_channel_plans_put_the_student_channel_first_everywhere():
 def test_single_channel_dataset_json_has_one_channel_and_records_the_source():
     dataset_json = student("T1ce").single_channel_dataset_json(DATASET_JSON)
     assert dataset_json["channel_names"] == {"0": "T1ce"}
-    assert dataset_json["protokd"]["source_channel_index"] == 1
+    assert dataset_json["protokd"]["source_channel_indices"] == [1]
     assert dataset_json["labels"] == DATASET_JSON["labels"] and DATASET_JSON["channel_names"]["0"] == "T1"
 
 
@@ -144,7 +144,7 @@ def test_dataset_class_gives_final_validation_the_student_channel():
 
 
 def test_network_refuses_a_wrong_number_of_channels_with_the_expected_files():
-    network = with_input_channel_check(torch.nn.Conv3d(1, 2, 1), 1, {"protokd": {"modality": "T1ce"}})
+    network = with_input_channel_check(torch.nn.Conv3d(1, 2, 1), 1, student("T1ce").single_channel_plans(make_plans()))
     assert network(torch.zeros(1, 1, 2, 2, 2)).shape == (1, 2, 2, 2, 2)
     with pytest.raises(ValueError, match=r"takes 1 input channel\(s\) per case \(<case>_0000 = T1ce only\) "
                                          r"but received 4"):

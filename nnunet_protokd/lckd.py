@@ -1,0 +1,315 @@
+"""LCKD (Wang et al., MICCAI 2023): one network for every non-empty subset of the modalities.
+
+The network (`ModalityFusionUNet`) is nnU-Net's U-Net for the configuration's plans, built for one input channel:
+its encoder is shared by the modalities and applied to each separately (modalities folded into the batch axis);
+at every encoder level the features of the available modalities are averaged (missing ones are not encoded at
+all, so whatever their input holds cannot reach the output), and nnU-Net's decoder segments from the averages.
+Because no weight depends on which or how many modalities come in, a model folder for a subset
+(`write_subset_model_folder`) shares the trained weights and only declares fewer channels.
+
+Training (trainers/LCKDTrainer.py) elects, per task, the modality with the best single-modality Dice on
+held-out *training* cases (`single_modality_dice`, `elect_teachers`) and distils the teachers' bottleneck
+features to the other available modalities (losses.cross_modal_kd_loss).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnunet_protokd.configurations import SETTINGS_KEY, ConfigurationError
+from nnunet_protokd.modality import ChannelSubset, with_input_channel_check
+
+
+class ModalityFusionUNet(nn.Module):
+    """A dynamic_network_architectures U-Net whose one-channel encoder is applied to each available modality
+    and whose skips are averaged over them before the decoder.
+
+    forward(x, available=None):
+        x: (N, M, *S), one channel per modality.
+        available: (N, M) or (M,) bool, which modalities each item has (default: all). Best kept on the host:
+            the encoder's batch is assembled from it there.
+    Returns nnU-Net's output: logits (N, K, *S), or with deep supervision the list of them, largest first.
+    `encoder.stages[-1]` outputs the bottleneck of each encoded (item, modality), in row-major order of
+    `available`; `per_modality` lays those out as (N, M, ...).
+    """
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.encoder = unet.encoder
+        self.decoder = unet.decoder
+
+    def forward(self, x: torch.Tensor, available: torch.Tensor | None = None):
+        num_items, num_modalities = x.shape[:2]
+        available_on_host = available_modalities(available, num_items, num_modalities)
+        encoded = available_on_host.reshape(-1).nonzero().squeeze(1)
+        owner = (encoded // num_modalities).to(x.device, non_blocking=True)
+        counts = available_on_host.sum(dim=1).to(x.device, non_blocking=True)
+        images = x.reshape(num_items * num_modalities, 1, *x.shape[2:])[encoded.to(x.device, non_blocking=True)]
+        fused = []
+        for skip in self.encoder(images):
+            summed = skip.new_zeros((num_items,) + skip.shape[1:]).index_add_(0, owner, skip)
+            fused.append(summed / counts.to(skip.dtype).view(-1, *[1] * (skip.ndim - 1)))
+        return self.decoder(fused)
+
+    @staticmethod
+    def per_modality(encoded_features: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+        """(P, C, *S) features of the encoded (item, modality) pairs -> (N, M, C, *S), zeros where unavailable."""
+        available_on_host = available.detach().cpu().bool()
+        num_items, num_modalities = available_on_host.shape
+        encoded = available_on_host.reshape(-1).nonzero().squeeze(1).to(encoded_features.device)
+        dense = encoded_features.new_zeros((num_items * num_modalities,) + encoded_features.shape[1:])
+        dense = dense.index_copy(0, encoded, encoded_features)
+        return dense.view(num_items, num_modalities, *encoded_features.shape[1:])
+
+
+def available_modalities(available, num_items: int, num_modalities: int) -> torch.Tensor:
+    """`available` as an (N, M) bool tensor on the host; every item needs at least one modality."""
+    if available is None:
+        return torch.ones((num_items, num_modalities), dtype=torch.bool)
+    available = torch.as_tensor(available).detach().cpu().bool()
+    if available.shape[-1] != num_modalities:
+        raise ValueError(f"availability mask of shape {tuple(available.shape)} for {num_modalities} modalities")
+    available = available.expand(num_items, num_modalities)
+    if not bool(available.any(dim=1).all()):
+        raise ValueError("every batch item needs at least one available modality")
+    return available
+
+
+def build_fusion_network(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
+                         enable_deep_supervision: bool = True) -> nn.Module:
+    """nnU-Net's network of the plans with one input channel, as a ModalityFusionUNet of `num_input_channels`
+    modalities (the channels the model folder declares; prediction with other files fails with a clear error)."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    unet = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, 1, num_output_channels,
+                                                    enable_deep_supervision)
+    return with_input_channel_check(ModalityFusionUNet(unet), num_input_channels, plans_manager.plans)
+
+
+class FixedSubsetNetwork(nn.Module):
+    """The fusion network with one fixed set of available modalities, called like a plain network (x -> logits)
+    by nnU-Net's predictor; x keeps every channel and the unavailable ones are ignored."""
+
+    def __init__(self, network: ModalityFusionUNet, available: torch.Tensor):
+        super().__init__()
+        self.network = network
+        self.available = available.bool().cpu()
+
+    def forward(self, x):
+        return self.network(x, self.available.expand(x.shape[0], -1))
+
+
+def all_subsets(num_modalities: int) -> list[tuple]:
+    """Every non-empty subset of range(num_modalities) as a sorted tuple; singles first, then pairs, ..."""
+    return [subset for size in range(1, num_modalities + 1)
+            for subset in itertools.combinations(range(num_modalities), size)]
+
+
+def random_available(num_items: int, num_modalities: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(N, M) bool: for each item, independently, one of the 2^M - 1 non-empty subsets, each with probability
+    1 / (2^M - 1) (the subset is drawn as a non-zero M-bit number)."""
+    codes = torch.randint(1, 2 ** num_modalities, (num_items,), generator=generator)
+    return ((codes[:, None] >> torch.arange(num_modalities)) & 1).bool()
+
+
+def single_modality_dice(forward, batches, num_modalities: int, tasks: list | None) -> np.ndarray:
+    """Dice of each modality on its own, per task, accumulated over fixed batches as nnU-Net's online validation
+    does (TP/FP/FN summed over all voxels of all batches, then Dice).
+
+    Args:
+        forward: (data (N, M, *S), available (N, M) bool) -> full-resolution logits (N, K, *S).
+        batches: list of (data, target) with nnU-Net's full-resolution targets: region masks (N, R, *S) for
+            region-based training, else label maps (N, 1, *S).
+        tasks: None for region-based training (a task per sigmoid output, thresholded at 0.5); else the label
+            tuples of the tasks, scored on the argmax of softmax outputs (e.g. BraTS WT = (1, 2, 3)).
+    Returns:
+        (M, T) Dice; NaN for a task with no foreground in the reference and the prediction.
+    """
+    counts = None
+    for data, target in batches:
+        for modality in range(num_modalities):
+            available = torch.zeros((data.shape[0], num_modalities), dtype=torch.bool)
+            available[:, modality] = True
+            logits = forward(data, available).float()
+            if tasks is None:
+                predicted, reference = torch.sigmoid(logits) > 0.5, target.to(logits.device).bool()
+            else:
+                labels, reference_labels = logits.argmax(1), target.to(logits.device)[:, 0].long()
+                predicted = torch.stack([torch.isin(labels, torch.tensor(t, device=labels.device)) for t in tasks], 1)
+                reference = torch.stack([torch.isin(reference_labels, torch.tensor(t, device=labels.device))
+                                         for t in tasks], 1)
+            axes = [0] + list(range(2, logits.ndim))
+            tp = (predicted & reference).sum(axes)
+            fp = (predicted & ~reference).sum(axes)
+            fn = (~predicted & reference).sum(axes)
+            if counts is None:
+                counts = np.zeros((3, num_modalities, len(tp)))
+            counts[:, modality] += torch.stack([tp, fp, fn]).cpu().double().numpy()
+    tp, fp, fn = counts
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
+
+
+def election_batches(trainer, cases: list, count: int) -> list:
+    """`count` fixed (data, full-resolution target) batches of the trainer's patch size from `cases`, drawn by
+    nnU-Net's data loader with its validation transforms (no augmentation), as its online validation draws them."""
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+    label_manager = trainer.label_manager
+    transforms = trainer.get_validation_transforms(
+        None, is_cascaded=False, foreground_labels=label_manager.foreground_labels,
+        regions=label_manager.foreground_regions if label_manager.has_regions else None, ignore_label=None)
+    patch = trainer.configuration_manager.patch_size
+    loader = nnUNetDataLoader(trainer.dataset_class(trainer.preprocessed_dataset_folder, cases), trainer.batch_size,
+                              patch, patch, label_manager,
+                              oversample_foreground_percent=trainer.oversample_foreground_percent, transforms=transforms)
+    return [(batch["data"], batch["target"]) for batch in (next(loader) for _ in range(count))]
+
+
+def elect_teachers(dice: np.ndarray) -> list:
+    """Per task (column of the (M, T) Dice table) the modality with the highest Dice (the lowest index on a
+    tie), or None when no modality has a defined Dice for that task."""
+    return [None if np.all(np.isnan(column)) else int(np.nanargmax(column)) for column in dice.T]
+
+
+def split_election_cases(training_cases: list, fraction: float, fold) -> tuple[list, list]:
+    """(cases to train on, cases to elect teachers on): a seeded random `fraction` (at least one) of the fold's
+    training cases is held out for the election, so it never sees the fold's validation cases."""
+    cases = sorted(training_cases)
+    if len(cases) < 2:
+        raise ConfigurationError(f"LCKD needs at least 2 training cases (one held out to elect teachers); fold "
+                                 f"{fold} has {len(cases)}")
+    count = min(len(cases) - 1, max(1, int(round(fraction * len(cases)))))
+    seed = 12345 + (fold if isinstance(fold, int) else 0)
+    held_out = set(np.random.RandomState(seed).choice(len(cases), count, replace=False).tolist())
+    return ([c for i, c in enumerate(cases) if i not in held_out],
+            [c for i, c in enumerate(cases) if i in held_out])
+
+
+def subset_configuration_name(configuration: str, subset: ChannelSubset) -> str:
+    """e.g. 3d_fullres_T1ce+FLAIR: what `nnUNetv2_predict -c` takes for an LCKD subset model folder."""
+    return f"{configuration}_{subset.label}"
+
+
+def write_subset_model_folder(results_folder: str, trainer: str, plans_name: str, configuration: str,
+                              subset: ChannelSubset, overwrite: bool = False) -> str:
+    """A model folder `<trainer>__<plans>__<configuration>_<subset>` next to the trained one, for prediction from
+    the subset's files only: its plans.json and dataset.json declare just those channels (ChannelSubset), and
+    each fold's checkpoints are symbolic links to the trained model's (weights shared, not copied).
+
+    An identical existing folder is left alone; a different one is refused unless `overwrite`. The folder is
+    assembled under a temporary name and renamed into place, so a failure leaves nothing half-written.
+    """
+    source = os.path.join(results_folder, f"{trainer}__{plans_name}__{configuration}")
+    for required in ("plans.json", "dataset.json"):
+        if not os.path.isfile(os.path.join(source, required)):
+            raise ConfigurationError(f"{os.path.join(source, required)} not found: train {trainer} on "
+                                     f"{configuration} first (nnUNetv2_train DATASET {configuration} FOLD -tr {trainer})")
+    links = {}
+    for fold in sorted(f for f in os.listdir(source) if f.startswith("fold_")):
+        for checkpoint in ("checkpoint_final.pth", "checkpoint_best.pth"):
+            if os.path.isfile(os.path.join(source, fold, checkpoint)):
+                links[os.path.join(fold, checkpoint)] = os.path.join("..", "..", os.path.basename(source), fold,
+                                                                     checkpoint)
+    if not any(name.endswith("checkpoint_final.pth") for name in links):
+        raise ConfigurationError(f"{source} has no fold with checkpoint_final.pth: finish training first")
+    with open(os.path.join(source, "plans.json")) as f:
+        plans = json.load(f)
+    with open(os.path.join(source, "dataset.json")) as f:
+        dataset_json = json.load(f)
+    if "channels" in plans.get(SETTINGS_KEY, {}):
+        raise ConfigurationError(f"{source} is already a subset model folder; give the trained model's configuration")
+    contents = {"plans.json": subset.plans(plans), "dataset.json": subset.dataset_json(dataset_json)}
+    target = os.path.join(results_folder, f"{trainer}__{plans_name}__{subset_configuration_name(configuration, subset)}")
+    if os.path.exists(target):
+        if _folder_matches(target, contents, links):
+            return target
+        if not overwrite:
+            raise ConfigurationError(f"{target} exists with other contents; pass --overwrite to replace it")
+    staging = tempfile.mkdtemp(prefix=".tmp_subset_", dir=results_folder)
+    try:
+        for name, content in contents.items():
+            with open(os.path.join(staging, name), "w") as f:
+                json.dump(content, f, indent=4)
+        for name, link in links.items():
+            os.makedirs(os.path.join(staging, os.path.dirname(name)), exist_ok=True)
+            os.symlink(link, os.path.join(staging, name))
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _folder_matches(folder: str, contents: dict, links: dict) -> bool:
+    try:
+        for name, content in contents.items():
+            with open(os.path.join(folder, name)) as f:
+                if json.load(f) != content:
+                    return False
+        return all(os.path.islink(os.path.join(folder, name)) and os.readlink(os.path.join(folder, name)) == link
+                   for name, link in links.items())
+    except (OSError, ValueError):
+        return False
+
+
+def validate_subsets(trainer, output_folder: str) -> dict:
+    """nnU-Net's final validation of an LCKD trainer for every non-empty subset of its modalities.
+
+    Each validation case is loaded once and predicted by nnU-Net's predictor (sliding window, Gaussian, mirroring)
+    with each subset available; the predictions are exported to the original geometry with nnU-Net's export and
+    scored with nnU-Net's metric code against gt_segmentations, like nnU-Net's own final validation (which
+    writes fold_X/validation for all modalities). Runs in this process, on the trainer's rank only.
+    Writes `output_folder/<subset>/<case>` and `output_folder/summary.json`; returns the summary:
+    {subset label: {"mean": {task: Dice}, "foreground_mean": Dice}}.
+    """
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics
+    from nnunetv2.inference.export_prediction import export_prediction_from_logits
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunet_protokd.features import unwrap
+
+    channel_names = trainer.dataset_json["channel_names"]
+    num_modalities = len(channel_names)
+    subsets = [ChannelSubset(tuple(channel_names[str(c)] for c in s), s) for s in all_subsets(num_modalities)]
+    network = unwrap(trainer.network)
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                perform_everything_on_device=True, device=trainer.device, verbose=False,
+                                verbose_preprocessing=False, allow_tqdm=False)
+    _, validation_cases = trainer.do_split()
+    dataset = trainer.dataset_class(trainer.preprocessed_dataset_folder, validation_cases,
+                                    folder_with_segs_from_previous_stage=trainer.folder_with_segs_from_previous_stage)
+    ending = trainer.dataset_json["file_ending"]
+    for case in dataset.identifiers:
+        data, _, _, properties = dataset.load_case(case)
+        data = torch.from_numpy(np.asarray(data[:]))
+        for subset in subsets:
+            available = torch.zeros(num_modalities, dtype=torch.bool)
+            available[list(subset.channel_indices)] = True
+            predictor.manual_initialization(FixedSubsetNetwork(network, available), trainer.plans_manager,
+                                            trainer.configuration_manager, None, trainer.dataset_json,
+                                            trainer.__class__.__name__, trainer.inference_allowed_mirroring_axes)
+            logits = predictor.predict_sliding_window_return_logits(data).cpu()
+            os.makedirs(os.path.join(output_folder, subset.label), exist_ok=True)
+            export_prediction_from_logits(logits, properties, trainer.configuration_manager, trainer.plans_manager,
+                                          trainer.dataset_json, os.path.join(output_folder, subset.label, case), False)
+    label_manager = trainer.label_manager
+    tasks = label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels
+    reader = trainer.plans_manager.image_reader_writer_class()
+    reference_folder = os.path.join(trainer.preprocessed_dataset_folder_base, "gt_segmentations")
+    summary = {}
+    for subset in subsets:
+        per_case = [compute_metrics(os.path.join(reference_folder, case + ending),
+                                    os.path.join(output_folder, subset.label, case + ending), reader, tasks,
+                                    label_manager.ignore_label)["metrics"] for case in dataset.identifiers]
+        mean = {str(task): float(np.nanmean([m[task]["Dice"] for m in per_case])) for task in tasks}
+        summary[subset.label] = {"mean": mean, "foreground_mean": float(np.nanmean(list(mean.values())))}
+    with open(os.path.join(output_folder, "summary.json"), "w") as f:
+        json.dump({"cases": list(dataset.identifiers), "subsets": summary}, f, indent=2)
+    return summary

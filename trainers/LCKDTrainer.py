@@ -1,0 +1,127 @@
+import json
+import os
+
+import numpy as np
+import torch
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast
+from torch import distributed as dist
+
+from nnunet_protokd.configurations import method_settings, resolved_configuration
+from nnunet_protokd.features import FeatureCapture, unwrap
+from nnunet_protokd.lckd import (ModalityFusionUNet, build_fusion_network, elect_teachers, election_batches, random_available,
+                                 single_modality_dice, split_election_cases, validate_subsets)
+from nnunet_protokd.losses import cross_modal_kd_loss
+from nnunet_protokd.report import evaluation_regions
+from nnunet_protokd.training import LossTermLogging, MultiModalityTrainer, batch_on_device, optimizer_step
+
+
+class LCKDTrainer(LossTermLogging, MultiModalityTrainer):
+    """LCKD (Wang et al., MICCAI 2023): one network for any non-empty subset of the modalities.
+
+    Network: nnunet_protokd.lckd.ModalityFusionUNet (shared encoder per modality, mean fusion at every level).
+    Schedule: nnU-Net's epochs; the first `full_modality_fraction` of them with every modality, the rest with an
+    independent, uniformly drawn non-empty subset per batch item. From the first missing-modality epoch on, every
+    `election_interval` epochs, the teachers are elected: per task, the modality with the best Dice alone on
+    fixed patches of the `election_fraction` of the fold's training cases held out from training (never its
+    validation cases). Loss: nnU-Net's segmentation loss + kd_weight * L1 between the teachers' bottlenecks and
+    those of the other available modalities. Final validation: nnU-Net's for all modalities (fold_X/validation)
+    and every subset (fold_X/validation_subsets/summary.json).
+    """
+    logged_terms = ("seg_loss", "kd_loss")
+    build_network_architecture = staticmethod(build_fusion_network)
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        if "ignore" in dataset_json.get("labels", {}):
+            raise NotImplementedError("LCKDTrainer: datasets with an ignore label are not supported")
+        self.settings = method_settings(resolved_configuration(plans, configuration), "LCKDTrainer")
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.register_logged_terms()
+        self.num_modalities = len(dataset_json["channel_names"])
+        self.election_cases, self.teachers, self.election_batches, self.bottlenecks = [], None, [], None
+
+    def _do_i_compile(self):
+        return False  # the encoder's batch size changes with each drawn subset: torch.compile would keep re-tracing
+
+    @property
+    def missing_modality_training(self) -> bool:
+        return self.current_epoch >= round(self.settings["full_modality_fraction"] * self.num_epochs)
+
+    def do_split(self):
+        training_cases, validation_cases = super().do_split()
+        training_cases, self.election_cases = split_election_cases(training_cases, self.settings["election_fraction"],
+                                                                   self.fold)
+        return training_cases, validation_cases
+
+    def initialize(self):
+        super().initialize()
+        self.bottlenecks = FeatureCapture(self.network)
+
+    def on_train_start(self):
+        super().on_train_start()
+        self.election_batches = election_batches(self, self.election_cases, self.settings["election_batches"])
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        first = round(self.settings["full_modality_fraction"] * self.num_epochs)
+        if self.missing_modality_training and (self.teachers is None or
+                                               (self.current_epoch - first) % self.settings["election_interval"] == 0):
+            self.elect_teachers()
+
+    def elect_teachers(self):
+        network = unwrap(self.network)
+        network.eval()
+        tasks = None if self.label_manager.has_regions else [labels for _, labels in evaluation_regions(self.dataset_json)]
+        names = [name for name, _ in evaluation_regions(self.dataset_json)]
+        with torch.no_grad(), autocast(self.device.type) if self.device.type == "cuda" else dummy_context():
+            def full_resolution_logits(data, available):
+                output = network(data.to(self.device), available)
+                return output[0] if isinstance(output, (list, tuple)) else output
+            dice = single_modality_dice(full_resolution_logits, self.election_batches, self.num_modalities, tasks)
+        network.train()
+        election = [elect_teachers(dice)]
+        if self.is_ddp:  # every rank distils from rank 0's teachers
+            dist.broadcast_object_list(election, src=0)
+        self.teachers = election[0]
+        modalities = [self.dataset_json["channel_names"][str(m)] for m in range(self.num_modalities)]
+        table = {modality: dict(zip(names, np.round(dice[m], 4).tolist())) for m, modality in enumerate(modalities)}
+        elected = {task: None if t is None else modalities[t] for task, t in zip(names, self.teachers)}
+        self.print_to_log_file(f"teacher election (epoch {self.current_epoch}): Dice alone {json.dumps(table)}; "
+                               f"teachers {json.dumps(elected)}")
+        if self.local_rank == 0:
+            record_file = os.path.join(self.output_folder, "lckd_elections.json")
+            records = json.load(open(record_file)) if os.path.isfile(record_file) else []
+            records.append({"epoch": self.current_epoch, "election_cases": self.election_cases, "dice": table,
+                            "teachers": elected})
+            with open(record_file, "w") as f:
+                json.dump(records, f, indent=2)
+
+    def train_step(self, batch: dict) -> dict:
+        data, target = batch_on_device(self, batch)
+        missing = self.missing_modality_training
+        available = random_available(data.shape[0], self.num_modalities) if missing else \
+            torch.ones((data.shape[0], self.num_modalities), dtype=torch.bool)
+        teachers = sorted({t for t in self.teachers or [] if t is not None}) if missing else []
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            with self.bottlenecks.recording() as features:
+                output = self.network(data, available)
+            seg_loss = self.loss(output, target)
+            kd = cross_modal_kd_loss(ModalityFusionUNet.per_modality(features["bottleneck"], available), available,
+                                     teachers)
+            loss = seg_loss + self.settings["kd_weight"] * kd
+        optimizer_step(self, loss)
+        values = torch.stack([loss, seg_loss, kd]).detach().float().cpu().numpy()
+        return dict(zip(("loss",) + self.logged_terms, values))
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        super().perform_actual_validation(save_probabilities)
+        if not self.final_validation or self.local_rank != 0:
+            return
+        self.set_deep_supervision_enabled(False)
+        summary = validate_subsets(self, os.path.join(self.output_folder, "validation_subsets"))
+        self.set_deep_supervision_enabled(True)
+        for subset, result in summary.items():
+            self.print_to_log_file(f"validation with {subset}: mean Dice {result['foreground_mean']:.4f} "
+                                   f"{json.dumps(result['mean'])}", also_print_to_console=True)
