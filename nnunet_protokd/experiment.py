@@ -17,7 +17,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-METHOD_TRAINERS = {"unimodal": "UnimodalTrainer", "protokd": "ProtoKDTrainer", "kdnet": "KDNetTrainer"}
+METHOD_TRAINERS = {"unimodal": "UnimodalTrainer", "protokd": "ProtoKDTrainer", "kdnet": "KDNetTrainer",
+                   "lckd": "LCKDTrainer"}
+# methods that train one model on every channel instead of one student per modality
+MULTI_MODALITY_METHODS = ("lckd",)
 TEACHER_TRAINER = "ProtoKDTeacherTrainer"
 
 
@@ -87,6 +90,11 @@ class Experiment:
         suffix = "_".join(f"{v}{unit}" for v, unit in schedule if v) + ("" if s.final_validation else "_nofv")
         # a schedule is its own configuration, so short runs never share a model folder with full ones
         self.teacher_configuration = f"{s.configuration}_{suffix.strip('_')}" if suffix else s.configuration
+        self.student_methods = tuple(m for m in s.methods if m not in MULTI_MODALITY_METHODS)
+        # LCKD predicts from every non-empty subset of the channels, singles first ("T1ce", ..., "T1+T1ce+T2+FLAIR")
+        from nnunet_protokd.lckd import all_subsets
+        self.lckd_subsets = ["+".join(channel_names[c] for c in subset) for subset in all_subsets(len(channel_names))] \
+            if "lckd" in s.methods else []
         self.evaluate_on_test_set = os.path.isdir(os.path.join(self.raw, "labelsTs"))
         self.timings: dict = {}
         self.run_command = subprocess.run  # how a step's command is run (tests record the commands instead)
@@ -134,8 +142,10 @@ class Experiment:
             steps.append(Step(f"configuration {self.student_configuration(modality)}",
                               add_config + ["-c", self.teacher_configuration, "-m", modality]))
         trainings = [(TEACHER_TRAINER, self.teacher_configuration, fold) for fold in s.folds]
+        trainings += [(METHOD_TRAINERS["lckd"], self.teacher_configuration, fold)
+                      for fold in s.folds if self.lckd_subsets]
         trainings += [(METHOD_TRAINERS[method], self.student_configuration(modality), fold)
-                      for modality in self.modalities for method in s.methods for fold in s.folds]
+                      for modality in self.modalities for method in self.student_methods for fold in s.folds]
         for trainer, configuration, fold in trainings:
             folder = self.model_folder(trainer, configuration, fold)
             steps.append(Step(f"train {trainer} {configuration} fold {fold}", [
@@ -143,16 +153,25 @@ class Experiment:
                 "-device", s.device],
                 done=lambda folder=folder: os.path.isfile(os.path.join(folder, "checkpoint_final.pth")),
                 continue_if=lambda folder=folder: os.path.isdir(folder)))
+        if self.lckd_subsets:
+            steps.append(Step("LCKD model folders for every subset of modalities", [
+                _bin("nnunet-protokd"), "lckd-subset", "-d", self.dataset_id, "-c", self.teacher_configuration,
+                "--all", "-p", s.plans],
+                done=lambda: all(os.path.isfile(os.path.join(self.results, self.lckd_model(subset), "dataset.json"))
+                                 for subset in self.lckd_subsets)))
         predictions = [("teacher", None, TEACHER_TRAINER, self.teacher_configuration)]
         predictions += [(method, modality, METHOD_TRAINERS[method], self.student_configuration(modality))
-                        for modality in self.modalities for method in s.methods]
+                        for modality in self.modalities for method in self.student_methods]
+        predictions += [("lckd", subset, METHOD_TRAINERS["lckd"], f"{self.teacher_configuration}_{subset}")
+                        for subset in self.lckd_subsets]
+        input_sets = list(dict.fromkeys((None,) + self.modalities + tuple(self.lckd_subsets)))
         # held-out test cases: every fold's model predicts them (nnU-Net ensembles the folds); otherwise each
         # fold's model predicts its own validation cases
         for fold_group in ([s.folds] if self.evaluate_on_test_set else [[f] for f in s.folds]):
-            for modality in (None,) + self.modalities:
+            for modality in input_sets:
                 where = "" if self.evaluate_on_test_set else f" fold {fold_group[0]}"
                 files = "every channel file" if modality is None else \
-                    f"the {modality} file (as <case>_0000)"
+                    f"the {' and '.join(modality.split('+'))} file(s) (as <case>_0000, ...)"
                 steps.append(Step(f"single-modality inputs {modality or 'all channels'}{where}",
                                   action=lambda modality=modality, fold=fold_group[0]: self.link_inputs(modality, fold),
                                   done=lambda modality=modality, fold=fold_group[0]: self.inputs_ready(modality, fold),
@@ -168,7 +187,10 @@ class Experiment:
         steps.append(Step("report", action=self.write_report, command=self.report_command()))
         return steps
 
-    # ----- held-out inputs: one folder per modality holding <case>_0000 = that modality
+    def lckd_model(self, subset: str) -> str:
+        return f"{METHOD_TRAINERS['lckd']}__{self.settings.plans}__{self.teacher_configuration}_{subset}"
+
+    # ----- held-out inputs: one folder per modality (or subset "A+B") holding <case>_0000 = A, <case>_0001 = B
     def input_folder(self, modality: str | None, fold) -> str:
         fold_part = "test" if self.evaluate_on_test_set else f"fold_{fold}"
         return os.path.join(self.settings.output_folder, "inputs", fold_part, modality or "all_channels")
@@ -185,7 +207,8 @@ class Experiment:
             if modality is None:
                 links.update({f"{case}_{c:04d}{ending}": self._source(case, c) for c in channels.values()})
             else:
-                links[f"{case}_0000{ending}"] = self._source(case, channels[modality])
+                links.update({f"{case}_{i:04d}{ending}": self._source(case, channels[name])
+                              for i, name in enumerate(modality.split("+"))})
         return links
 
     def inputs_ready(self, modality, fold) -> bool:
@@ -233,8 +256,9 @@ class Experiment:
     def prediction_sets(self) -> list:
         from nnunet_protokd.report import PredictionSet
         sets = [PredictionSet("teacher", None, self.prediction_folder("teacher", None))]
-        return sets + [PredictionSet(m, modality, self.prediction_folder(m, modality))
-                       for modality in self.modalities for m in self.settings.methods]
+        sets += [PredictionSet(m, modality, self.prediction_folder(m, modality))
+                 for modality in self.modalities for m in self.student_methods]
+        return sets + [PredictionSet("lckd", subset, self.prediction_folder("lckd", subset)) for subset in self.lckd_subsets]
 
     def images_folder(self) -> str:
         return os.path.join(self.raw, "imagesTs" if self.evaluate_on_test_set else "imagesTr")

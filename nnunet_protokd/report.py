@@ -17,9 +17,10 @@ from scipy import ndimage, stats
 
 from nnunet_protokd.brats import NNUNET_REGIONS
 
-METHOD_ORDER = ("teacher", "unimodal", "protokd", "kdnet")
+METHOD_ORDER = ("teacher", "unimodal", "protokd", "kdnet", "lckd")
 METHOD_TITLES = {"teacher": "Teacher (all modalities)", "unimodal": "Unimodal", "protokd": "ProtoKD",
-                 "kdnet": "KD-Net"}
+                 "kdnet": "KD-Net", "lckd": "LCKD"}
+SUBSET_SEPARATOR = "+"  # a prediction set of several modalities, e.g. LCKD given "T1ce+FLAIR"
 REGION_ABBREVIATIONS = {"whole tumor": "WT", "tumor core": "TC", "enhancing tumor": "ET"}
 EMPTY_REFERENCE_RULE = ("Dice of a region empty in both reference and prediction is 1, and 0 when only one of "
                         "them is empty; HD95 is undefined (excluded) when exactly one is empty and 0 when both are")
@@ -28,7 +29,7 @@ EMPTY_REFERENCE_RULE = ("Dice of a region empty in both reference and prediction
 @dataclass(frozen=True)
 class PredictionSet:
     method: str
-    modality: str | None  # None for the teacher, which sees every modality
+    modality: str | None  # None for the teacher, which sees every modality; "A+B" for a subset of modalities
     folder: str
 
     @property
@@ -172,12 +173,20 @@ def build_report(ground_truth_folder: str, dataset_json: dict, prediction_sets: 
 
 
 def ordered_results(summary: dict) -> list:
-    """Results sorted as Table 1: teacher first, then per modality unimodal, ProtoKD, KD-Net."""
+    """The rows of Table 1: the teacher first, then per single modality unimodal, ProtoKD, KD-Net, LCKD.
+    Predictions from several modalities (LCKD's subsets) are left to `subset_results`."""
     def rank(item):
         result = item[1]
         method = METHOD_ORDER.index(result["method"]) if result["method"] in METHOD_ORDER else len(METHOD_ORDER)
         return (result["modality"] is not None, result["modality"] or "", method, result["method"])
-    return sorted(summary["results"].items(), key=rank)
+    return sorted(((key, result) for key, result in summary["results"].items()
+                   if SUBSET_SEPARATOR not in (result["modality"] or "")), key=rank)
+
+
+def subset_results(summary: dict, method: str = "lckd") -> list:
+    """`method`'s results for every subset of modalities it was given, fewest modalities first."""
+    results = [(key, r) for key, r in summary["results"].items() if r["method"] == method and r["modality"]]
+    return sorted(results, key=lambda item: len(item[1]["modality"].split(SUBSET_SEPARATOR)))
 
 
 def _write_markdown(summary: dict, path: str) -> None:
@@ -200,6 +209,15 @@ def _write_markdown(summary: dict, path: str) -> None:
         lines.append(f"| {result['modality'] or 'all'} | {METHOD_TITLES.get(result['method'], result['method'])} | "
                      + " | ".join(f"{_format(s[r]['hd95_mean'], s[r]['hd95_std'], 2)} ({s[r]['hd95_n']})"
                                   for r in regions) + " |")
+    subsets = subset_results(summary)
+    if subsets:
+        lines += ["", "## LCKD: one model given each subset of the modalities (Dice, mean ± std over cases)", "",
+                  "| Modalities | " + " | ".join(regions) + " | Mean |", "|---|" + "---|" * (len(regions) + 1)]
+        for _, result in subsets:
+            s = result["summary"]
+            lines.append(f"| {result['modality']} | "
+                         + " | ".join(_format(s[r]["dice_mean"], s[r]["dice_std"]) for r in regions)
+                         + f" | {_format(s['mean']['dice_mean'], s['mean']['dice_std'])} |")
     if summary["comparisons_with_unimodal"]:
         lines += ["", "## Students vs the unimodal baseline of their modality (paired over cases, Dice)", "",
                   "| Modality | Method | Region | n | Mean difference | Bootstrap 95 % CI | Wilcoxon p | Paired t p |",

@@ -63,9 +63,35 @@ def test_dry_run_prints_the_nnunet_commands_and_writes_nothing(workspace):
     assert len(predictions) == 7
     assert f"-i {workspace}/experiment/inputs/test/T1ce -o {workspace}/experiment/predictions/protokd_T1ce" in \
            predictions[2]
-    assert any("symbolic links to the T1ce file (as <case>_0000)" in s for s in steps)
+    assert any("symbolic links to the T1ce file(s) (as <case>_0000, ...)" in s for s in steps)
     assert "--prediction kdnet:FLAIR=" in commands[-1]
     assert steps[0] == "# [1/22] plan and preprocess" and not (workspace / "experiment").exists()
+
+
+def fake_nnunet(workspace, commands):
+    """A stand-in for subprocess.run that records each command and writes what it would have written."""
+    results = workspace / "nnUNet_results" / DATASET
+
+    def fake_run(command, **kwargs):
+        commands.append(command)
+        if "nnUNetv2_predict" in command[0]:  # one label map per input case
+            output = command[command.index("-o") + 1]
+            shutil.copytree(workspace / "nnUNet_raw" / DATASET / "labelsTs", output, dirs_exist_ok=True)
+        if "nnUNetv2_train" in command[0]:  # a final checkpoint per trained model
+            _, _, configuration, fold, _, trainer = command[:6]
+            folder = results / f"{trainer}__nnUNetPlans__{configuration}" / f"fold_{fold}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "checkpoint_final.pth").write_bytes(b"trained")
+        if "lckd-subset" in command:  # a model folder per subset
+            from nnunet_protokd.lckd import all_subsets
+            names = list(CHANNELS.values())
+            for subset in all_subsets(4):
+                label = "+".join(names[c] for c in subset)
+                folder = results / f"LCKDTrainer__nnUNetPlans__{command[command.index('-c') + 1]}_{label}"
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "dataset.json").write_text("{}")
+        return subprocess.CompletedProcess(command, 0)
+    return fake_run
 
 
 def test_resuming_skips_finished_work_and_continues_half_trained_models(workspace):
@@ -82,19 +108,7 @@ def test_resuming_skips_finished_work_and_continues_half_trained_models(workspac
     (preprocessed / "nnUNetPlans.json").write_text("{}")
 
     commands = []
-
-    def fake_run(command, **kwargs):
-        commands.append(command)
-        if "nnUNetv2_predict" in command[0]:  # writes what nnU-Net would: one label map per input case
-            output = command[command.index("-o") + 1]
-            shutil.copytree(workspace / "nnUNet_raw" / DATASET / "labelsTs", output, dirs_exist_ok=True)
-        if "nnUNetv2_train" in command[0]:  # ... and a final checkpoint per trained model
-            _, _, configuration, fold, _, trainer = command[:6]
-            folder = results / f"{trainer}__nnUNetPlans__{configuration}" / f"fold_{fold}"
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "checkpoint_final.pth").write_bytes(b"trained")
-        return subprocess.CompletedProcess(command, 0)
-
+    fake_run = fake_nnunet(workspace, commands)
     experiment.run_command = fake_run
     messages = []
     experiment.run(log=messages.append)
@@ -123,5 +137,41 @@ def test_resuming_skips_finished_work_and_continues_half_trained_models(workspac
 def test_unknown_modality_or_method_is_refused(workspace):
     with pytest.raises(ValueError, match=r"modalities \['PD'\] are not channels of Dataset777_Tiny"):
         Experiment(settings(workspace, modalities=("PD",)))
-    with pytest.raises(ValueError, match=r"unknown methods \['lckd'\]"):
-        Experiment(settings(workspace, methods=("lckd",)))
+    with pytest.raises(ValueError, match=r"unknown methods \['mmformer'\]"):
+        Experiment(settings(workspace, methods=("mmformer",)))
+
+
+def test_lckd_is_trained_once_and_predicts_from_every_subset(workspace):
+    experiment = Experiment(settings(workspace, methods=("unimodal", "lckd"), modalities=("T1ce",)))
+    preprocessed = workspace / "nnUNet_preprocessed" / DATASET
+    (preprocessed / "nnUNetPlans_3d_fullres").mkdir(parents=True)
+    (preprocessed / "nnUNetPlans.json").write_text("{}")
+    commands = []
+    experiment.run_command = fake_nnunet(workspace, commands)
+    experiment.run(log=lambda message: None)
+    trainings = [" ".join(c[1:]) for c in commands if "nnUNetv2_train" in c[0]]
+    assert trainings == ["777 3d_fullres_3ep_5it 0 -tr ProtoKDTeacherTrainer -p nnUNetPlans -device cpu",
+                         "777 3d_fullres_3ep_5it 0 -tr LCKDTrainer -p nnUNetPlans -device cpu",
+                         "777 3d_fullres_3ep_5it_T1ce 0 -tr UnimodalTrainer -p nnUNetPlans -device cpu"]
+    assert any(c[1:] == ["lckd-subset", "-d", "777", "-c", "3d_fullres_3ep_5it", "--all", "-p", "nnUNetPlans"]
+               for c in commands)
+    lckd_predictions = [c for c in commands if "nnUNetv2_predict" in c[0] and "LCKDTrainer" in c]
+    assert len(lckd_predictions) == 15
+    pair = next(c for c in lckd_predictions if c[c.index("-c") + 1] == "3d_fullres_3ep_5it_T1ce+FLAIR")
+    inputs = workspace / "experiment" / "inputs" / "test" / "T1ce+FLAIR"
+    assert pair[pair.index("-i") + 1] == str(inputs)
+    raw_images = workspace / "nnUNet_raw" / DATASET / "imagesTs"
+    assert (inputs / "case_a_0000.nii.gz").resolve() == raw_images / "case_a_0001.nii.gz"  # T1ce
+    assert (inputs / "case_a_0001.nii.gz").resolve() == raw_images / "case_a_0003.nii.gz"  # FLAIR
+    summary = json.loads((workspace / "experiment" / "report" / "summary.json").read_text())
+    assert {k for k in summary["results"] if k.startswith("lckd:")} == {
+        "lckd:" + "+".join(s) for s in (("T1",), ("T1ce",), ("T2",), ("FLAIR",), ("T1", "T1ce"), ("T1", "T2"),
+                                        ("T1", "FLAIR"), ("T1ce", "T2"), ("T1ce", "FLAIR"), ("T2", "FLAIR"),
+                                        ("T1", "T1ce", "T2"), ("T1", "T1ce", "FLAIR"), ("T1", "T2", "FLAIR"),
+                                        ("T1ce", "T2", "FLAIR"), ("T1", "T1ce", "T2", "FLAIR"))}
+    report = (workspace / "experiment" / "report" / "report.md").read_text()
+    table_one, subsets = report.split("## LCKD: one model given each subset")
+    assert "| T1ce | LCKD |" in table_one and "| T1ce | Unimodal |" in table_one and "T1ce+FLAIR" not in table_one
+    rows = [line for line in subsets.split("## ")[0].splitlines()[3:] if line.startswith("| ")]
+    assert len(rows) == 15 and rows[0].startswith("| T1 |") and rows[-1].startswith("| T1+T1ce+T2+FLAIR |")
+    assert "protokd:T1ce" not in summary["comparisons_with_unimodal"] and "lckd:T1ce" in summary["comparisons_with_unimodal"]
