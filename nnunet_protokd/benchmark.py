@@ -22,7 +22,10 @@ import torch
 
 from nnunet_protokd.configurations import load_preprocessed
 
-TRAINERS = ("UnimodalTrainer", "ProtoKDTrainer", "KDNetTrainer")
+# LCKDTrainer trains on the student configuration's multi-channel base and is measured in both of its stages:
+# every modality (the first epochs), and random subsets with cross-modal KD from two teachers (T1ce for TC/ET
+# and FLAIR for WT, as the phantoms elect them; channels 1 and M-1 in general)
+TRAINERS = ("UnimodalTrainer", "ProtoKDTrainer", "KDNetTrainer", "LCKDTrainer", "LCKDTrainer:subsets")
 
 
 def _trainer(name: str, plans: dict, configuration: str, dataset_json: dict, device: str, teacher_checkpoint: str):
@@ -60,8 +63,16 @@ def worker(mode: str, args: dict) -> dict:
     batches = torch.load(args["batches"], weights_only=True)
     if mode == "inference":
         return _inference(plans, dataset_json, args)
-    trainer = _trainer("ProtoKDTrainer" if mode == "teacher" else mode, plans, args["configuration"], dataset_json,
+    name, _, stage = mode.partition(":")
+    configuration = args["configuration"]
+    if name == "LCKDTrainer":
+        configuration = plans["configurations"][configuration]["inherits_from"]
+    trainer = _trainer("ProtoKDTrainer" if mode == "teacher" else name, plans, configuration, dataset_json,
                        device, args["teacher_checkpoint"])
+    if stage == "subsets":
+        torch.manual_seed(0)  # the same subsets in every run
+        trainer.current_epoch = trainer.num_epochs - 1
+        trainer.teachers = [trainer.num_modalities - 1, 1, 1]
     seconds = []
     for index, batch in enumerate(batches):
         _synchronize(device)
@@ -166,10 +177,10 @@ def _in_process(arguments: list, env: dict) -> dict:
 
 def format_table(report: dict) -> str:
     r = report["results"]
-    lines = [f"{'':<18}{'median s/step':>14}{'IQR':>10}{'peak MB':>10}{'x step':>8}{'x memory':>10}"]
+    lines = [f"{'':<20}{'median s/step':>14}{'IQR':>10}{'peak MB':>10}{'x step':>8}{'x memory':>10}"]
     for mode in TRAINERS + ("teacher",):
         row = r[mode]
-        lines.append(f"{mode:<18}{row['median_s']:>14.4f}{row['iqr_s']:>10.4f}{row['peak_memory_mb']:>10.0f}"
+        lines.append(f"{mode:<20}{row['median_s']:>14.4f}{row['iqr_s']:>10.4f}{row['peak_memory_mb']:>10.0f}"
                      f"{row.get('step_ratio', float('nan')):>8.2f}{row.get('memory_ratio', float('nan')):>10.2f}")
     i = r["inference"]
     lines.append(f"inference (sliding window, {i['cases']} cases): student {i['student_median_s']:.3f} s, plain "

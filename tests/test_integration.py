@@ -1,5 +1,6 @@
 """End to end on CPU, as a user runs it: phantoms -> conversion -> plan/preprocess -> teacher, unimodal,
-ProtoKD and KD-Net students (a few iterations) -> nnUNetv2_predict on single-modality files.
+ProtoKD and KD-Net students and an LCKD model (a few iterations) -> nnUNetv2_predict on single-modality files
+and on a subset of modalities.
 
 About six minutes on a 2-core CPU (the benchmark test included); the commands are the README's, with a short schedule.
 """
@@ -20,6 +21,7 @@ TEACHER = "ProtoKDTeacherTrainer__nnUNetPlans__3d_smoke"
 STUDENT = "UnimodalTrainer__nnUNetPlans__3d_smoke_T1ce"
 PROTOKD = "ProtoKDTrainer__nnUNetPlans__3d_smoke_T1ce"
 KDNET = "KDNetTrainer__nnUNetPlans__3d_smoke_T1ce"
+LCKD = "LCKDTrainer__nnUNetPlans__3d_lckd"
 DISTILLED = {PROTOKD: ("kd_loss", "proto_loss"), KDNET: ("kd_loss", "kl_loss")}
 T1CE = 1  # channel of T1ce in the converted dataset
 
@@ -41,6 +43,11 @@ def workspace(tmp_path_factory) -> Path:
     run([BIN / "nnUNetv2_train", "501", "3d_smoke", "0", "-tr", "ProtoKDTeacherTrainer", "-device", "cpu"], env)
     for student in ("UnimodalTrainer", "ProtoKDTrainer", "KDNetTrainer"):
         run([BIN / "nnUNetv2_train", "501", "3d_smoke_T1ce", "0", "-tr", student, "-device", "cpu"], env)
+    # LCKD: epoch 0 with every modality, epochs 1-2 with random subsets and an election before each
+    run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-c", "3d_fullres", "--name", "3d_lckd", "--epochs", "3",
+         "--iterations-per-epoch", "4", "--val-iterations-per-epoch", "2", "--set", "LCKDTrainer.election_interval=1",
+         "--set", "LCKDTrainer.full_modality_fraction=0.34", "--set", "LCKDTrainer.election_batches=2"], env)
+    run([BIN / "nnUNetv2_train", "501", "3d_lckd", "0", "-tr", "LCKDTrainer", "-device", "cpu"], env)
     single = root / "t1ce_only"
     single.mkdir()
     for image in sorted((root / "nnUNet_raw" / DATASET / "imagesTs").glob(f"*_{T1CE:04d}.nii.gz")):
@@ -223,8 +230,9 @@ def test_benchmark_reports_every_trainer_side_by_side(workspace):
                  nnunet_environment(workspace))
     assert "ProtoKDTrainer" in result.stdout and "x step" in result.stdout
     report = json.loads(output.read_text())
-    assert set(report["results"]) == {"UnimodalTrainer", "ProtoKDTrainer", "KDNetTrainer", "teacher", "inference"}
-    for trainer in ("UnimodalTrainer", "ProtoKDTrainer", "KDNetTrainer"):
+    trainers = ("UnimodalTrainer", "ProtoKDTrainer", "KDNetTrainer", "LCKDTrainer", "LCKDTrainer:subsets")
+    assert set(report["results"]) == set(trainers) | {"teacher", "inference"}
+    for trainer in trainers:
         figures = report["results"][trainer]
         assert figures["n"] == 2 and all(figures[k] > 0 for k in ("median_s", "peak_memory_mb", "step_ratio",
                                                                     "memory_ratio"))
@@ -232,3 +240,50 @@ def test_benchmark_reports_every_trainer_side_by_side(workspace):
     assert all(report["results"]["inference"][k] > 0 for k in ("student_median_s", "plain_median_s", "ratio"))
     # the trainers ran in a scratch results folder: the user's model folders are untouched
     assert sorted(os.listdir(student_folder)) == before
+
+
+def test_lckd_elects_on_held_out_training_cases_and_validates_every_subset(workspace):
+    fold = workspace / "nnUNet_results" / DATASET / LCKD / "fold_0"
+    split = json.loads((workspace / "nnUNet_preprocessed" / DATASET / "splits_final.json").read_text())[0]
+    elections = json.loads((fold / "lckd_elections.json").read_text())
+    assert [e["epoch"] for e in elections] == [1, 2]
+    held_out = elections[0]["election_cases"]
+    assert len(held_out) == 1 and set(held_out) <= set(split["train"]) and not set(held_out) & set(split["val"])
+    for election in elections:
+        assert set(election["dice"]) == {"T1", "T1ce", "T2", "FLAIR"}
+        assert set(election["teachers"]) == {"WT", "TC", "ET"}
+        assert set(election["teachers"].values()) <= {"T1", "T1ce", "T2", "FLAIR", None}
+    log = next(fold.glob("training_log_*.txt")).read_text()
+    assert "teacher election (epoch 1): Dice alone" in log and "teacher election (epoch 0)" not in log
+    from nnunet_protokd.teacher import load_checkpoint_weights_only
+    logged = load_checkpoint_weights_only(str(fold / "checkpoint_final.pth"))["logging"]
+    assert logged["kd_loss"][0] == 0 and all(np.isfinite(logged["seg_loss"]))  # no teachers in epoch 0
+    subsets = json.loads((fold / "validation_subsets" / "summary.json").read_text())
+    assert len(subsets["subsets"]) == 15 and sorted(subsets["cases"]) == sorted(split["val"])
+    assert set(subsets["subsets"]["T1ce+FLAIR"]["mean"]) == {"(1, 2, 3)", "(2, 3)", "(3,)"}
+    # every modality through the subset path gives nnU-Net's own final validation
+    nnunet = json.loads((fold / "validation" / "summary.json").read_text())
+    assert subsets["subsets"]["T1+T1ce+T2+FLAIR"]["foreground_mean"] == pytest.approx(
+        nnunet["foreground_mean"]["Dice"], abs=1e-6)
+
+
+def test_lckd_predicts_from_a_subset_of_modalities(workspace):
+    env = nnunet_environment(workspace)
+    result = run([BIN / "nnunet-protokd", "lckd-subset", "-d", "501", "-c", "3d_lckd", "-m", "flair", "T1ce"], env)
+    assert "nnUNetv2_predict -d 501 -c 3d_lckd_T1ce+FLAIR -tr LCKDTrainer" in result.stdout
+    folder = workspace / "nnUNet_results" / DATASET / "LCKDTrainer__nnUNetPlans__3d_lckd_T1ce+FLAIR"
+    assert (folder / "fold_0" / "checkpoint_final.pth").is_symlink()
+    inputs = workspace / "t1ce_and_flair"
+    inputs.mkdir()
+    for image in sorted((workspace / "nnUNet_raw" / DATASET / "imagesTs").glob("*_0001.nii.gz")):
+        shutil.copy(image, inputs / image.name.replace("_0001.nii.gz", "_0000.nii.gz"))  # T1ce
+        shutil.copy(str(image).replace("_0001.nii.gz", "_0003.nii.gz"),
+                    inputs / image.name.replace("_0001.nii.gz", "_0001.nii.gz"))  # FLAIR
+    output = workspace / "predicted_lckd"
+    predict(workspace, inputs, output, "3d_lckd_T1ce+FLAIR", "LCKDTrainer")
+    assert len(list(output.glob("*.nii.gz"))) == 3
+    os.remove(sorted(inputs.glob("*_0001.nii.gz"))[0])
+    result = predict(workspace, inputs, workspace / "bad3", "3d_lckd_T1ce+FLAIR", "LCKDTrainer",
+                     expect_success=False)
+    assert result.returncode != 0
+    assert "takes 2 input channel(s) per case (<case>_0000 = T1ce, <case>_0001 = FLAIR) but received 1" in result.stderr

@@ -45,8 +45,12 @@ class LCKDTrainer(LossTermLogging, MultiModalityTrainer):
         return False  # the encoder's batch size changes with each drawn subset: torch.compile would keep re-tracing
 
     @property
+    def first_missing_modality_epoch(self) -> int:
+        return round(self.settings["full_modality_fraction"] * self.num_epochs)
+
+    @property
     def missing_modality_training(self) -> bool:
-        return self.current_epoch >= round(self.settings["full_modality_fraction"] * self.num_epochs)
+        return self.current_epoch >= self.first_missing_modality_epoch
 
     def do_split(self):
         training_cases, validation_cases = super().do_split()
@@ -64,12 +68,12 @@ class LCKDTrainer(LossTermLogging, MultiModalityTrainer):
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
-        first = round(self.settings["full_modality_fraction"] * self.num_epochs)
-        if self.missing_modality_training and (self.teachers is None or
-                                               (self.current_epoch - first) % self.settings["election_interval"] == 0):
-            self.elect_teachers()
+        since = self.current_epoch - self.first_missing_modality_epoch
+        # teachers is None also after resuming with --c: elect at once
+        if since >= 0 and (self.teachers is None or since % self.settings["election_interval"] == 0):
+            self.run_election()
 
-    def elect_teachers(self):
+    def run_election(self):
         network = unwrap(self.network)
         network.eval()
         tasks = None if self.label_manager.has_regions else [labels for _, labels in evaluation_regions(self.dataset_json)]
@@ -91,7 +95,10 @@ class LCKDTrainer(LossTermLogging, MultiModalityTrainer):
                                f"teachers {json.dumps(elected)}")
         if self.local_rank == 0:
             record_file = os.path.join(self.output_folder, "lckd_elections.json")
-            records = json.load(open(record_file)) if os.path.isfile(record_file) else []
+            records = []
+            if os.path.isfile(record_file):  # a resumed run adds to its earlier elections
+                with open(record_file) as f:
+                    records = json.load(f)
             records.append({"epoch": self.current_epoch, "election_cases": self.election_cases, "dice": table,
                             "teachers": elected})
             with open(record_file, "w") as f:
