@@ -69,9 +69,10 @@ def worker(mode: str, args: dict) -> dict:
         configuration = plans["configurations"][configuration]["inherits_from"]
     trainer = _trainer("ProtoKDTrainer" if mode == "teacher" else name, plans, configuration, dataset_json,
                        device, args["teacher_checkpoint"])
+    if name == "LCKDTrainer":  # the stage is fixed, whatever the configuration's schedule would say at epoch 0
+        trainer.settings = {**trainer.settings, "full_modality_fraction": 0.0 if stage == "subsets" else 1.0}
     if stage == "subsets":
         torch.manual_seed(0)  # the same subsets in every run
-        trainer.current_epoch = trainer.num_epochs - 1
         trainer.teachers = [trainer.num_modalities - 1, 1, 1]
     seconds = []
     for index, batch in enumerate(batches):

@@ -127,7 +127,7 @@ def demo(args) -> int:
     from nnunet_protokd.demo import run_demo
     modalities = ("T1", "T1ce", "T2", "FLAIR") if args.all_modalities else tuple(args.modalities)
     report_file = run_demo(args.output, args.seed, modalities, args.epochs, args.iterations_per_epoch,
-                           args.device or _default_device())
+                           args.device or _default_device(), tuple(args.methods))
     print(f"\nThe report is {report_file} (figures beside it: dice.png, overlays.png)")
     return 0
 
@@ -215,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
     p.add_argument("--modalities", nargs="+", default=["T1ce", "T1"], help="student modalities (default T1ce T1)")
     p.add_argument("--all-modalities", action="store_true", help="students for T1, T1ce, T2 and FLAIR")
+    p.add_argument("--methods", nargs="+", default=["unimodal", "protokd", "kdnet"],
+                   help="as for experiment; add lckd for LCKD and its 15-subset table (about 6 more minutes on CPU)")
     p.add_argument("--epochs", type=int, default=6, help="epochs of every model (default 6)")
     p.add_argument("--iterations-per-epoch", type=int, default=25, help="training iterations per epoch (default 25)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -249,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ground-truth", required=True, help="folder of reference label maps (<case>.nii.gz)")
     p.add_argument("--dataset-json", required=True, help="the dataset's dataset.json (labels/regions, file ending)")
     p.add_argument("--prediction", action="append", required=True, metavar="METHOD[:MODALITY]=FOLDER",
-                   help="e.g. teacher=DIR, unimodal:T1ce=DIR, protokd:T1ce=DIR, kdnet:T1ce=DIR (repeat)")
+                   help="e.g. teacher=DIR, unimodal:T1ce=DIR, protokd:T1ce=DIR, kdnet:T1ce=DIR, lckd:T1ce=DIR, "
+                        "lckd:T1ce+FLAIR=DIR (repeat; several modalities go to the subset table)")
     p.add_argument("-o", "--output", required=True, help="report folder")
     p.add_argument("--images", default=None, help="folder of the cases' images (<case>_XXXX) for overlays.png")
     p.add_argument("--run-info", default=None, help="JSON describing what ran, copied into the report")

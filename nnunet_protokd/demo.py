@@ -18,7 +18,8 @@ PHANTOM_SHAPE_ZYX = (32, 48, 48)
 
 
 def run_demo(output_folder: str, seed: int = 0, modalities=("T1ce", "T1"), epochs: int = 6,
-             iterations_per_epoch: int = 25, device: str = "cpu", log=print) -> str:
+             iterations_per_epoch: int = 25, device: str = "cpu", methods=("unimodal", "protokd", "kdnet"),
+             log=print) -> str:
     from nnunet_protokd.brats import convert_brats_dataset
     from nnunet_protokd.phantoms import generate_brats_phantoms
     output_folder = os.path.abspath(output_folder)
@@ -40,6 +41,7 @@ def run_demo(output_folder: str, seed: int = 0, modalities=("T1ce", "T1"), epoch
                               test_folder=phantoms["held_out"])
     settings = ExperimentSettings(
         dataset=str(DATASET_ID), output_folder=os.path.join(output_folder, "experiment"), modalities=tuple(modalities),
+        methods=tuple(methods),
         folds=(0,), device=device, epochs=epochs, iterations_per_epoch=iterations_per_epoch,
         val_iterations_per_epoch=2, final_validation=False,
         notes={"demo": {"seed": seed, "phantom_shape_zyx": list(PHANTOM_SHAPE_ZYX), "training_cases": TRAINING_CASES,

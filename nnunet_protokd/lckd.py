@@ -89,7 +89,9 @@ def build_fusion_network(plans_manager, configuration_manager, num_input_channel
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     unet = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, 1, num_output_channels,
                                                     enable_deep_supervision)
-    return with_input_channel_check(ModalityFusionUNet(unet), num_input_channels, plans_manager.plans)
+    return with_input_channel_check(ModalityFusionUNet(unet), num_input_channels, plans_manager.plans,
+                                    " To predict from fewer modalities, write a model folder for them with "
+                                    "`nnunet-protokd lckd-subset -d DATASET -c CONFIGURATION -m MODALITY ...`.")
 
 
 class FixedSubsetNetwork(nn.Module):

@@ -148,20 +148,23 @@ class InputChannelCheck:
     """Forward pre-hook: a clear error when a model gets a different number of channels than it was trained on
     (e.g. four modality files per case given to a one-modality student, or one file to the teacher)."""
 
-    def __init__(self, num_input_channels: int, expected_files: str):
+    def __init__(self, num_input_channels: int, expected_files: str, hint: str = ""):
         self.num_input_channels = num_input_channels
         self.expected_files = expected_files
+        self.hint = hint
 
     def __call__(self, module, args):
         received = args[0].shape[1]
         if received != self.num_input_channels:
             raise ValueError(f"this model takes {self.num_input_channels} input channel(s) per case "
                              f"({self.expected_files}) but received {received}. Give the predictor exactly those "
-                             f"files for every case.")
+                             f"files for every case.{self.hint}")
 
 
-def with_input_channel_check(network: torch.nn.Module, num_input_channels: int, plans: dict) -> torch.nn.Module:
-    """`plans` of the model: those of a channel subset (ChannelSubset.plans) name the files to give."""
+def with_input_channel_check(network: torch.nn.Module, num_input_channels: int, plans: dict,
+                             hint: str = "") -> torch.nn.Module:
+    """`plans` of the model: those of a channel subset (ChannelSubset.plans) name the files to give; `hint` is
+    added to the error."""
     channels = plans.get(SETTINGS_KEY, {}).get("channels")
     if channels is not None and len(channels) == 1:
         expected = f"<case>_0000 = {channels[0]} only"
@@ -169,5 +172,5 @@ def with_input_channel_check(network: torch.nn.Module, num_input_channels: int, 
         expected = ", ".join(f"<case>_{c:04d} = {name}" for c, name in enumerate(channels))
     else:
         expected = " ".join(f"<case>_{c:04d}" for c in range(num_input_channels))
-    network.register_forward_pre_hook(InputChannelCheck(num_input_channels, expected))
+    network.register_forward_pre_hook(InputChannelCheck(num_input_channels, expected, hint))
     return network

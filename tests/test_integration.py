@@ -282,6 +282,9 @@ def test_lckd_predicts_from_a_subset_of_modalities(workspace):
     output = workspace / "predicted_lckd"
     predict(workspace, inputs, output, "3d_lckd_T1ce+FLAIR", "LCKDTrainer")
     assert len(list(output.glob("*.nii.gz"))) == 3
+    # the trained 4-channel folder says how to predict from fewer modalities
+    result = predict(workspace, inputs, workspace / "bad4", "3d_lckd", "LCKDTrainer", expect_success=False)
+    assert "takes 4 input channel(s) per case" in result.stderr and "nnunet-protokd lckd-subset" in result.stderr
     os.remove(sorted(inputs.glob("*_0001.nii.gz"))[0])
     result = predict(workspace, inputs, workspace / "bad3", "3d_lckd_T1ce+FLAIR", "LCKDTrainer",
                      expect_success=False)
