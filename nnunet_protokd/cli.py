@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modalities", nargs="+", default=["T1ce", "T1"], help="student modalities (default T1ce T1)")
     p.add_argument("--all-modalities", action="store_true", help="students for T1, T1ce, T2 and FLAIR")
     p.add_argument("--methods", nargs="+", default=["unimodal", "protokd", "kdnet"],
-                   help="as for experiment; add lckd for LCKD and its 15-subset table (about 6 more minutes on CPU)")
+                   help="as for experiment; add lckd for LCKD and its 15-subset table (about 15 more minutes on "
+                        "CPU, mostly its 15 predictions)")
     p.add_argument("--epochs", type=int, default=6, help="epochs of every model (default 6)")
     p.add_argument("--iterations-per-epoch", type=int, default=25, help="training iterations per epoch (default 25)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")

@@ -172,7 +172,7 @@ class Experiment:
                 where = "" if self.evaluate_on_test_set else f" fold {fold_group[0]}"
                 files = "every channel file" if modality is None else \
                     f"the {' and '.join(modality.split('+'))} file(s) (as <case>_0000, ...)"
-                steps.append(Step(f"single-modality inputs {modality or 'all channels'}{where}",
+                steps.append(Step(f"prediction inputs {modality or 'all channels'}{where}",
                                   action=lambda modality=modality, fold=fold_group[0]: self.link_inputs(modality, fold),
                                   done=lambda modality=modality, fold=fold_group[0]: self.inputs_ready(modality, fold),
                                   note=f"symbolic links to {files} of each evaluation case in "
