@@ -27,7 +27,7 @@ def lckd_subset(args) -> int:
     import json
     from nnunetv2.paths import nnUNet_results
     from nnunet_protokd.configurations import ConfigurationError, dataset_name, preprocessed_files
-    from nnunet_protokd.lckd import all_subsets, subset_configuration_name, write_subset_model_folder
+    from nnunet_protokd.lckd import every_channel_subset, subset_configuration_name, write_subset_model_folder
     from nnunet_protokd.modality import ChannelSubset
     if not nnUNet_results:
         raise ConfigurationError("set the environment variable nnUNet_results (see README)")
@@ -35,18 +35,16 @@ def lckd_subset(args) -> int:
         dataset_json = json.load(f)
     if args.all == bool(args.modalities):
         raise ConfigurationError("give either -m MODALITY [MODALITY ...] or --all")
-    if args.all:
-        names = dataset_json["channel_names"]
-        subsets = [ChannelSubset(tuple(names[str(c)] for c in s), s) for s in all_subsets(len(names))]
-    else:
-        subsets = [ChannelSubset.of_names(dataset_json, args.modalities)]
+    subsets = every_channel_subset(dataset_json) if args.all else \
+        [ChannelSubset.of_names(dataset_json, args.modalities)]
     results = os.path.join(str(nnUNet_results), dataset_name(args.dataset))
     for subset in subsets:
         folder = write_subset_model_folder(results, args.trainer, args.plans, args.configuration, subset,
                                            args.overwrite)
         files = " ".join(f"<case>_{c:04d} ({name})" for c, name in enumerate(subset.names))
-        print(f"{folder}\n  nnUNetv2_predict -d {args.dataset} -c {subset_configuration_name(args.configuration, subset)}"
-              f" -tr {args.trainer} -p {args.plans} -i INPUT -o OUTPUT   # INPUT holds {files} per case")
+        configuration = subset_configuration_name(args.configuration, subset.label)
+        print(f"{folder}\n  nnUNetv2_predict -d {args.dataset} -c {configuration} -tr {args.trainer} -p {args.plans} "
+              f"-i INPUT -o OUTPUT   # INPUT holds {files} per case")
     return 0
 
 
@@ -261,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=report)
 
     p = commands.add_parser("benchmark", help="step time and peak memory of the students vs the unimodal baseline",
-                            description="Unimodal, ProtoKD and KD-Net train_step on the same cached batches (each "
+                            description="Unimodal, ProtoKD, KD-Net and LCKD (both stages) train_step on the same "
+                                        "cached batches (each "
                                         "trainer in its own process), the teacher's forward, and single-modality "
                                         "inference against a plain nnU-Net network; ratios to UnimodalTrainer.")
     p.add_argument("-d", "--dataset", required=True)

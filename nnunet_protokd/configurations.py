@@ -17,6 +17,8 @@ import os
 import tempfile
 
 SETTINGS_KEY = "protokd"
+# joins the modality names of a channel subset: "T1ce+FLAIR" (configuration names, report keys, input folders)
+LABEL_SEPARATOR = "+"
 SCHEDULE_KEYS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch")
 # False skips nnU-Net's final validation on the fold's validation cases (the demo evaluates on held-out cases)
 FINAL_VALIDATION_KEY = "final_validation"

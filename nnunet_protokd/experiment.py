@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from nnunet_protokd.configurations import LABEL_SEPARATOR
+
 METHOD_TRAINERS = {"unimodal": "UnimodalTrainer", "protokd": "ProtoKDTrainer", "kdnet": "KDNetTrainer",
                    "lckd": "LCKDTrainer"}
 # methods that train one model on every channel instead of one student per modality
@@ -92,8 +94,8 @@ class Experiment:
         self.teacher_configuration = f"{s.configuration}_{suffix.strip('_')}" if suffix else s.configuration
         self.student_methods = tuple(m for m in s.methods if m not in MULTI_MODALITY_METHODS)
         # LCKD predicts from every non-empty subset of the channels, singles first ("T1ce", ..., "T1+T1ce+T2+FLAIR")
-        from nnunet_protokd.lckd import all_subsets
-        self.lckd_subsets = ["+".join(channel_names[c] for c in subset) for subset in all_subsets(len(channel_names))] \
+        from nnunet_protokd.lckd import every_channel_subset
+        self.lckd_subsets = [subset.label for subset in every_channel_subset(self.dataset_json)] \
             if "lckd" in s.methods else []
         self.evaluate_on_test_set = os.path.isdir(os.path.join(self.raw, "labelsTs"))
         self.timings: dict = {}
@@ -157,12 +159,13 @@ class Experiment:
             steps.append(Step("LCKD model folders for every subset of modalities", [
                 _bin("nnunet-protokd"), "lckd-subset", "-d", self.dataset_id, "-c", self.teacher_configuration,
                 "--all", "-p", s.plans],
-                done=lambda: all(os.path.isfile(os.path.join(self.results, self.lckd_model(subset), "dataset.json"))
-                                 for subset in self.lckd_subsets)))
+                done=lambda: all(os.path.isfile(os.path.join(os.path.dirname(self.model_folder(
+                    METHOD_TRAINERS["lckd"], self.lckd_configuration(subset), 0)), "dataset.json"))
+                    for subset in self.lckd_subsets)))
         predictions = [("teacher", None, TEACHER_TRAINER, self.teacher_configuration)]
         predictions += [(method, modality, METHOD_TRAINERS[method], self.student_configuration(modality))
                         for modality in self.modalities for method in self.student_methods]
-        predictions += [("lckd", subset, METHOD_TRAINERS["lckd"], f"{self.teacher_configuration}_{subset}")
+        predictions += [("lckd", subset, METHOD_TRAINERS["lckd"], self.lckd_configuration(subset))
                         for subset in self.lckd_subsets]
         input_sets = list(dict.fromkeys((None,) + self.modalities + tuple(self.lckd_subsets)))
         # held-out test cases: every fold's model predicts them (nnU-Net ensembles the folds); otherwise each
@@ -171,7 +174,7 @@ class Experiment:
             for modality in input_sets:
                 where = "" if self.evaluate_on_test_set else f" fold {fold_group[0]}"
                 files = "every channel file" if modality is None else \
-                    f"the {' and '.join(modality.split('+'))} file(s) (as <case>_0000, ...)"
+                    f"the {' and '.join(modality.split(LABEL_SEPARATOR))} file(s) (as <case>_0000, ...)"
                 steps.append(Step(f"prediction inputs {modality or 'all channels'}{where}",
                                   action=lambda modality=modality, fold=fold_group[0]: self.link_inputs(modality, fold),
                                   done=lambda modality=modality, fold=fold_group[0]: self.inputs_ready(modality, fold),
@@ -187,8 +190,9 @@ class Experiment:
         steps.append(Step("report", action=self.write_report, command=self.report_command()))
         return steps
 
-    def lckd_model(self, subset: str) -> str:
-        return f"{METHOD_TRAINERS['lckd']}__{self.settings.plans}__{self.teacher_configuration}_{subset}"
+    def lckd_configuration(self, subset: str) -> str:
+        from nnunet_protokd.lckd import subset_configuration_name
+        return subset_configuration_name(self.teacher_configuration, subset)
 
     # ----- held-out inputs: one folder per modality (or subset "A+B") holding <case>_0000 = A, <case>_0001 = B
     def input_folder(self, modality: str | None, fold) -> str:
@@ -200,16 +204,13 @@ class Experiment:
         return os.path.join(self.raw, kind, f"{case}_{channel:04d}{self.dataset_json['file_ending']}")
 
     def _links(self, modality: str | None, fold) -> dict:
-        channels = {name: int(i) for i, name in self.dataset_json["channel_names"].items()}
+        from nnunet_protokd.modality import ChannelSubset
+        channel_names = self.dataset_json["channel_names"]
+        channels = ChannelSubset.of_names(self.dataset_json, channel_names.values() if modality is None
+                                          else modality.split(LABEL_SEPARATOR)).channel_indices
         ending = self.dataset_json["file_ending"]
-        links = {}
-        for case in self.evaluation_cases(fold):
-            if modality is None:
-                links.update({f"{case}_{c:04d}{ending}": self._source(case, c) for c in channels.values()})
-            else:
-                links.update({f"{case}_{i:04d}{ending}": self._source(case, channels[name])
-                              for i, name in enumerate(modality.split("+"))})
-        return links
+        return {f"{case}_{i:04d}{ending}": self._source(case, c)
+                for case in self.evaluation_cases(fold) for i, c in enumerate(channels)}
 
     def inputs_ready(self, modality, fold) -> bool:
         folder = self.input_folder(modality, fold)

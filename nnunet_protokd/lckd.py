@@ -113,6 +113,12 @@ def all_subsets(num_modalities: int) -> list[tuple]:
             for subset in itertools.combinations(range(num_modalities), size)]
 
 
+def every_channel_subset(dataset_json: dict) -> list[ChannelSubset]:
+    """The dataset's non-empty channel subsets in all_subsets' order (15 for BraTS)."""
+    names = dataset_json["channel_names"]
+    return [ChannelSubset(tuple(names[str(c)] for c in subset), subset) for subset in all_subsets(len(names))]
+
+
 def random_available(num_items: int, num_modalities: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """(N, M) bool: for each item, independently, one of the 2^M - 1 non-empty subsets, each with probability
     1 / (2^M - 1) (the subset is drawn as a non-zero M-bit number)."""
@@ -193,9 +199,9 @@ def split_election_cases(training_cases: list, fraction: float, fold) -> tuple[l
             [c for i, c in enumerate(cases) if i in held_out])
 
 
-def subset_configuration_name(configuration: str, subset: ChannelSubset) -> str:
+def subset_configuration_name(configuration: str, subset_label: str) -> str:
     """e.g. 3d_fullres_T1ce+FLAIR: what `nnUNetv2_predict -c` takes for an LCKD subset model folder."""
-    return f"{configuration}_{subset.label}"
+    return f"{configuration}_{subset_label}"
 
 
 def write_subset_model_folder(results_folder: str, trainer: str, plans_name: str, configuration: str,
@@ -227,7 +233,7 @@ def write_subset_model_folder(results_folder: str, trainer: str, plans_name: str
     if "channels" in plans.get(SETTINGS_KEY, {}):
         raise ConfigurationError(f"{source} is already a subset model folder; give the trained model's configuration")
     contents = {"plans.json": subset.plans(plans), "dataset.json": subset.dataset_json(dataset_json)}
-    target = os.path.join(results_folder, f"{trainer}__{plans_name}__{subset_configuration_name(configuration, subset)}")
+    target = os.path.join(results_folder, f"{trainer}__{plans_name}__{subset_configuration_name(configuration, subset.label)}")
     if os.path.exists(target):
         if _folder_matches(target, contents, links):
             return target
@@ -277,9 +283,8 @@ def validate_subsets(trainer, output_folder: str) -> dict:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunet_protokd.features import unwrap
 
-    channel_names = trainer.dataset_json["channel_names"]
-    num_modalities = len(channel_names)
-    subsets = [ChannelSubset(tuple(channel_names[str(c)] for c in s), s) for s in all_subsets(num_modalities)]
+    num_modalities = len(trainer.dataset_json["channel_names"])
+    subsets = every_channel_subset(trainer.dataset_json)
     network = unwrap(trainer.network)
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
                                 perform_everything_on_device=True, device=trainer.device, verbose=False,

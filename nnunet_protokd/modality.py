@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nnunet_protokd.configurations import (SETTINGS_KEY, ConfigurationError, channel_index,
+from nnunet_protokd.configurations import (LABEL_SEPARATOR, SETTINGS_KEY, ConfigurationError, channel_index,
                                            configuration_settings, resolved_configuration)
 
 # keys of a plans configuration that hold one entry per input channel
@@ -41,8 +41,9 @@ class ChannelSubset:
 
     @property
     def label(self) -> str:
-        """e.g. "T1ce+FLAIR": part of configuration names and report keys."""
-        return "+".join(self.names)
+        """e.g. "T1ce+FLAIR": part of configuration names and report keys (`of_names` reads it back when split
+        at LABEL_SEPARATOR)."""
+        return LABEL_SEPARATOR.join(self.names)
 
     def select(self, data, channel_axis: int = 1):
         """These channels of a batch (N, C, ...) or, with channel_axis=0, of a case (C, ...); the channel axis

@@ -16,11 +16,11 @@ import numpy as np
 from scipy import ndimage, stats
 
 from nnunet_protokd.brats import NNUNET_REGIONS
+from nnunet_protokd.configurations import LABEL_SEPARATOR
 
 METHOD_ORDER = ("teacher", "unimodal", "protokd", "kdnet", "lckd")
 METHOD_TITLES = {"teacher": "Teacher (all modalities)", "unimodal": "Unimodal", "protokd": "ProtoKD",
                  "kdnet": "KD-Net", "lckd": "LCKD"}
-SUBSET_SEPARATOR = "+"  # a prediction set of several modalities, e.g. LCKD given "T1ce+FLAIR"
 REGION_ABBREVIATIONS = {"whole tumor": "WT", "tumor core": "TC", "enhancing tumor": "ET"}
 EMPTY_REFERENCE_RULE = ("Dice of a region empty in both reference and prediction is 1, and 0 when only one of "
                         "them is empty; HD95 is undefined (excluded) when exactly one is empty and 0 when both are")
@@ -180,13 +180,13 @@ def ordered_results(summary: dict) -> list:
         method = METHOD_ORDER.index(result["method"]) if result["method"] in METHOD_ORDER else len(METHOD_ORDER)
         return (result["modality"] is not None, result["modality"] or "", method, result["method"])
     return sorted(((key, result) for key, result in summary["results"].items()
-                   if SUBSET_SEPARATOR not in (result["modality"] or "")), key=rank)
+                   if LABEL_SEPARATOR not in (result["modality"] or "")), key=rank)
 
 
 def subset_results(summary: dict, method: str = "lckd") -> list:
     """`method`'s results for every subset of modalities it was given, fewest modalities first."""
     results = [(key, r) for key, r in summary["results"].items() if r["method"] == method and r["modality"]]
-    return sorted(results, key=lambda item: len(item[1]["modality"].split(SUBSET_SEPARATOR)))
+    return sorted(results, key=lambda item: len(item[1]["modality"].split(LABEL_SEPARATOR)))
 
 
 def _write_markdown(summary: dict, path: str) -> None:
