@@ -115,8 +115,9 @@ class LCKDTrainer(LossTermLogging, MultiModalityTrainer):
             with self.bottlenecks.recording() as features:
                 output = self.network(data, available)
             seg_loss = self.loss(output, target)
+            # before the first election (every-modality stage) there is nothing to distil
             kd = cross_modal_kd_loss(ModalityFusionUNet.per_modality(features["bottleneck"], available), available,
-                                     teachers)
+                                     teachers) if teachers else seg_loss.new_zeros(())
             loss = seg_loss + self.settings["kd_weight"] * kd
         optimizer_step(self, loss)
         values = torch.stack([loss, seg_loss, kd]).detach().float().cpu().numpy()
