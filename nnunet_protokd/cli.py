@@ -260,9 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("benchmark", help="step time and peak memory of the students vs the unimodal baseline",
                             description="Unimodal, ProtoKD, KD-Net and LCKD (both stages) train_step on the same "
-                                        "cached batches (each "
-                                        "trainer in its own process), the teacher's forward, and single-modality "
-                                        "inference against a plain nnU-Net network; ratios to UnimodalTrainer.")
+                                        "cached batches (each trainer in its own process), the teacher's forward, "
+                                        "and single-modality inference against a plain nnU-Net network; ratios to "
+                                        "UnimodalTrainer.")
     p.add_argument("-d", "--dataset", required=True)
     p.add_argument("-c", "--configuration", required=True, help="a student configuration (e.g. 3d_fullres_T1ce)")
     p.add_argument("--teacher-checkpoint", default=None, help="default: the fold-0 teacher a student would use")
