@@ -2,15 +2,35 @@
 
 Shapes: N batch items, K classes (or R regions), C feature channels, S... spatial axes (2D or 3D).
 "Region-based" means nnU-Net's sigmoid outputs, one channel per (possibly overlapping) region; otherwise
-the outputs are softmax logits over mutually exclusive labels, background included. Everything is computed
-in float32, whatever precision the network ran in.
+the outputs are softmax logits over mutually exclusive labels, background included.
+
+Every public loss runs with autocast switched off and its inputs cast to float32 (`in_float32`): nnU-Net
+trains under CUDA autocast, which would otherwise run the matmuls below in float16 whatever `.float()` was
+called before them, and a sum over the ~2 million voxels of a BraTS patch overflows float16 (max 65504).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 
 
+def in_float32(loss):
+    """Runs `loss` with autocast disabled on the device of its first tensor argument and every floating-point
+    tensor argument cast to float32, so that reductions and matmuls are float32 under any autocast. Gradients
+    flow back through the casts to the network's (float16/bfloat16) outputs."""
+    @functools.wraps(loss)
+    def full_precision_loss(*args, **kwargs):
+        def cast(value):
+            return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+        device_type = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(device_type, enabled=False):
+            return loss(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
+    return full_precision_loss
+
+
+@in_float32
 def pixelwise_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
                       region_based: bool) -> torch.Tensor:
     """ProtoKD Eq. (1): KL(teacher || student) of temperature-softened predictions.
@@ -56,6 +76,7 @@ def ground_truth_class_masks(target: torch.Tensor, region_based: bool, num_class
     return F.one_hot(labels, num_classes).movedim(-1, 1).float()
 
 
+@in_float32
 def class_prototypes(features: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ProtoKD Eq. (2): c_k = mean of the feature vectors z_i of the voxels i in class k, per batch item.
 
@@ -74,6 +95,7 @@ def class_prototypes(features: torch.Tensor, masks: torch.Tensor) -> tuple[torch
     return prototypes, counts > 0
 
 
+@in_float32
 def prototype_similarity_maps(features: torch.Tensor, prototypes: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """ProtoKD Eq. (3): M_k(i) = cos(z_i, c_k) for every voxel i and class k (the I2FV maps).
 
@@ -88,6 +110,7 @@ def prototype_similarity_maps(features: torch.Tensor, prototypes: torch.Tensor, 
     return maps.view(maps.shape[:2] + features.shape[2:])
 
 
+@in_float32
 def prototype_kd_loss(student_features: torch.Tensor, teacher_features: torch.Tensor, masks: torch.Tensor,
                       intra_class_only: bool = False) -> torch.Tensor:
     """ProtoKD Eq. (4): mean squared difference of the student's and the teacher's I2FV maps.
@@ -119,6 +142,7 @@ def prototype_kd_loss(student_features: torch.Tensor, teacher_features: torch.Te
     return (per_class * weights).sum() / weights.sum().clamp_min(1.0)
 
 
+@in_float32
 def soft_dice_loss(probabilities: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """1 - soft Dice of probabilities against a (soft or hard) reference, per item and channel.
 
@@ -133,6 +157,7 @@ def soft_dice_loss(probabilities: torch.Tensor, reference: torch.Tensor, eps: fl
     return 1.0 - ((2.0 * intersection + eps) / (denominator + eps)).mean()
 
 
+@in_float32
 def soft_label_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
                        region_based: bool) -> torch.Tensor:
     """KD-Net's L_KD (Hu et al., MICCAI 2020; the L_KD term of L = lambda L_KD + (1-lambda) L_GT + alpha L_KL).
@@ -160,6 +185,7 @@ def soft_label_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return dice + cross_entropy
 
 
+@in_float32
 def bottleneck_kl_loss(student_bottleneck: torch.Tensor, teacher_bottleneck: torch.Tensor) -> torch.Tensor:
     """KD-Net's L_KL: KL(teacher || student) between the bottleneck features of each batch item, flattened and
     normalised by a softmax over all their C*S elements.
@@ -180,6 +206,7 @@ def bottleneck_kl_loss(student_bottleneck: torch.Tensor, teacher_bottleneck: tor
     return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
 
 
+@in_float32
 def cross_modal_kd_loss(bottlenecks: torch.Tensor, available: torch.Tensor, teacher_modalities) -> torch.Tensor:
     """LCKD's cross-modal distillation: L1 distance from each elected teacher modality's bottleneck features
     (detached) to those of every other modality available in the same batch item.
