@@ -142,7 +142,8 @@ def benchmark(args) -> int:
         teacher_checkpoint = locate_teacher(plans, args.configuration, 0, dataset_json,
                                             nnUNet_results.get()).checkpoint_path
     report = run_benchmark(args.dataset, args.configuration, teacher_checkpoint, args.device or _default_device(),
-                           args.steps, args.warmup, args.plans, args.inference_cases)
+                           args.steps, args.warmup, args.plans, args.inference_cases, args.precision, args.compile,
+                           args.trainers, args.memory_limit_gb)
     print(format_table(report))
     if args.output:
         with open(args.output, "w") as f:
@@ -272,6 +273,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inference-cases", type=int, default=3)
     p.add_argument("-p", "--plans", default="nnUNetPlans")
     p.add_argument("-o", "--output", default=None, help="write the figures as JSON")
+    p.add_argument("--precision", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="CPU only: run the steps under CPU autocast of this type with a GradScaler, a stand-in for "
+                        "nnU-Net's CUDA autocast (on CUDA nnU-Net's float16 autocast always applies)")
+    p.add_argument("--compile", choices=("nnunet", "on", "off"), default="nnunet",
+                   help="torch.compile of student and teacher: nnU-Net's choice (on for CUDA), forced on (also on "
+                        "CPU) or off; LCKDTrainer keeps its own (off)")
+    p.add_argument("--trainers", nargs="+", default=None,
+                   help="which of UnimodalTrainer ProtoKDTrainer KDNetTrainer LCKDTrainer LCKDTrainer:subsets "
+                        "ProtoKDTeacherTrainer to measure (default all; the ratios need UnimodalTrainer)")
+    p.add_argument("--memory-limit-gb", type=float, default=None,
+                   help="address-space limit of each measuring process: a trainer that needs more is reported as "
+                        "failed (did not fit) instead of exhausting the machine")
     p.set_defaults(func=benchmark)
 
     p = commands.add_parser("lckd-subset", help="model folder(s) of a trained LCKD model for a subset of the "

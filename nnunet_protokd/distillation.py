@@ -7,17 +7,16 @@ import os
 import torch
 from nnunetv2.paths import nnUNet_results
 from nnunetv2.utilities.helpers import dummy_context
-from torch import autocast
 
 from nnunet_protokd.configurations import method_settings, resolved_configuration
 from nnunet_protokd.features import FeatureCapture
 from nnunet_protokd.teacher import TeacherCheckpoint, TeacherError, load_checkpoint_weights_only, locate_teacher
-from nnunet_protokd.training import LossTermLogging, SingleModalityTrainer, batch_on_device, optimizer_step
+from nnunet_protokd.training import SingleModalityTrainer
 
 RECORD_FILE = "distillation.json"
 
 
-class DistillationTrainer(LossTermLogging, SingleModalityTrainer):
+class DistillationTrainer(SingleModalityTrainer):
     """Student trainer whose loss is nnU-Net's segmentation loss plus weighted distillation terms.
 
     Subclasses name their terms in `loss_terms` and compute them in `distillation_terms`; they may reweight
@@ -25,8 +24,7 @@ class DistillationTrainer(LossTermLogging, SingleModalityTrainer):
     teacher and the settings are checked before nnU-Net creates the model folder; the teacher is built on the
     device in `initialize`, run under no_grad in every training step on the full multi-channel batch, and never
     saved: the checkpoint and `fold_X/distillation.json` record its path and sha256 instead, and resuming
-    with `--c` checks them. Every term is logged each epoch (training log, nnU-Net's logger,
-    distillation_progress.png).
+    with `--c` checks them. The step itself, its checks and the logging of every term are LossTermTraining's.
     """
     loss_terms: tuple = ()
 
@@ -40,7 +38,6 @@ class DistillationTrainer(LossTermLogging, SingleModalityTrainer):
         self.check_teacher(self.teacher_checkpoint, student_configuration)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.teacher = self.student_features = None
-        self.register_logged_terms()
 
     @property
     def logged_terms(self) -> tuple:
@@ -52,7 +49,8 @@ class DistillationTrainer(LossTermLogging, SingleModalityTrainer):
 
     def initialize(self):
         super().initialize()
-        self.teacher = self.teacher_checkpoint.build(self.device)
+        # the teacher runs every step: compiled when the student is (nnU-Net's choice: CUDA, nnUNet_compile)
+        self.teacher = self.teacher_checkpoint.build(self.device, compile_network=self._do_i_compile())
         self.student_features = FeatureCapture(self.network)
         self.print_to_log_file(f"distillation: {json.dumps(self.record())}", also_print_to_console=False)
 
@@ -79,20 +77,12 @@ class DistillationTrainer(LossTermLogging, SingleModalityTrainer):
         gradient, so that it costs no backward memory."""
         return dummy_context() if weight else torch.no_grad()
 
-    def train_step(self, batch: dict) -> dict:
-        data, target = batch_on_device(self, batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            teacher_logits, teacher_features = self.teacher(data)
-            with self.student_features.recording() as student_features:
-                output = self.network(self.modality.select(data))
-            seg_loss = self.loss(output, target)
-            terms = self.distillation_terms(output, target, student_features, teacher_logits, teacher_features)
-            loss = self.segmentation_weight() * seg_loss + sum(w * value for w, value in terms.values() if w)
-        optimizer_step(self, loss)
-        # one device-to-host copy for all logged values
-        values = torch.stack([loss, seg_loss] + [terms[n][1] for n in self.loss_terms]).detach().float().cpu().numpy()
-        return dict(zip(("loss",) + self.logged_terms, values))
+    def weighted_loss_terms(self, data, target) -> dict:
+        teacher_logits, teacher_features = self.teacher(data)
+        with self.student_features.recording() as student_features:
+            output = self.network(self.modality.select(data))
+        terms = self.distillation_terms(output, target, student_features, teacher_logits, teacher_features)
+        return {"seg_loss": (self.segmentation_weight(), self.loss(output, target)), **terms}
 
     def save_checkpoint(self, filename: str) -> None:
         super().save_checkpoint(filename)

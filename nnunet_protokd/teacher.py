@@ -69,7 +69,7 @@ class TeacherCheckpoint:
                 "configuration": self.configuration, "fold": self.fold,
                 "channels": [self.dataset_json["channel_names"][str(c)] for c in range(len(self.channel_indices))]}
 
-    def build(self, device: torch.device) -> "Teacher":
+    def build(self, device: torch.device, compile_network: bool = False) -> "Teacher":
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
         plans_manager = PlansManager(self.plans)
@@ -80,16 +80,16 @@ class TeacherCheckpoint:
         network.load_state_dict(self.network_weights)
         network.to(device).eval().requires_grad_(False)
         self.network_weights = None  # the copy on the device is the one in use
-        return Teacher(network, self.channel_indices)
+        return Teacher(network, self.channel_indices, compile_network)
 
 
 class Teacher:
     """A frozen teacher network: eval mode, no gradients, never in an optimiser or a checkpoint."""
 
-    def __init__(self, network: torch.nn.Module, channel_indices: tuple):
-        self.network = network
+    def __init__(self, network: torch.nn.Module, channel_indices: tuple, compile_network: bool = False):
         self.channel_indices = list(channel_indices)
-        self.features = FeatureCapture(network)
+        self.features = FeatureCapture(network)  # hooks on the plain modules, which the compiled graph calls
+        self.network = torch.compile(network) if compile_network else network
 
     @torch.no_grad()
     def __call__(self, data: torch.Tensor) -> tuple[torch.Tensor, dict]:

@@ -3,8 +3,6 @@ import os
 
 import numpy as np
 import torch
-from nnunetv2.utilities.helpers import dummy_context
-from torch import autocast
 from torch import distributed as dist
 
 from nnunet_protokd.configurations import method_settings, resolved_configuration
@@ -13,10 +11,10 @@ from nnunet_protokd.lckd import (ModalityFusionUNet, build_fusion_network, elect
                                  single_modality_dice, split_election_cases, validate_subsets)
 from nnunet_protokd.losses import cross_modal_kd_loss
 from nnunet_protokd.report import evaluation_regions
-from nnunet_protokd.training import LossTermLogging, MultiModalityTrainer, batch_on_device, optimizer_step
+from nnunet_protokd.training import MultiModalityTrainer, step_autocast
 
 
-class LCKDTrainer(LossTermLogging, MultiModalityTrainer):
+class LCKDTrainer(MultiModalityTrainer):
     """LCKD (Wang et al., MICCAI 2023): one network for any non-empty subset of the modalities.
 
     Network: nnunet_protokd.lckd.ModalityFusionUNet (shared encoder per modality, mean fusion at every level).
@@ -37,12 +35,12 @@ class LCKDTrainer(LossTermLogging, MultiModalityTrainer):
             raise NotImplementedError("LCKDTrainer: datasets with an ignore label are not supported")
         self.settings = method_settings(resolved_configuration(plans, configuration), "LCKDTrainer")
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.register_logged_terms()
         self.num_modalities = len(dataset_json["channel_names"])
         self.election_cases, self.teachers, self.election_batches, self.bottlenecks = [], None, [], None
 
     def _do_i_compile(self):
-        return False  # the encoder's batch size changes with each drawn subset: torch.compile would keep re-tracing
+        return False  # see initialize
+
 
     @property
     def first_missing_modality_epoch(self) -> int:
@@ -59,6 +57,9 @@ class LCKDTrainer(LossTermLogging, MultiModalityTrainer):
         return training_cases, validation_cases
 
     def initialize(self):
+        if MultiModalityTrainer._do_i_compile(self):
+            self.print_to_log_file("torch.compile is off for LCKDTrainer: its shared encoder's batch (items x available "
+                                   "modalities) changes with every drawn subset, so the graph would be re-traced")
         super().initialize()
         self.bottlenecks = FeatureCapture(self.network)
 
@@ -78,7 +79,7 @@ class LCKDTrainer(LossTermLogging, MultiModalityTrainer):
         network.eval()
         tasks = None if self.label_manager.has_regions else [labels for _, labels in evaluation_regions(self.dataset_json)]
         names = [name for name, _ in evaluation_regions(self.dataset_json)]
-        with torch.no_grad(), autocast(self.device.type) if self.device.type == "cuda" else dummy_context():
+        with torch.no_grad(), step_autocast(self):
             def full_resolution_logits(data, available):
                 output = network(data.to(self.device), available)
                 return output[0] if isinstance(output, (list, tuple)) else output
@@ -104,24 +105,18 @@ class LCKDTrainer(LossTermLogging, MultiModalityTrainer):
             with open(record_file, "w") as f:
                 json.dump(records, f, indent=2)
 
-    def train_step(self, batch: dict) -> dict:
-        data, target = batch_on_device(self, batch)
+    def weighted_loss_terms(self, data, target) -> dict:
         missing = self.missing_modality_training
         available = random_available(data.shape[0], self.num_modalities) if missing else \
             torch.ones((data.shape[0], self.num_modalities), dtype=torch.bool)
         teachers = sorted({t for t in self.teachers or [] if t is not None}) if missing else []
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            with self.bottlenecks.recording() as features:
-                output = self.network(data, available)
-            seg_loss = self.loss(output, target)
-            # before the first election (every-modality stage) there is nothing to distil
-            kd = cross_modal_kd_loss(ModalityFusionUNet.per_modality(features["bottleneck"], available), available,
-                                     teachers) if teachers else seg_loss.new_zeros(())
-            loss = seg_loss + self.settings["kd_weight"] * kd
-        optimizer_step(self, loss)
-        values = torch.stack([loss, seg_loss, kd]).detach().float().cpu().numpy()
-        return dict(zip(("loss",) + self.logged_terms, values))
+        with self.bottlenecks.recording() as features:
+            output = self.network(data, available)
+        seg_loss = self.loss(output, target)
+        # before the first election (every-modality stage) there is nothing to distil
+        kd = cross_modal_kd_loss(ModalityFusionUNet.per_modality(features["bottleneck"], available), available,
+                                 teachers) if teachers else seg_loss.new_zeros(())
+        return {"seg_loss": (1.0, seg_loss), "kd_loss": (self.settings["kd_weight"] if teachers else 0.0, kd)}
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         super().perform_actual_validation(save_probabilities)
