@@ -11,6 +11,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 from torch import distributed as dist
 
+from nnunet_protokd.features import unwrap
 from nnunet_protokd.configurations import (FINAL_VALIDATION_KEY, ConfigurationError, configuration_settings,
                                            resolved_configuration, schedule_of)
 from nnunet_protokd.modality import StudentModality, with_input_channel_check
@@ -107,8 +108,8 @@ def stop_if_non_finite(trainer: nnUNetTrainer, names: tuple, values: torch.Tenso
 
 def term_gradient_norms(trainer: nnUNetTrainer, terms: dict) -> dict:
     """How strongly each weighted loss term pulls on the student: the L2 norm, over all trainable parameters of
-    the network, of the gradient of weight * term (one extra backward pass per term; the trainers do this
-    once per epoch). Terms with weight 0 (ablations, computed without gradient) pull with 0.
+    the network, of the gradient of weight * term (one backward pass per term over a retained graph; the trainers
+    do this once per epoch, see LossTermTraining.probe_term_gradients). Terms with weight 0 (ablations, computed without gradient) pull with 0.
 
     Under a GradScaler (float16 on CUDA) each term is scaled like the loss, so that small gradients do not
     underflow, and the norm is unscaled again; a scale that overflows is halved, as GradScaler would.
@@ -139,7 +140,7 @@ class LossTermTraining:
     mixin runs the step like nnU-Net's train_step (same autocast, GradScaler, clipping and optimiser) and adds:
       - a non-finite term stops training before the optimiser step, naming the term and the epoch
         (stop_if_non_finite; all DDP ranks together);
-      - on the first step of every epoch, each term's pull on the student (term_gradient_norms);
+      - on the first batch of every epoch, each term's pull on the student (probe_term_gradients);
       - every epoch: the mean of each term and its gradient norm in the training log, nnU-Net's logger (so
         checkpoints keep them) and fold_X/distillation_progress.png.
     Call `register_logged_terms()` once nnU-Net's __init__ has made the logger.
@@ -150,6 +151,20 @@ class LossTermTraining:
 
     def weighted_loss_terms(self, data: torch.Tensor, target) -> dict:
         raise NotImplementedError
+
+    def probe_term_gradients(self, data: torch.Tensor, target) -> dict:
+        """term_gradient_norms of an extra forward pass on `data` through the plain network (no update): a
+        compiled network's backward may run only once per graph (a second pass over a retained compiled graph
+        gives wrong gradients, and then so does the step's own backward), and the plain module, which shares the
+        compiled one's parameters and feature hooks, also bypasses DDP, which expects one backward per forward."""
+        network = self.network
+        self.network = unwrap(network)
+        try:
+            with step_autocast(self):
+                terms = self.weighted_loss_terms(data, target)
+            return term_gradient_norms(self, {name: terms[name] for name in self.logged_terms})
+        finally:
+            self.network = network
 
     def register_logged_terms(self) -> None:
         for name in self.logged_terms:
@@ -162,6 +177,8 @@ class LossTermTraining:
 
     def train_step(self, batch: dict) -> dict:
         data, target = batch_on_device(self, batch)
+        if self._gradient_norms is None:
+            self._gradient_norms = self.probe_term_gradients(data, target)
         self.optimizer.zero_grad(set_to_none=True)
         with step_autocast(self):
             terms = self.weighted_loss_terms(data, target)
@@ -169,8 +186,6 @@ class LossTermTraining:
         names = ("loss",) + tuple(self.logged_terms)
         values = torch.stack([loss] + [terms[n][1] for n in self.logged_terms]).detach().float()
         values = stop_if_non_finite(self, names, values)
-        if self._gradient_norms is None:
-            self._gradient_norms = term_gradient_norms(self, {n: terms[n] for n in self.logged_terms})
         optimizer_step(self, loss)
         return dict(zip(names, values))
 
