@@ -14,8 +14,12 @@ from torch import distributed as dist
 from nnunet_protokd.features import unwrap
 from nnunet_protokd.configurations import (FINAL_VALIDATION_KEY, ConfigurationError, configuration_settings,
                                            resolved_configuration, schedule_of)
+from nnunet_protokd.errors import show_user_errors_in_nnunet_commands
 from nnunet_protokd.modality import StudentModality, with_input_channel_check
 from nnunet_protokd.plots import plot_loss_terms
+
+# nnUNetv2_train/-predict import this module through our trainers: our input errors then print as one line there
+show_user_errors_in_nnunet_commands()
 
 
 def apply_schedule(trainer: nnUNetTrainer) -> None:

@@ -59,7 +59,7 @@ def test_dry_run_prints_the_nnunet_commands_and_writes_nothing(workspace):
     assert trainings == ["777 3d_fullres_3ep_5it 0 -tr ProtoKDTeacherTrainer -p nnUNetPlans -device cpu"] + [
         f"777 3d_fullres_3ep_5it_{m} 0 -tr {t} -p nnUNetPlans -device cpu"
         for m in ("T1ce", "FLAIR") for t in ("UnimodalTrainer", "ProtoKDTrainer", "KDNetTrainer")]
-    predictions = [c for c in commands if "nnUNetv2_predict " in c]
+    predictions = [c for c in commands if "nnunet-protokd predict " in c]
     assert len(predictions) == 7
     assert f"-i {workspace}/experiment/inputs/test/T1ce -o {workspace}/experiment/predictions/protokd_T1ce" in \
            predictions[2]
@@ -74,7 +74,7 @@ def fake_nnunet(workspace, commands):
 
     def fake_run(command, **kwargs):
         commands.append(command)
-        if "nnUNetv2_predict" in command[0]:  # one label map per input case
+        if command[1:2] == ["predict"]:  # one label map per input case
             output = command[command.index("-o") + 1]
             shutil.copytree(workspace / "nnUNet_raw" / DATASET / "labelsTs", output, dirs_exist_ok=True)
         if "nnUNetv2_train" in command[0]:  # a final checkpoint per trained model
@@ -155,7 +155,7 @@ def test_lckd_is_trained_once_and_predicts_from_every_subset(workspace):
                          "777 3d_fullres_3ep_5it_T1ce 0 -tr UnimodalTrainer -p nnUNetPlans -device cpu"]
     assert any(c[1:] == ["lckd-subset", "-d", "777", "-c", "3d_fullres_3ep_5it", "--all", "-p", "nnUNetPlans"]
                for c in commands)
-    lckd_predictions = [c for c in commands if "nnUNetv2_predict" in c[0] and "LCKDTrainer" in c]
+    lckd_predictions = [c for c in commands if c[1:2] == ["predict"] and "LCKDTrainer" in c]
     assert len(lckd_predictions) == 15
     pair = next(c for c in lckd_predictions if c[c.index("-c") + 1] == "3d_fullres_3ep_5it_T1ce+FLAIR")
     inputs = workspace / "experiment" / "inputs" / "test" / "T1ce+FLAIR"

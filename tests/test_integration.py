@@ -107,6 +107,36 @@ def test_student_refuses_four_channel_input(workspace):
     assert "takes 1 input channel(s) per case (<case>_0000 = T1ce only) but received 4" in result.stderr
 
 
+def test_predict_command_checks_file_names_then_predicts_as_nnunet_does(workspace):
+    env = nnunet_environment(workspace)
+    arguments = ["-d", "501", "-c", "3d_smoke_T1ce", "-tr", "UnimodalTrainer", "-f", "0", "-device", "cpu", "-npp",
+                 "1", "-nps", "1"]
+    result = run([BIN / "nnunet-protokd", "predict", "-i", workspace / "t1ce_only", "-o", workspace / "checked",
+                  *arguments], env)
+    assert f"3 case(s) in {workspace / 't1ce_only'}, each with exactly the files this model reads" in result.stdout
+    predict(workspace, workspace / "t1ce_only", workspace / "plain", "3d_smoke_T1ce", "UnimodalTrainer")
+    predictions = sorted(p.name for p in (workspace / "plain").glob("*.nii.gz"))
+    assert len(predictions) == 3 and sorted(p.name for p in (workspace / "checked").glob("*.nii.gz")) == predictions
+    for name in predictions:  # nnU-Net's own prediction, voxel for voxel
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(workspace / "checked" / name))),
+                                      sitk.GetArrayFromImage(sitk.ReadImage(str(workspace / "plain" / name))))
+    # FLAIR numbered as in the 4-channel dataset: plain nnUNetv2_predict cannot tell and reads it as T1ce
+    flair = workspace / "flair_as_0003"
+    flair.mkdir()
+    for image in sorted((workspace / "nnUNet_raw" / DATASET / "imagesTs").glob("*_0003.nii.gz")):
+        shutil.copy(image, flair / image.name)
+    predict(workspace, flair, workspace / "flair_plain", "3d_smoke_T1ce", "UnimodalTrainer")
+    assert len(list((workspace / "flair_plain").glob("*.nii.gz"))) == 3
+    result = run([BIN / "nnunet-protokd", "predict", "-i", flair, "-o", workspace / "flair_checked", *arguments], env,
+                 expect_success=False)
+    case = sorted(flair.iterdir())[0].name[:-len("_0003.nii.gz")]
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"case {case}: unexpected file {flair}/{case}_0003.nii.gz (this model reads <case>_0000.nii.gz = T1ce " \
+           f"only per case)" in result.stderr
+    assert f"case {case}: missing {case}_0000.nii.gz (T1ce; " in result.stderr
+    assert not (workspace / "flair_checked").exists()
+
+
 def test_teacher_refuses_single_channel_input(workspace):
     result = predict(workspace, workspace / "t1ce_only", workspace / "bad2", "3d_smoke", "ProtoKDTeacherTrainer",
                      expect_success=False)
@@ -271,7 +301,7 @@ def test_lckd_elects_on_held_out_training_cases_and_validates_every_subset(works
 def test_lckd_predicts_from_a_subset_of_modalities(workspace):
     env = nnunet_environment(workspace)
     result = run([BIN / "nnunet-protokd", "lckd-subset", "-d", "501", "-c", "3d_lckd", "-m", "flair", "T1ce"], env)
-    assert "nnUNetv2_predict -d 501 -c 3d_lckd_T1ce+FLAIR -tr LCKDTrainer" in result.stdout
+    assert "nnunet-protokd predict -d 501 -c 3d_lckd_T1ce+FLAIR -tr LCKDTrainer" in result.stdout
     folder = workspace / "nnUNet_results" / DATASET / "LCKDTrainer__nnUNetPlans__3d_lckd_T1ce+FLAIR"
     assert (folder / "fold_0" / "checkpoint_final.pth").is_symlink()
     inputs = workspace / "t1ce_and_flair"
