@@ -23,17 +23,50 @@ SCHEDULE_KEYS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_p
 # False skips nnU-Net's final validation on the fold's validation cases (the demo evaluates on held-out cases)
 FINAL_VALIDATION_KEY = "final_validation"
 TEACHER_KEYS = ("trainer", "configuration", "plans", "checkpoint")
-# each distilling trainer's settings and the paper's values; a configuration overrides them under the
-# trainer's name, e.g. {"protokd": {"modality": "T1ce", "ProtoKDTrainer": {"beta": 0.0}}}
+# each distilling trainer's settings and the published method's values; a configuration overrides them under the
+# trainer's name, e.g. {"protokd": {"modality": "T1ce", "ProtoKDTrainer": {"beta": 0.0}}}. README, "Departures from
+# the paper", gives each setting's source and the value that switches to our variant.
 METHOD_DEFAULTS = {
-    # ProtoKD (Wang et al., ICASSP 2023): L = L_seg + alpha L_kd + beta L_proto, temperature T
-    "ProtoKDTrainer": {"alpha": 10.0, "beta": 0.1, "temperature": 10.0, "intra_class_only": False},
-    # KD-Net (Hu et al., MICCAI 2020): L = lambda L_KD + (1 - lambda) L_GT + alpha L_KL, temperature T
-    "KDNetTrainer": {"lambda": 0.75, "temperature": 5.0, "alpha": 10.0},
-    # LCKD (Wang et al., MICCAI 2023): L = L_seg + kd_weight * L1(teacher modalities' bottlenecks, others').
-    # kd_weight is the paper's; the schedule split, election interval and held-out share are ours
-    "LCKDTrainer": {"kd_weight": 0.1, "full_modality_fraction": 0.2, "election_interval": 10,
+    # ProtoKD (Wang et al., ICASSP 2023): L = L_seg + alpha L_kd + beta L_proto, temperature T. classes: the
+    # prototypes' classes on a region dataset ("disjoint": background, WT-TC, TC-ET, ET as in the authors' code;
+    # "regions": background and each nested region). class_presence: a class is used for an item when that item
+    # has it ("item", ours) or only when every item of the batch has it ("batch", the authors' code)
+    "ProtoKDTrainer": {"alpha": 10.0, "beta": 0.1, "temperature": 10.0, "intra_class_only": False,
+                       "classes": "disjoint", "class_presence": "item"},
+    # KD-Net (Hu et al., MICCAI 2020): L = lambda L_KD + (1 - lambda) L_GT + alpha L_KL, temperature T.
+    # soften_student: Eq. 2 compares sigma(f_t / T) with the student's unsoftened sigma(f_s) (False); True divides
+    # the student's logits by T too. kl_reduction: Eq. 3's KL summed over an item's elements ("sum") or averaged
+    # over them ("mean", a milder term)
+    "KDNetTrainer": {"lambda": 0.75, "temperature": 5.0, "alpha": 10.0, "soften_student": False,
+                     "kl_reduction": "sum"},
+    # LCKD (Wang et al., MICCAI 2023): L = L_seg + kd_weight * L1(teacher modalities' bottlenecks, others'), as the
+    # authors' code (github billhhh/LCKD): the L1 terms of all (teacher, student) pairs summed
+    # (kd_pair_reduction "sum"), distillation from the first epoch (kd_from_start), one feature slot per modality
+    # (fusion "slots"), 1 to M-1 modalities drawn per batch (subset_sampling "per_batch"), 80,000 of 195,000
+    # iterations with every modality (full_modality_fraction), an election every 5,000 iterations (= 20 epochs of
+    # nnU-Net's 250). election_fraction and election_batches are ours: we elect on held-out training patches
+    "LCKDTrainer": {"kd_weight": 0.1, "kd_pair_reduction": "sum", "kd_from_start": True, "fusion": "slots",
+                    "subset_sampling": "per_batch", "full_modality_fraction": 0.41, "election_interval": 20,
                     "election_fraction": 0.1, "election_batches": 10},
+}
+# the values a setting that names a variant may take (its default first)
+SETTING_CHOICES = {
+    ("ProtoKDTrainer", "classes"): ("disjoint", "regions"),
+    ("ProtoKDTrainer", "class_presence"): ("item", "batch"),
+    ("KDNetTrainer", "kl_reduction"): ("sum", "mean"),
+    ("LCKDTrainer", "kd_pair_reduction"): ("sum", "mean"),
+    ("LCKDTrainer", "fusion"): ("slots", "mean"),
+    ("LCKDTrainer", "subset_sampling"): ("per_batch", "per_item"),
+}
+# what plugin 0.1.0 did, as settings: a model trained by 0.1.0 recorded fewer settings (LCKD none), and these
+# values (over what it did record) say how it was trained, so that `--c` can tell whether it would now continue
+# under other settings. They are also what switches each trainer back to 0.1.0's behaviour.
+SETTINGS_OF_0_1_0 = {
+    "ProtoKDTrainer": {**METHOD_DEFAULTS["ProtoKDTrainer"], "classes": "regions"},
+    "KDNetTrainer": {**METHOD_DEFAULTS["KDNetTrainer"], "soften_student": True},
+    "LCKDTrainer": {**METHOD_DEFAULTS["LCKDTrainer"], "kd_pair_reduction": "mean", "kd_from_start": False,
+                    "fusion": "mean", "subset_sampling": "per_item", "full_modality_fraction": 0.2,
+                    "election_interval": 10},
 }
 
 
@@ -114,6 +147,9 @@ def _check_method_settings(method: str, given: dict) -> None:
                 isinstance(value, int) and isinstance(METHOD_DEFAULTS[method][key], float)):
             raise ConfigurationError(f"{method} setting {key} must be a {type(METHOD_DEFAULTS[method][key]).__name__}"
                                      f", got {value!r}")
+        choices = SETTING_CHOICES.get((method, key))
+        if choices is not None and value not in choices:
+            raise ConfigurationError(f"{method} setting {key} must be one of {list(choices)}, got {value!r}")
 
 
 def add_configuration(plans_file: str, dataset_json: dict, base: str, modality: str | None = None,
@@ -186,3 +222,33 @@ def schedule_of(configuration: dict) -> dict:
     """The schedule settings present in a resolved configuration."""
     settings = configuration_settings(configuration)
     return {k: int(settings[k]) for k in SCHEDULE_KEYS if k in settings}
+
+
+def add_config_command(plans: dict, configuration: str, method: str, values: dict) -> str | None:
+    """The `nnunet-protokd add-config` command that makes `configuration` again as it is in `plans`, with `values`
+    for `method`'s settings: how to pin settings on a configuration that add-config made. None for a configuration
+    it did not make (nnU-Net's own, e.g. 3d_fullres)."""
+    import shlex
+    entry = plans["configurations"].get(configuration, {})
+    base, own = entry.get("inherits_from"), entry.get(SETTINGS_KEY)
+    if base is None or own is None:
+        return None
+    parent = configuration_settings(resolved_configuration(plans, base))
+    words = ["nnunet-protokd", "add-config", "-d", plans["dataset_name"], "-p", plans["plans_name"], "-c", base]
+    if "modality" in own and "modality" not in parent:
+        words += ["-m", own["modality"]]
+    words += ["--name", configuration]
+    for key, option in zip(SCHEDULE_KEYS, ("--epochs", "--iterations-per-epoch", "--val-iterations-per-epoch")):
+        if key in own and own[key] != parent.get(key):
+            words += [option, str(own[key])]
+    if own.get(FINAL_VALIDATION_KEY) is False and parent.get(FINAL_VALIDATION_KEY) is not False:
+        words.append("--no-final-validation")
+    for key, value in own.get("teacher", {}).items():
+        if value != parent.get("teacher", {}).get(key):
+            words += [f"--teacher-{key}", str(value)]
+    for name in METHOD_DEFAULTS:
+        settings = {**own.get(name, {}), **(values if name == method else {})}
+        for key, value in settings.items():
+            if value != parent.get(name, {}).get(key):
+                words += ["--set", f"{name}.{key}={value if isinstance(value, str) else json.dumps(value)}"]
+    return " ".join(shlex.quote(word) for word in words + ["--overwrite"])
