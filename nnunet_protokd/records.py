@@ -12,9 +12,9 @@ import os
 from copy import deepcopy
 
 from nnunet_protokd import __version__
-from nnunet_protokd.configurations import (SETTINGS_KEY, SETTINGS_OF_0_1_0, ConfigurationError, add_config_command,
-                                           configuration_settings, load_preprocessed, method_settings,
-                                           resolved_configuration)
+from nnunet_protokd.configurations import (METHOD_DEFAULTS, SETTINGS_KEY, SETTINGS_OF_0_1_0, ConfigurationError,
+                                           add_config_command, configuration_settings, load_preprocessed,
+                                           method_settings, resolved_configuration)
 
 RECORD_FILE = "distillation.json"
 
@@ -39,10 +39,16 @@ class RecordedSettings:
     """Mixin for the plugin's nnU-Net trainers with method settings: resolves and records them, and refuses to load
     a checkpoint trained with other settings. Call `resolve_settings` before nnU-Net's __init__."""
 
+    @classmethod
+    def method_name(cls) -> str:
+        """The method whose settings this trainer has: the first class of its MRO in METHOD_DEFAULTS (so that a
+        variant such as `class ProtoKDTrainer_5epochs(ProtoKDTrainer)` reads ProtoKDTrainer's settings)."""
+        return next(c.__name__ for c in cls.__mro__ if c.__name__ in METHOD_DEFAULTS)
+
     def resolve_settings(self, plans: dict, configuration: str) -> None:
         resolved = resolved_configuration(plans, configuration)
-        self.given_settings = configuration_settings(resolved).get(self.__class__.__name__, {})
-        self.settings = method_settings(resolved, self.__class__.__name__)
+        self.given_settings = configuration_settings(resolved).get(self.method_name(), {})
+        self.settings = method_settings(resolved, self.method_name())
 
     def plans_with_resolved_settings(self, plans: dict, configuration: str) -> dict:
         """A copy of `plans` whose configuration holds every resolved setting of this trainer, so that the model
@@ -50,11 +56,11 @@ class RecordedSettings:
         plans = deepcopy(plans)
         plans["configurations"][configuration][SETTINGS_KEY] = {
             **configuration_settings(resolved_configuration(plans, configuration)),
-            self.__class__.__name__: dict(self.settings)}
+            self.method_name(): dict(self.settings)}
         return plans
 
     def record(self) -> dict:
-        return {"method": self.__class__.__name__, "plugin_version": __version__, "settings": dict(self.settings)}
+        return {"method": self.method_name(), "plugin_version": __version__, "settings": dict(self.settings)}
 
     def on_train_start(self):
         super().on_train_start()
@@ -82,7 +88,7 @@ class RecordedSettings:
 
     def check_checkpoint(self, checkpoint: dict, name: str) -> None:
         """Raises unless the checkpoint was trained with the settings this trainer resolved (subclasses add checks)."""
-        method = self.__class__.__name__
+        method = self.method_name()
         recorded, version = recorded_settings(checkpoint.get(SETTINGS_KEY), method, self.given_settings)
         changes = settings_changes(recorded, self.settings)
         if not changes:

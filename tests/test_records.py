@@ -108,3 +108,13 @@ def test_a_record_of_this_version_with_other_settings_is_refused():
     with pytest.raises(ConfigurationError, match=rf"nnunet-protokd {__version__} .*kl_reduction 'mean' -> 'sum'"):
         kdnet.check_checkpoint({"protokd": record}, "checkpoint_best.pth")
     assert recorded_settings(record, "KDNetTrainer", {}) == (record["settings"], __version__)
+
+
+def test_a_variant_of_a_trainer_reads_and_records_its_methods_settings():
+    base = type("KDNetTrainer", (RecordedSettings,), {})
+    variant = type("KDNetTrainer_5epochs", (base,), {})()
+    plans = make_plans()
+    plans["configurations"]["3d_fullres"]["protokd"] = {"KDNetTrainer": {"alpha": 1.0}}
+    variant.resolve_settings(plans, "3d_fullres")
+    assert variant.settings == {**METHOD_DEFAULTS["KDNetTrainer"], "alpha": 1.0}
+    assert variant.record()["method"] == "KDNetTrainer"
