@@ -105,7 +105,7 @@ def worker(mode: str, args: dict) -> dict:
                        args.get("compile", "nnunet"))
     if name == "LCKDTrainer":  # the stage is fixed, whatever the configuration's schedule would say at epoch 0
         trainer.settings = {**trainer.settings, "full_modality_fraction": 0.0 if stage == "subsets" else 1.0}
-    if stage == "subsets":
+    if name == "LCKDTrainer":  # both stages distil (kd_from_start, the authors' schedule)
         torch.manual_seed(0)  # the same subsets in every run
         trainer.teachers = [trainer.num_modalities - 1, 1, 1]
     teacher = getattr(trainer, "teacher", None)

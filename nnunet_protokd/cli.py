@@ -92,7 +92,8 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_method_settings(assignments) -> dict:
-    """["ProtoKDTrainer.beta=0", ...] -> {"ProtoKDTrainer": {"beta": 0}}; values are JSON (numbers, true/false)."""
+    """["ProtoKDTrainer.beta=0", "LCKDTrainer.fusion=mean", ...] -> {"ProtoKDTrainer": {"beta": 0}, ...}; values are
+    JSON (numbers, true/false), anything else is text (configurations.py checks each setting's type and choices)."""
     import json
     from nnunet_protokd.configurations import ConfigurationError
     methods = {}
@@ -104,7 +105,7 @@ def parse_method_settings(assignments) -> dict:
         try:
             value = json.loads(text)
         except json.JSONDecodeError:
-            raise ConfigurationError(f"--set {assignment}: {text!r} is not a number or true/false") from None
+            value = text
         methods.setdefault(method, {})[setting] = value
     return methods
 

@@ -39,17 +39,20 @@ CONFIGURATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+\-]*")
 class Setting:
     """One setting: its type, default and documented valid range. Numbers must be finite; a range's ends are
     included unless marked open. A default of None means nnU-Net's own value applies."""
-    kind: type  # float, int or bool
+    kind: type  # float, int, bool or str (one of `choices`, the default first)
     default: object = None
     minimum: float | None = None
     maximum: float | None = None
     open_minimum: bool = False
     open_maximum: bool = False
     meaning: str = ""
+    choices: tuple = ()
 
     def range_text(self) -> str:
         if self.kind is bool:
             return "true or false"
+        if self.kind is str:
+            return "one of " + ", ".join(self.choices)
         kind = "an integer" if self.kind is int else "a number"
         low, high = (None if v is None else f"{v:g}" for v in (self.minimum, self.maximum))
         if low is not None and high is not None:
@@ -64,6 +67,8 @@ class Setting:
         """Raises ConfigurationError naming `where`, the setting and its range when `value` is not valid."""
         if self.kind is bool:
             valid = type(value) is bool
+        elif self.kind is str:
+            valid = value in self.choices
         elif self.kind is int:
             valid = type(value) is int and self._in_range(value)
         else:  # an integer is a valid number, a bool is not
@@ -88,20 +93,46 @@ METHOD_SETTINGS = {
         "beta": Setting(float, 0.1, minimum=0, meaning="weight of L_proto; 0 leaves it out"),
         "temperature": Setting(float, 10.0, minimum=0, open_minimum=True, meaning="temperature T of L_kd"),
         "intra_class_only": Setting(bool, False, meaning="L_proto over each class's own voxels only"),
+        "classes": Setting(str, "disjoint", choices=("disjoint", "regions"),
+                           meaning="prototype classes of a region dataset: the disjoint classes the regions "
+                                   "make (background, WT-TC, TC-ET, ET; the authors') or background and each "
+                                   "nested region (0.1.0)"),
+        "class_presence": Setting(str, "item", choices=("item", "batch"),
+                                  meaning="a class counts for an item that has it (ours) or only when every item "
+                                          "of the batch has it (the authors' code)"),
     },
     # KD-Net (Hu, Maillard et al., MICCAI 2020): L = lambda L_KD + (1 - lambda) L_GT + alpha L_KL, temperature T
     "KDNetTrainer": {
         "lambda": Setting(float, 0.75, minimum=0, maximum=1, meaning="weight of L_KD; L_GT gets 1 - lambda"),
         "temperature": Setting(float, 5.0, minimum=0, open_minimum=True, meaning="temperature T of L_KD"),
         "alpha": Setting(float, 10.0, minimum=0, meaning="weight of L_KL; 0 leaves it out"),
+        "soften_student": Setting(bool, False, meaning="Eq. 2 with the student's logits divided by T too (0.1.0); "
+                                                       "the paper softens the teacher only"),
+        "kl_reduction": Setting(str, "sum", choices=("sum", "mean"),
+                                meaning="Eq. 3's KL summed over an item's bottleneck elements (the paper's "
+                                        "reading) or averaged over them (a milder term)"),
     },
-    # LCKD (Wang et al., MICCAI 2023): L = L_seg + kd_weight * L1(teacher modalities' bottlenecks, others').
-    # kd_weight is the paper's; the schedule split, election interval and held-out share are ours
+    # LCKD (Wang et al., MICCAI 2023): L = L_seg + kd_weight * L1(teacher modalities' bottlenecks, others'), as
+    # the authors' code (github billhhh/LCKD): pairs summed, distillation from the first epoch, one feature slot
+    # per modality, 1 to M-1 modalities per batch, 80,000 of 195,000 iterations with every modality, an election
+    # every 5,000 iterations (20 of nnU-Net's epochs). election_fraction and election_batches are ours: we elect
+    # on held-out training patches, not on validation volumes
     "LCKDTrainer": {
         "kd_weight": Setting(float, 0.1, minimum=0, meaning="weight of the cross-modal L1 term"),
-        "full_modality_fraction": Setting(float, 0.2, minimum=0, maximum=1,
+        "kd_pair_reduction": Setting(str, "sum", choices=("sum", "mean"),
+                                     meaning="the L1 terms of the (teacher, student) pairs summed (the authors') or "
+                                             "averaged (0.1.0)"),
+        "kd_from_start": Setting(bool, True, meaning="elect and distil from the first epoch (the authors'); false: "
+                                                     "from the first missing-modality epoch (0.1.0)"),
+        "fusion": Setting(str, "slots", choices=("slots", "mean"),
+                          meaning="one feature slot per modality, missing ones filled with the mean (the authors') "
+                                  "or the mean of the available modalities (0.1.0)"),
+        "subset_sampling": Setting(str, "per_batch", choices=("per_batch", "per_item"),
+                                   meaning="1 to M-1 modalities drawn for the whole batch (the authors') or one of "
+                                           "the 2^M-1 subsets per item (0.1.0)"),
+        "full_modality_fraction": Setting(float, 0.41, minimum=0, maximum=1,
                                           meaning="share of the epochs trained with every modality first"),
-        "election_interval": Setting(int, 10, minimum=1, meaning="epochs between teacher elections"),
+        "election_interval": Setting(int, 20, minimum=1, meaning="epochs between teacher elections"),
         "election_fraction": Setting(float, 0.1, minimum=0, maximum=1, open_minimum=True, open_maximum=True,
                                      meaning="share of the fold's training cases held out to elect teachers"),
         "election_batches": Setting(int, 10, minimum=1, meaning="fixed patches each election scores"),
@@ -116,6 +147,16 @@ SCHEDULE_SETTINGS = {
 SCHEDULE_KEYS = tuple(SCHEDULE_SETTINGS)
 METHOD_DEFAULTS = {method: {name: setting.default for name, setting in settings.items()}
                    for method, settings in METHOD_SETTINGS.items()}
+# what plugin 0.1.0 did, as settings: a model trained by 0.1.0 recorded fewer settings (LCKD none), and these
+# values (over what it did record) say how it was trained, so that `--c` can tell whether it would now continue
+# under other settings. They are also what switches each trainer back to 0.1.0's behaviour.
+SETTINGS_OF_0_1_0 = {
+    "ProtoKDTrainer": {**METHOD_DEFAULTS["ProtoKDTrainer"], "classes": "regions"},
+    "KDNetTrainer": {**METHOD_DEFAULTS["KDNetTrainer"], "soften_student": True},
+    "LCKDTrainer": {**METHOD_DEFAULTS["LCKDTrainer"], "kd_pair_reduction": "mean", "kd_from_start": False,
+                    "fusion": "mean", "subset_sampling": "per_item", "full_modality_fraction": 0.2,
+                    "election_interval": 10},
+}
 
 
 def describe_method_settings() -> str:
@@ -346,3 +387,33 @@ def schedule_of(configuration: dict) -> dict:
     """The schedule settings present in a resolved configuration."""
     settings = configuration_settings(configuration)
     return {k: settings[k] for k in SCHEDULE_KEYS if k in settings}
+
+
+def add_config_command(plans: dict, configuration: str, method: str, values: dict) -> str | None:
+    """The `nnunet-protokd add-config` command that makes `configuration` again as it is in `plans`, with `values`
+    for `method`'s settings: how to pin settings on a configuration that add-config made. None for a configuration
+    it did not make (nnU-Net's own, e.g. 3d_fullres)."""
+    import shlex
+    entry = plans["configurations"].get(configuration, {})
+    base, own = entry.get("inherits_from"), entry.get(SETTINGS_KEY)
+    if base is None or own is None:
+        return None
+    parent = configuration_settings(resolved_configuration(plans, base))
+    words = ["nnunet-protokd", "add-config", "-d", plans["dataset_name"], "-p", plans["plans_name"], "-c", base]
+    if "modality" in own and "modality" not in parent:
+        words += ["-m", own["modality"]]
+    words += ["--name", configuration]
+    for key, option in zip(SCHEDULE_KEYS, ("--epochs", "--iterations-per-epoch", "--val-iterations-per-epoch")):
+        if key in own and own[key] != parent.get(key):
+            words += [option, str(own[key])]
+    if own.get(FINAL_VALIDATION_KEY) is False and parent.get(FINAL_VALIDATION_KEY) is not False:
+        words.append("--no-final-validation")
+    for key, value in own.get("teacher", {}).items():
+        if value != parent.get("teacher", {}).get(key):
+            words += [f"--teacher-{key}", str(value)]
+    for name in METHOD_DEFAULTS:
+        settings = {**own.get(name, {}), **(values if name == method else {})}
+        for key, value in settings.items():
+            if value != parent.get(name, {}).get(key):
+                words += ["--set", f"{name}.{key}={value if isinstance(value, str) else json.dumps(value)}"]
+    return " ".join(shlex.quote(word) for word in words + ["--overwrite"])

@@ -2,29 +2,29 @@
 from __future__ import annotations
 
 import json
-import os
 
 import torch
 from nnunetv2.paths import nnUNet_results
 from nnunetv2.utilities.helpers import dummy_context
 
-from nnunet_protokd.configurations import method_settings, resolved_configuration
+from nnunet_protokd.configurations import resolved_configuration
 from nnunet_protokd.features import FeatureCapture
-from nnunet_protokd.teacher import TeacherCheckpoint, TeacherError, load_checkpoint_weights_only, locate_teacher
+from nnunet_protokd.records import RecordedSettings
+from nnunet_protokd.teacher import TeacherCheckpoint, TeacherError, locate_teacher
 from nnunet_protokd.training import SingleModalityTrainer
 
-RECORD_FILE = "distillation.json"
 
 
-class DistillationTrainer(SingleModalityTrainer):
+class DistillationTrainer(RecordedSettings, SingleModalityTrainer):
     """Student trainer whose loss is nnU-Net's segmentation loss plus weighted distillation terms.
 
     Subclasses name their terms in `loss_terms` and compute them in `distillation_terms`; they may reweight
     the segmentation loss (`segmentation_weight`) and add checks of the teacher (`check_teacher`). The
     teacher and the settings are checked before nnU-Net creates the model folder; the teacher is built on the
     device in `initialize`, run under no_grad in every training step on the full multi-channel batch, and never
-    saved: the checkpoint and `fold_X/distillation.json` record its path and sha256 instead, and resuming
-    with `--c` checks them. The step itself, its checks and the logging of every term are LossTermTraining's.
+    saved: the checkpoint and `fold_X/distillation.json` record its path and sha256 instead, with the resolved
+    settings and the plugin version (records.py), and resuming with `--c` checks them. The step itself, its
+    checks and the logging of every term are LossTermTraining's (training.py).
     """
     loss_terms: tuple = ()
 
@@ -33,7 +33,7 @@ class DistillationTrainer(SingleModalityTrainer):
         if "ignore" in dataset_json.get("labels", {}):
             raise NotImplementedError(f"{self.__class__.__name__}: datasets with an ignore label are not supported")
         student_configuration = resolved_configuration(plans, configuration)
-        self.settings = method_settings(student_configuration, self.__class__.__name__)
+        self.resolve_settings(plans, configuration)
         self.teacher_checkpoint = locate_teacher(plans, configuration, fold, dataset_json, nnUNet_results.get())
         self.check_teacher(self.teacher_checkpoint, student_configuration)
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -44,8 +44,7 @@ class DistillationTrainer(SingleModalityTrainer):
         return ("seg_loss",) + tuple(self.loss_terms)
 
     def record(self) -> dict:
-        return {"method": self.__class__.__name__, "modality": self.modality.name, "settings": self.settings,
-                "teacher": self.teacher_checkpoint.identity()}
+        return {**super().record(), "modality": self.modality.name, "teacher": self.teacher_checkpoint.identity()}
 
     def initialize(self):
         super().initialize()
@@ -53,12 +52,6 @@ class DistillationTrainer(SingleModalityTrainer):
         self.teacher = self.teacher_checkpoint.build(self.device, compile_network=self._do_i_compile())
         self.student_features = FeatureCapture(self.network)
         self.print_to_log_file(f"distillation: {json.dumps(self.record())}", also_print_to_console=False)
-
-    def on_train_start(self):
-        super().on_train_start()
-        if self.local_rank == 0:
-            with open(os.path.join(self.output_folder, RECORD_FILE), "w") as f:
-                json.dump(self.record(), f, indent=4)
 
     def check_teacher(self, teacher: TeacherCheckpoint, student_configuration: dict) -> None:
         """Method-specific requirements on the teacher; raise TeacherError. Runs before anything is written."""
@@ -84,22 +77,11 @@ class DistillationTrainer(SingleModalityTrainer):
         terms = self.distillation_terms(output, target, student_features, teacher_logits, teacher_features)
         return {"seg_loss": (self.segmentation_weight(), self.loss(output, target)), **terms}
 
-    def save_checkpoint(self, filename: str) -> None:
-        super().save_checkpoint(filename)
-        if self.local_rank == 0 and not self.disable_checkpointing:
-            # nnU-Net builds its checkpoint inside save_checkpoint; the teacher's identity is added afterwards
-            checkpoint = load_checkpoint_weights_only(filename)
-            checkpoint["protokd"] = self.record()
-            torch.save(checkpoint, filename + ".partial")
-            os.replace(filename + ".partial", filename)
-
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) \
-            else load_checkpoint_weights_only(filename_or_checkpoint, self.device)
+    def check_checkpoint(self, checkpoint: dict, name: str) -> None:
         recorded = checkpoint.get("protokd", {}).get("teacher", {})
         current = self.teacher_checkpoint.identity()
         if recorded and recorded["sha256"] != current["sha256"]:
             raise TeacherError(f"this student was trained with the teacher {recorded['checkpoint']} (sha256 "
                                f"{recorded['sha256'][:12]}...), but its teacher is now {current['checkpoint']} "
                                f"(sha256 {current['sha256'][:12]}...); continuing would mix two teachers")
-        super().load_checkpoint(filename_or_checkpoint)
+        super().check_checkpoint(checkpoint, name)

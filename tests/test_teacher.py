@@ -207,7 +207,10 @@ def test_kdnet_needs_the_students_architecture_but_protokd_does_not(tmp_path, mo
     # prototype maps are cosine similarities: a wider teacher is fine for ProtoKD
     trainer = construct_student("ProtoKDTrainer", tmp_path)
     assert trainer.teacher_checkpoint.identity()["trainer"] == "ProtoKDTeacherTrainer"
-    assert trainer.settings == {"alpha": 10.0, "beta": 0.1, "temperature": 10.0, "intra_class_only": False}
+    assert trainer.settings == {"alpha": 10.0, "beta": 0.1, "temperature": 10.0, "intra_class_only": False,
+                                "classes": "disjoint", "class_presence": "item"}
+    # its prototypes on BraTS regions: background, WT-TC, TC-ET, ET, recorded in distillation.json
+    assert trainer.prototype_classes == trainer.record()["prototype_classes"] == [[0], [1], [2], [3]]
 
 
 def test_out_of_range_settings_stop_a_student_before_its_model_folder_exists(tmp_path, monkeypatch):
