@@ -83,8 +83,7 @@ def _rule(experiment: Experiment, step: Step) -> str:
     return "\n".join(lines)
 
 
-def snakefile_text(experiment: Experiment, folder: str) -> str:
-    steps = experiment.steps()
+def snakefile_text(experiment: Experiment, steps: list, folder: str) -> str:
     environment = {k: v for k, v in sorted(os.environ.items()) if k.startswith("nnUNet_")}
     targets = [f for step in steps if not step.markers for f in step.outputs + step.output_folders]
     small = [step.name for step in steps if step.kind == "small"]
@@ -128,7 +127,8 @@ def write_workflow(settings: ExperimentSettings, folder: str, log=print) -> str:
     experiment = Experiment(settings)
     folder = os.path.abspath(folder)
     snakefile = os.path.join(folder, "Snakefile")
-    text = snakefile_text(experiment, folder)
+    steps = experiment.steps()
+    text = snakefile_text(experiment, steps, folder)
     if os.path.isfile(snakefile):
         with open(snakefile) as f:
             if f.read() != text:
@@ -137,14 +137,14 @@ def write_workflow(settings: ExperimentSettings, folder: str, log=print) -> str:
     os.makedirs(os.path.join(folder, "slurm"), exist_ok=True)
     files = {snakefile: text, os.path.join(folder, "config.yaml"): config_text(),
              os.path.join(folder, "slurm", "config.yaml"): SLURM_PROFILE.format(
-                 folder=folder,
-                 config=os.path.join(folder, "config.yaml"), slurm_logs=os.path.join(folder, "slurm_logs"))}
+                 folder=folder, config=os.path.join(folder, "config.yaml"),
+                 slurm_logs=os.path.join(folder, "slurm_logs"))}
     for path, content in files.items():
         if not os.path.exists(path):
             with open(path + ".partial", "w") as f:
                 f.write(content)
             os.replace(path + ".partial", path)
-    log(f"wrote {snakefile} ({len(experiment.steps())} rules, one per step), {os.path.join(folder, 'config.yaml')} "
+    log(f"wrote {snakefile} ({len(steps)} rules, one per step), {os.path.join(folder, 'config.yaml')} "
         f"(resources) and {os.path.join(folder, 'slurm', 'config.yaml')} (an example SLURM profile)\n"
         f"  run here:      cd {folder} && snakemake --cores N\n"
         f"  run on SLURM:  cd {folder} && snakemake --workflow-profile slurm")

@@ -143,7 +143,7 @@ def test_workflow_runs_through_slurm(tmp_path, phantom_folder):
     folder = workflow_folder(tmp_path, phantom_folder)
     completed = snakemake(folder, "--executor", "slurm", "--jobs", "2", "--slurm-status-command", "squeue",
                           "--slurm-no-account", "--slurm-init-seconds-before-status-checks", "5",
-                          "--slurm-keep-successful-logs", "--latency-wait", "10", timeout=900)
+                          "--slurm-keep-successful-logs", "--latency-wait", "10", timeout=1800)
     output = completed.stdout + completed.stderr
     submitted = set(re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+)", output))
     steps = experiment_of(tmp_path).steps()
