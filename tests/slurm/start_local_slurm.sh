@@ -13,8 +13,9 @@ PIDS=/run/slurm
 
 stop() {
     for pidfile in "$PIDS/slurmd.pid" "$PIDS/slurmctld.pid" /run/munge/munged.pid; do
-        if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-            kill "$(cat "$pidfile")" && echo "stopped $(basename "$pidfile" .pid) ($(cat "$pidfile"))"
+        pid=$(cat "$pidfile" 2>/dev/null || true)
+        if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+            kill "$pid" && echo "stopped $(basename "$pidfile" .pid) ($pid)"
         fi
     done
 }
@@ -69,7 +70,8 @@ EOF
 
 stop_slurm_only() {  # a restart picks up the new slurm.conf
     for pidfile in "$PIDS/slurmd.pid" "$PIDS/slurmctld.pid"; do
-        if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then kill "$(cat "$pidfile")"; sleep 1; fi
+        pid=$(cat "$pidfile" 2>/dev/null || true)
+        if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill "$pid"; sleep 1; fi
     done
 }
 stop_slurm_only
