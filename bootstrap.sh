@@ -4,8 +4,9 @@
 #   ./bootstrap.sh test [pytest args]   the test suite (CPU, about 7 minutes on 2 cores)
 #   ./bootstrap.sh install              only the set-up
 # The set-up: a virtual environment in .venv (override with PROTOKD_VENV), this project installed into it in
-# editable mode with nnU-Net v2 and PyTorch, and the .pth hook that lets nnUNetv2_train/nnUNetv2_predict of that
-# environment find trainers/ (see nnunet_protokd/trainer_path.py). It is redone whenever setup.cfg changes.
+# editable mode with nnU-Net v2, PyTorch and Snakemake (the extra [cluster], which the workflow tests need), and
+# the .pth hook that lets nnUNetv2_train/nnUNetv2_predict of that environment find trainers/ (see
+# nnunet_protokd/trainer_path.py). It is redone whenever setup.cfg changes.
 set -euo pipefail
 cd "$(dirname "$0")"
 venv="${PROTOKD_VENV:-.venv}"
@@ -14,7 +15,7 @@ stamp="$venv/.nnunet_protokd_installed"
 if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
     echo "== setting up $venv (first run: a few minutes; PyTorch is large)"
     python3 -m venv "$venv"
-    "$venv/bin/python" -m pip install --quiet -e '.[test]'
+    "$venv/bin/python" -m pip install --quiet -e '.[test,cluster]'
     "$venv/bin/nnunet-protokd" register-trainers
     touch "$stamp"
 fi

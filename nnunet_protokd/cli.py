@@ -154,15 +154,25 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def experiment(args) -> int:
-    from nnunet_protokd.experiment import Experiment, ExperimentSettings
-    settings = ExperimentSettings(
+def experiment_settings(args):
+    from nnunet_protokd.experiment import ExperimentSettings
+    return ExperimentSettings(
         dataset=args.dataset, output_folder=args.output or f"protokd_experiment_{args.dataset}",
         configuration=args.configuration, modalities=tuple(args.modalities or ()), methods=tuple(args.methods),
         folds=tuple(args.folds), device=args.device or _default_device(), epochs=args.epochs,
         iterations_per_epoch=args.iterations_per_epoch, val_iterations_per_epoch=args.val_iterations_per_epoch,
         final_validation=not args.no_final_validation, plans=args.plans, num_processes=args.num_processes)
-    Experiment(settings).run(dry_run=args.dry_run)
+
+
+def experiment(args) -> int:
+    from nnunet_protokd.experiment import Experiment
+    if args.workflow:
+        from nnunet_protokd.workflow import write_workflow
+        write_workflow(experiment_settings(args), args.workflow)
+    elif args.step:
+        Experiment(experiment_settings(args)).run_step(args.step)
+    else:
+        Experiment(experiment_settings(args)).run(dry_run=args.dry_run)
     return 0
 
 
@@ -287,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["unimodal", "protokd", "kdnet"],
                    help="unimodal, protokd, kdnet (a student per modality) and/or lckd (one model, predicted from "
                         "every subset of modalities) (default: unimodal protokd kdnet)")
-    p.add_argument("--folds", nargs="+", default=[0], help="folds (default 0)")
+    p.add_argument("--folds", nargs="+", default=[0], type=lambda f: f if f == "all" else int(f),
+                   help="folds (default 0)")
     p.add_argument("--device", default=None, help="passed to nnU-Net's -device (default: cuda if available)")
     p.add_argument("--epochs", type=int, default=None, help="a shorter schedule (a configuration of its own)")
     p.add_argument("--iterations-per-epoch", type=int, default=None)
@@ -297,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-np", "--num-processes", type=int, default=2, help="preprocessing processes (default 2)")
     p.add_argument("-o", "--output", default=None, help="predictions and report (default protokd_experiment_<d>)")
     p.add_argument("--dry-run", action="store_true", help="print the exact commands without running anything")
+    p.add_argument("--workflow", metavar="DIR", default=None,
+                   help="write the protocol as a Snakemake workflow (DIR/Snakefile, resources in DIR/config.yaml, a "
+                        "SLURM profile in DIR/slurm) instead of running it; needs the extra [cluster]")
+    p.add_argument("--step", metavar="NAME", default=None,
+                   help="run one step of the protocol by name (a rule of the workflow), whatever exists")
     p.set_defaults(func=experiment)
 
     p = commands.add_parser("report", help="Table 1: Dice/HD95 of prediction folders, paired tests, figures",

@@ -2,15 +2,21 @@
 
 plan/preprocess -> the multi-modality teacher -> per modality the unimodal baseline and each distilling
 student -> prediction of held-out single-modality images (`nnunet-protokd predict`: nnUNetv2_predict after
-checking each case's files) -> report. Each step is an nnU-Net (or plugin)
-command that a user could type; a step whose result exists is skipped, a half-trained model is continued with
-nnU-Net's `--c`, and `--dry-run` prints the commands instead of running them.
+checking each case's files) -> report. Each step is data (`Step`): an nnU-Net
+(or plugin) command that a user could type, the files it reads and writes, and its resource class. `experiment`
+runs the steps in order, skipping those whose outputs exist; `--dry-run` prints the commands; `--workflow`
+writes the same steps as a Snakemake workflow (nnunet_protokd/workflow.py), one rule per step.
+
+A training continues (nnU-Net's `--c`) only from `checkpoint_latest.pth`: after a finished training nnU-Net keeps
+`checkpoint_final.pth` and `checkpoint_best.pth` only, and `--c` without the final one would silently continue
+from the best one, a different model; a model folder without either final or latest checkpoint trains anew.
 """
 from __future__ import annotations
 
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -24,6 +30,7 @@ METHOD_TRAINERS = {"unimodal": "UnimodalTrainer", "protokd": "ProtoKDTrainer", "
                    "lckd": "LCKDTrainer"}
 # methods that train one model on every channel instead of one student per modality
 MULTI_MODALITY_METHODS = ("lckd",)
+DISTILLING_TRAINERS = (METHOD_TRAINERS["protokd"], METHOD_TRAINERS["kdnet"])  # they need their fold's teacher
 TEACHER_TRAINER = "ProtoKDTeacherTrainer"
 
 
@@ -31,14 +38,49 @@ class StepFailed(RuntimeError):
     """A command of the protocol exited with an error (its own output says why)."""
 
 
+# What a job of each kind of step needs on a cluster (Snakemake resources; `runtime` in minutes). Defaults for
+# nnU-Net's 3d_fullres on one GPU: nnU-Net uses 12 data-augmentation processes per GPU (nnUNet_n_proc_DA) and a
+# 1000-epoch training takes one to two days, so a training gets 48 h and its retries continue from
+# checkpoint_latest.pth (written every 50 epochs). The workflow's config.yaml holds them for the user to change.
+STEP_RESOURCES = {
+    "preprocess": {"threads": 8, "mem_mb": 64000, "runtime": 360, "gpu": 0, "retries": 1},
+    "small": {"threads": 1, "mem_mb": 2000, "runtime": 10, "gpu": 0, "retries": 0},  # plans edits, links, splits
+    "train": {"threads": 12, "mem_mb": 64000, "runtime": 2880, "gpu": 1, "retries": 2},
+    "predict": {"threads": 8, "mem_mb": 32000, "runtime": 240, "gpu": 1, "retries": 1},
+    "report": {"threads": 2, "mem_mb": 16000, "runtime": 120, "gpu": 0, "retries": 0},
+}
+
+
 @dataclass
 class Step:
-    title: str
-    command: list = field(default_factory=list)  # shell command, shown by --dry-run
-    done: Callable[[], bool] = lambda: False
-    action: Callable[[], None] | None = None  # in-process work instead of a command
-    continue_if: Callable[[], bool] = lambda: False  # a half-finished training: add --c
+    """One command of the protocol, as data that both `experiment` (runs it unless it is done) and the Snakemake
+    workflow (one rule: inputs, outputs, resources, shell command) read."""
+    name: str  # an identifier: the rule's name, and `experiment --step NAME`
+    title: str  # what the progress line says
+    kind: str  # its resource class, a key of STEP_RESOURCES
+    command: list  # the nnU-Net or plugin command that does the step (shown by --dry-run)
+    inputs: list = field(default_factory=list)  # files/folders of earlier steps it reads: newer ones make it stale
+    after: list = field(default_factory=list)  # outputs of earlier steps it needs to exist, whatever their age
+    outputs: list = field(default_factory=list)  # files it writes
+    output_folders: list = field(default_factory=list)  # folders it writes
+    markers: bool = False  # its outputs are empty files saying it ran (the command itself writes nothing to test)
+    done_check: Callable[[], bool] | None = None  # a finer test than "its outputs exist" (every case predicted)
+    action: Callable[[], None] | None = None  # `experiment` does this in-process instead of running the command
+    continue_from: str = ""  # a training's checkpoint_latest.pth: when it exists the command gets nnU-Net's --c
     note: str = ""  # what an in-process action does, for --dry-run
+
+    def done(self) -> bool:
+        if self.done_check is not None:
+            return self.done_check()
+        return all(os.path.exists(p) for p in self.outputs + self.output_folders)
+
+    def resumes(self) -> bool:
+        return bool(self.continue_from) and os.path.isfile(self.continue_from)
+
+
+def _identifier(*parts) -> str:
+    """A step name from its parts (letters, digits, underscores): "3d_fullres_T1ce+FLAIR" -> "3d_fullres_T1ce_FLAIR"."""
+    return re.sub(r"\W+", "_", "_".join(str(p) for p in parts)).strip("_")
 
 
 @dataclass
@@ -57,6 +99,28 @@ class ExperimentSettings:
     plans: str = "nnUNetPlans"
     num_processes: int = 2
     notes: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.output_folder = os.path.abspath(self.output_folder)
+
+    def arguments(self) -> list:
+        """The `nnunet-protokd experiment` arguments that recreate these settings (notes aside)."""
+        arguments = ["-d", self.dataset, "-c", self.configuration, "-p", self.plans, "--methods", *self.methods,
+                     "--folds", *map(str, self.folds), "--device", self.device, "-np", str(self.num_processes),
+                     "-o", self.output_folder]
+        arguments += ["--modalities", *self.modalities] if self.modalities else []
+        for flag, value in (("--epochs", self.epochs), ("--iterations-per-epoch", self.iterations_per_epoch),
+                            ("--val-iterations-per-epoch", self.val_iterations_per_epoch)):
+            arguments += [flag, str(value)] if value else []
+        return arguments + ([] if self.final_validation else ["--no-final-validation"])
+
+
+def _symlinks(folder: str, links: dict) -> None:
+    """folder/<name> -> source for each item (those already there are kept)."""
+    os.makedirs(folder, exist_ok=True)
+    for name, source in links.items():
+        if not os.path.lexists(os.path.join(folder, name)):
+            os.symlink(source, os.path.join(folder, name))
 
 
 def _bin(name: str) -> str:
@@ -109,9 +173,15 @@ class Experiment:
     def model_folder(self, trainer: str, configuration: str, fold) -> str:
         return os.path.join(self.results, f"{trainer}__{self.settings.plans}__{configuration}", f"fold_{fold}")
 
-    def prediction_folder(self, method: str, modality: str | None) -> str:
+    def prediction_folder(self, method: str, modality: str | None, fold=None) -> str:
+        """nnUNetv2_predict's output folder: predictions/<name> for the held-out set (every fold's model). In
+        cross-validation each fold's model predicts its own cases into predictions/fold_<f>/<name> (a folder per
+        job), and the report reads predictions/all_folds/<name> (fold=None), links to all of them."""
         name = "teacher" if modality is None else f"{method}_{modality}"
-        return os.path.join(self.settings.output_folder, "predictions", name)
+        if self.evaluate_on_test_set:
+            return os.path.join(self.settings.output_folder, "predictions", name)
+        return os.path.join(self.settings.output_folder, "predictions", "all_folds" if fold is None else f"fold_{fold}",
+                            name)
 
     def evaluation_cases(self, fold=None) -> list:
         if self.evaluate_on_test_set:
@@ -127,23 +197,40 @@ class Experiment:
         s = self.settings
         steps = []
         plans_file = os.path.join(self.preprocessed, f"{s.plans}.json")
-        steps.append(Step("plan and preprocess", [
+        data_folder = os.path.join(self.preprocessed, f"{s.plans}_{s.configuration}")
+        steps.append(Step("plan_and_preprocess", "plan and preprocess", "preprocess", [
             _bin("nnUNetv2_plan_and_preprocess"), "-d", self.dataset_id, "-c", s.configuration, "-np",
             str(s.num_processes), "--verify_dataset_integrity"],
-            done=lambda: os.path.isfile(plans_file) and os.path.isdir(
-                os.path.join(self.preprocessed, f"{s.plans}_{s.configuration}"))))
+            # the plans file stands for the preprocessed data: a workflow engine's mark in the data folder (Snakemake
+            # writes .snakemake_timestamp into folders it makes) would break nnU-Net's look at its file endings.
+            # add-config edits the plans later, so later steps need it to exist, whatever its age
+            inputs=[os.path.join(self.raw, "dataset.json")], outputs=[plans_file],
+            done_check=lambda: os.path.isfile(plans_file) and os.path.isdir(data_folder)))
+        # nnU-Net's trainers write splits_final.json when it is missing: parallel folds would race for it
+        steps.append(Step("splits", "cross-validation splits", "small", self.step_command("splits"),
+                          after=[plans_file], outputs=[self.splits_file()], action=self.write_splits,
+                          note=f"nnU-Net's seeded 5-fold split of the preprocessed cases into {self.splits_file()}"))
         schedule = []
         for flag, value in (("--epochs", s.epochs), ("--iterations-per-epoch", s.iterations_per_epoch),
                             ("--val-iterations-per-epoch", s.val_iterations_per_epoch)):
             schedule += [flag, str(value)] if value else []
         schedule += [] if s.final_validation else ["--no-final-validation"]
         add_config = [_bin("nnunet-protokd"), "add-config", "-d", self.dataset_id, "-p", s.plans]
+        configurations = []
         if self.teacher_configuration != s.configuration:
-            steps.append(Step(f"configuration {self.teacher_configuration}", add_config + [
-                "-c", s.configuration, "--name", self.teacher_configuration] + schedule))
-        for modality in self.modalities:
-            steps.append(Step(f"configuration {self.student_configuration(modality)}",
-                              add_config + ["-c", self.teacher_configuration, "-m", modality]))
+            configurations.append((self.teacher_configuration, ["-c", s.configuration, "--name",
+                                                                self.teacher_configuration] + schedule))
+        configurations += [(self.student_configuration(m), ["-c", self.teacher_configuration, "-m", m])
+                           for m in self.modalities]
+        configured = {}  # configuration -> marker of the step that added it
+        for configuration, arguments in configurations:
+            # add-config edits the one plans file: each waits for the one before, so that no edit is lost;
+            # experiment re-applies them every time (they are idempotent), hence done_check
+            previous = list(configured.values())[-1:]
+            configured[configuration] = self.marker(_identifier("configure", configuration))
+            steps.append(Step(_identifier("configure", configuration), f"configuration {configuration}",
+                              "small", add_config + arguments, after=[plans_file] + previous,
+                              outputs=[configured[configuration]], markers=True, done_check=lambda: False))
         trainings = [(TEACHER_TRAINER, self.teacher_configuration, fold) for fold in s.folds]
         trainings += [(METHOD_TRAINERS["lckd"], self.teacher_configuration, fold)
                       for fold in s.folds if self.lckd_subsets]
@@ -151,18 +238,27 @@ class Experiment:
                       for modality in self.modalities for method in self.student_methods for fold in s.folds]
         for trainer, configuration, fold in trainings:
             folder = self.model_folder(trainer, configuration, fold)
-            steps.append(Step(f"train {trainer} {configuration} fold {fold}", [
-                _bin("nnUNetv2_train"), self.dataset_id, configuration, str(fold), "-tr", trainer, "-p", s.plans,
-                "-device", s.device],
-                done=lambda folder=folder: os.path.isfile(os.path.join(folder, "checkpoint_final.pth")),
-                continue_if=lambda folder=folder: os.path.isdir(folder)))
+            # a distilling student of fold f starts after the teacher of fold f
+            teacher = [self.final_checkpoint(TEACHER_TRAINER, self.teacher_configuration, fold)] \
+                if trainer in DISTILLING_TRAINERS else []
+            steps.append(Step(
+                _identifier("train", trainer, configuration, "fold", fold),
+                f"train {trainer} {configuration} fold {fold}", "train",
+                [_bin("nnUNetv2_train"), self.dataset_id, configuration, str(fold), "-tr", trainer, "-p", s.plans,
+                 "-device", s.device],
+                inputs=[self.splits_file()] + teacher,
+                after=[plans_file] + ([configured[configuration]] if configuration in configured else []),
+                outputs=[os.path.join(folder, "checkpoint_final.pth")],
+                continue_from=os.path.join(folder, "checkpoint_latest.pth")))
+        lckd_folders = [os.path.join(os.path.dirname(self.model_folder(
+            METHOD_TRAINERS["lckd"], self.lckd_configuration(subset), 0)), "dataset.json")
+            for subset in self.lckd_subsets]
         if self.lckd_subsets:
-            steps.append(Step("LCKD model folders for every subset of modalities", [
+            steps.append(Step("lckd_subsets", "LCKD model folders for every subset of modalities", "small", [
                 _bin("nnunet-protokd"), "lckd-subset", "-d", self.dataset_id, "-c", self.teacher_configuration,
                 "--all", "-p", s.plans],
-                done=lambda: all(os.path.isfile(os.path.join(os.path.dirname(self.model_folder(
-                    METHOD_TRAINERS["lckd"], self.lckd_configuration(subset), 0)), "dataset.json"))
-                    for subset in self.lckd_subsets)))
+                inputs=[self.final_checkpoint(METHOD_TRAINERS["lckd"], self.teacher_configuration, fold)
+                        for fold in s.folds], outputs=lckd_folders))
         predictions = [("teacher", None, TEACHER_TRAINER, self.teacher_configuration)]
         predictions += [(method, modality, METHOD_TRAINERS[method], self.student_configuration(modality))
                         for modality in self.modalities for method in self.student_methods]
@@ -171,25 +267,75 @@ class Experiment:
         input_sets = list(dict.fromkeys((None,) + self.modalities + tuple(self.lckd_subsets)))
         # held-out test cases: every fold's model predicts them (nnU-Net ensembles the folds); otherwise each
         # fold's model predicts its own validation cases
+        prediction_folders = []
         for fold_group in ([s.folds] if self.evaluate_on_test_set else [[f] for f in s.folds]):
+            where = "test" if self.evaluate_on_test_set else f"fold_{fold_group[0]}"
             for modality in input_sets:
-                where = "" if self.evaluate_on_test_set else f" fold {fold_group[0]}"
                 files = "every channel file" if modality is None else \
                     f"the {' and '.join(modality.split(LABEL_SEPARATOR))} file(s) (as <case>_0000, ...)"
-                steps.append(Step(f"prediction inputs {modality or 'all channels'}{where}",
-                                  action=lambda modality=modality, fold=fold_group[0]: self.link_inputs(modality, fold),
-                                  done=lambda modality=modality, fold=fold_group[0]: self.inputs_ready(modality, fold),
-                                  note=f"symbolic links to {files} of each evaluation case in "
-                                       f"{self.input_folder(modality, fold_group[0])}"))
+                name = _identifier("inputs", modality or "all_channels", where)
+                steps.append(Step(
+                    name, f"prediction inputs {modality or 'all channels'}"
+                          f"{'' if self.evaluate_on_test_set else ' fold ' + str(fold_group[0])}",
+                    "small", self.step_command(name),
+                    inputs=[] if self.evaluate_on_test_set else [self.splits_file()],
+                    output_folders=[self.input_folder(modality, fold_group[0])],
+                    action=lambda modality=modality, fold=fold_group[0]: self.link_inputs(modality, fold),
+                    done_check=lambda modality=modality, fold=fold_group[0]: self.inputs_ready(modality, fold),
+                    note=f"symbolic links to {files} of each evaluation case in "
+                         f"{self.input_folder(modality, fold_group[0])}"))
             for method, modality, trainer, configuration in predictions:
                 inputs = self.input_folder(modality, fold_group[0])
-                output = self.prediction_folder(method, modality)
-                steps.append(Step(f"predict {trainer} {configuration} folds {' '.join(map(str, fold_group))}", [
-                    _bin("nnunet-protokd"), "predict", "-i", inputs, "-o", output, "-d", self.dataset_id, "-c",
-                    configuration, "-tr", trainer, "-p", s.plans, "-f", *map(str, fold_group), "-device", s.device],
-                    done=lambda output=output, fold=fold_group[0]: self.predictions_ready(output, fold)))
-        steps.append(Step("report", action=self.write_report, command=self.report_command()))
+                output = self.prediction_folder(method, modality, fold_group[0])
+                models = lckd_folders if method == "lckd" else \
+                    [self.final_checkpoint(trainer, configuration, fold) for fold in fold_group]
+                prediction_folders.append(output)
+                steps.append(Step(
+                    _identifier("predict", trainer, configuration, where),
+                    f"predict {trainer} {configuration} folds {' '.join(map(str, fold_group))}", "predict",
+                    [_bin("nnunet-protokd"), "predict", "-i", inputs, "-o", output, "-d", self.dataset_id, "-c",
+                     configuration, "-tr", trainer, "-p", s.plans, "-f", *map(str, fold_group), "-device", s.device],
+                    inputs=[inputs] + models, output_folders=[output],
+                    done_check=lambda output=output, fold=fold_group[0]: self.predictions_ready(output, fold)))
+        report_folder = os.path.join(s.output_folder, "report")
+        steps.append(Step("report", "report", "report", self.step_command("report"), inputs=prediction_folders,
+                          outputs=[os.path.join(report_folder, name) for name in ("report.md", "summary.json")],
+                          action=self.write_report, done_check=lambda: False,
+                          note=f"Table 1 of the prediction folders against the reference labels, in {report_folder}"))
+        names = [step.name for step in steps]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"two steps of {self.dataset_name} would share the name(s) {repeated}: rename a "
+                             f"modality or configuration so that they differ in letters or digits")
+        written = [path for step in steps for path in step.outputs + step.output_folders]
+        assert len(written) == len(set(written)), "two steps of the protocol write the same file or folder"
         return steps
+
+    def step_command(self, name: str) -> list:
+        """The command that does one in-process step (linking inputs, splits, report) on its own."""
+        return [_bin("nnunet-protokd"), "experiment", *self.settings.arguments(), "--step", name]
+
+    def marker(self, name: str) -> str:
+        return os.path.join(self.settings.output_folder, "done", name)
+
+    def final_checkpoint(self, trainer: str, configuration: str, fold) -> str:
+        return os.path.join(self.model_folder(trainer, configuration, fold), "checkpoint_final.pth")
+
+    def splits_file(self) -> str:
+        return os.path.join(self.preprocessed, "splits_final.json")
+
+    def write_splits(self) -> None:
+        """nnU-Net's own split (nnUNetTrainer.do_split: 5 folds seeded 12345 over the sorted case identifiers)."""
+        from batchgenerators.utilities.file_and_folder_operations import save_json
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+        from nnunetv2.utilities.crossval_split import generate_crossval_split
+        if os.path.isfile(self.splits_file()):
+            return
+        folder = os.path.join(self.preprocessed, f"{self.settings.plans}_{self.settings.configuration}")
+        identifiers = sorted(infer_dataset_class(folder).get_identifiers(folder))
+        temporary = self.splits_file() + ".partial"
+        save_json(generate_crossval_split(identifiers, seed=12345, n_splits=5), temporary)
+        os.replace(temporary, self.splits_file())
 
     def lckd_configuration(self, subset: str) -> str:
         from nnunet_protokd.lckd import subset_configuration_name
@@ -218,11 +364,7 @@ class Experiment:
         return os.path.isdir(folder) and all(os.path.exists(os.path.join(folder, n)) for n in self._links(modality, fold))
 
     def link_inputs(self, modality, fold) -> None:
-        folder = self.input_folder(modality, fold)
-        os.makedirs(folder, exist_ok=True)
-        for name, source in self._links(modality, fold).items():
-            if not os.path.exists(os.path.join(folder, name)):
-                os.symlink(source, os.path.join(folder, name))
+        _symlinks(self.input_folder(modality, fold), self._links(modality, fold))
 
     def predictions_ready(self, output: str, fold) -> bool:
         ending = self.dataset_json["file_ending"]
@@ -234,13 +376,19 @@ class Experiment:
         if self.evaluate_on_test_set:
             return os.path.join(self.raw, "labelsTs")
         folder = os.path.join(self.settings.output_folder, "ground_truth")
-        os.makedirs(folder, exist_ok=True)
         ending = self.dataset_json["file_ending"]
-        for fold in self.settings.folds:
-            for case in self.evaluation_cases(fold):
-                if not os.path.exists(os.path.join(folder, case + ending)):
-                    os.symlink(os.path.join(self.raw, "labelsTr", case + ending), os.path.join(folder, case + ending))
+        _symlinks(folder, {case + ending: os.path.join(self.raw, "labelsTr", case + ending)
+                           for fold in self.settings.folds for case in self.evaluation_cases(fold)})
         return folder
+
+    def gather_fold_predictions(self) -> None:
+        """Cross-validation: predictions/all_folds/<name> links to each fold's predictions of its own cases."""
+        ending = self.dataset_json["file_ending"]
+        for prediction_set in self.prediction_sets():
+            method, modality = prediction_set.method, prediction_set.modality
+            _symlinks(prediction_set.folder, {
+                case + ending: os.path.join(self.prediction_folder(method, modality, fold), case + ending)
+                for fold in self.settings.folds for case in self.evaluation_cases(fold)})
 
     def run_info(self) -> dict:
         import torch
@@ -253,7 +401,26 @@ class Experiment:
                                                  "cpu_count": os.cpu_count(), "cuda": torch.cuda.get_device_name(0)
                                                  if torch.cuda.is_available() else None},
                 "seeds": "nnU-Net's training is not seeded (data augmentation draws its own random numbers)",
-                "wall_time_seconds": self.timings, **s.notes}
+                "wall_time_seconds": self.wall_times(), **s.notes}
+
+    def benchmark_file(self, step_name: str) -> str:
+        """Where the workflow has Snakemake record a step's wall time and memory."""
+        return os.path.join(self.settings.output_folder, "benchmarks", f"{step_name}.tsv")
+
+    def wall_times(self) -> dict:
+        """Seconds per step title: from experiment runs (wall_times.json) and workflow jobs (Snakemake's
+        benchmark files), the latest winning."""
+        times = {}
+        timings_file = os.path.join(self.settings.output_folder, "wall_times.json")
+        if os.path.isfile(timings_file):
+            with open(timings_file) as f:
+                times.update(json.load(f))
+        for step in self.steps():
+            if os.path.isfile(self.benchmark_file(step.name)):
+                with open(self.benchmark_file(step.name)) as f:
+                    header, values = f.read().splitlines()[:2]
+                times[step.title] = round(float(values.split("\t")[header.split("\t").index("s")]), 1)
+        return {**times, **self.timings}
 
     def prediction_sets(self) -> list:
         from nnunet_protokd.report import PredictionSet
@@ -265,23 +432,36 @@ class Experiment:
     def images_folder(self) -> str:
         return os.path.join(self.raw, "imagesTs" if self.evaluate_on_test_set else "imagesTr")
 
-    def report_command(self) -> list:
-        """The equivalent `nnunet-protokd report` call (the experiment runs it in-process, adding run_info)."""
-        ground_truth = os.path.join(self.raw, "labelsTs") if self.evaluate_on_test_set else \
-            os.path.join(self.settings.output_folder, "ground_truth")
-        command = [_bin("nnunet-protokd"), "report", "--ground-truth", ground_truth, "--dataset-json",
-                   os.path.join(self.raw, "dataset.json"), "-o", os.path.join(self.settings.output_folder, "report"),
-                   "--images", self.images_folder()]
-        for prediction_set in self.prediction_sets():
-            command += ["--prediction", f"{prediction_set.key}={prediction_set.folder}"]
-        return command
-
     def write_report(self) -> None:
         from nnunet_protokd.report import build_report
+        if not self.evaluate_on_test_set:
+            self.gather_fold_predictions()
         build_report(self.ground_truth_folder(), self.dataset_json, self.prediction_sets(),
                      os.path.join(self.settings.output_folder, "report"), self.images_folder(), self.run_info())
 
     # ----- running
+    def execute(self, step: Step, log=print) -> None:
+        """Does one step: its in-process action, or its command (a training with --c if it can continue)."""
+        if step.action is not None:
+            step.action()
+        else:
+            command = step.command + (["--c"] if step.resumes() else [])
+            completed = self.run_command(command)
+            if completed.returncode != 0:
+                raise StepFailed(f"step {step.name} ({step.title}) failed with exit status "
+                                 f"{completed.returncode}: {shlex.join(command)}")
+        for marker in step.outputs if step.markers else []:
+            if not os.path.exists(marker):  # its age is what Snakemake compares: keep the first one
+                os.makedirs(os.path.dirname(marker), exist_ok=True)
+                open(marker, "w").close()
+
+    def run_step(self, name: str, log=print) -> None:
+        """One step by name, whatever its outputs say (the workflow engine decided that it must run)."""
+        steps = {step.name: step for step in self.steps()}
+        if name not in steps:
+            raise ValueError(f"{self.dataset_name}'s experiment has no step {name!r}; its steps: {', '.join(steps)}")
+        self.execute(steps[name], log)
+
     def run(self, dry_run: bool = False, log=print) -> None:
         steps = self.steps()
         start = time.time()
@@ -292,25 +472,22 @@ class Experiment:
                 with open(timings_file) as f:
                     self.timings = json.load(f)
         for number, step in enumerate(steps, 1):
-            command = step.command + (["--c"] if not dry_run and step.continue_if() and not step.done() else [])
             if dry_run:
                 log(f"# [{number}/{len(steps)}] {step.title}" + (f": {step.note}" if step.note else ""))
-                if step.command:
-                    log(shlex.join(command))
+                log(shlex.join(step.command))
                 continue
             elapsed = time.strftime("%H:%M:%S", time.gmtime(time.time() - start))
             if step.done():
                 log(f"[{number}/{len(steps)}] {step.title}: already done ({elapsed})")
                 continue
-            log(f"[{number}/{len(steps)}] {step.title}{' (continuing)' if '--c' in command else ''} ({elapsed})")
+            how = ""
+            if step.resumes():
+                how = " (continuing from checkpoint_latest.pth)"
+            elif step.continue_from and os.path.isdir(os.path.dirname(step.continue_from)):
+                how = " (from scratch: the model folder has neither checkpoint_final.pth nor checkpoint_latest.pth)"
+            log(f"[{number}/{len(steps)}] {step.title}{how} ({elapsed})")
             step_start = time.time()
-            if step.action is not None:
-                step.action()
-            else:
-                completed = self.run_command(command)
-                if completed.returncode != 0:
-                    raise StepFailed(f"step {number} ({step.title}) failed with exit status "
-                                       f"{completed.returncode}: {shlex.join(command)}")
+            self.execute(step, log)
             self.timings[step.title] = round(time.time() - step_start, 1)
             with open(timings_file, "w") as f:
                 json.dump(self.timings, f, indent=1)

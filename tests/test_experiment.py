@@ -53,7 +53,12 @@ def test_dry_run_prints_the_nnunet_commands_and_writes_nothing(workspace):
     commands = [line for line in result.stdout.splitlines() if not line.startswith("#")]
     steps = [line for line in result.stdout.splitlines() if line.startswith("#")]
     assert commands[0].endswith("nnUNetv2_plan_and_preprocess -d 777 -c 3d_fullres -np 2 --verify_dataset_integrity")
-    assert commands[1].endswith("add-config -d 777 -p nnUNetPlans -c 3d_fullres --name 3d_fullres_3ep_5it "
+    # a step done in-process is a command too: experiment itself, with these settings, running that one step
+    experiment = f"nnunet-protokd experiment -d 777 -c 3d_fullres -p nnUNetPlans --methods unimodal protokd kdnet " \
+                 f"--folds 0 --device cpu -np 2 -o {workspace}/experiment --modalities T1ce FLAIR --epochs 3 " \
+                 f"--iterations-per-epoch 5 --step"
+    assert commands[1].endswith(f"{experiment} splits")
+    assert commands[2].endswith("add-config -d 777 -p nnUNetPlans -c 3d_fullres --name 3d_fullres_3ep_5it "
                                 "--epochs 3 --iterations-per-epoch 5")
     trainings = [c.split("nnUNetv2_train ")[1] for c in commands if "nnUNetv2_train " in c]
     assert trainings == ["777 3d_fullres_3ep_5it 0 -tr ProtoKDTeacherTrainer -p nnUNetPlans -device cpu"] + [
@@ -64,8 +69,19 @@ def test_dry_run_prints_the_nnunet_commands_and_writes_nothing(workspace):
     assert f"-i {workspace}/experiment/inputs/test/T1ce -o {workspace}/experiment/predictions/protokd_T1ce" in \
            predictions[2]
     assert any("symbolic links to the T1ce file(s) (as <case>_0000, ...)" in s for s in steps)
-    assert "--prediction kdnet:FLAIR=" in commands[-1]
-    assert steps[0] == "# [1/22] plan and preprocess" and not (workspace / "experiment").exists()
+    assert commands[-1].endswith(f"{experiment} report") and any(c.endswith(f"{experiment} inputs_T1ce_test")
+                                                                  for c in commands)
+    assert steps[0] == "# [1/23] plan and preprocess" and not (workspace / "experiment").exists()
+
+
+def fake_preprocessing(workspace):
+    """Plans and a preprocessed folder of five training cases (nnU-Net's blosc2 files, empty)."""
+    preprocessed = workspace / "nnUNet_preprocessed" / DATASET
+    (preprocessed / "nnUNetPlans_3d_fullres").mkdir(parents=True)
+    (preprocessed / "nnUNetPlans.json").write_text("{}")
+    for case in ("tr_1", "tr_2", "tr_3", "tr_4", "tr_5"):
+        for suffix in (".b2nd", "_seg.b2nd", ".pkl"):
+            (preprocessed / "nnUNetPlans_3d_fullres" / f"{case}{suffix}").touch()
 
 
 def fake_nnunet(workspace, commands):
@@ -103,9 +119,7 @@ def test_resuming_skips_finished_work_and_continues_half_trained_models(workspac
     half = results / "ProtoKDTrainer__nnUNetPlans__3d_fullres_3ep_5it_T1ce" / "fold_0"
     half.mkdir(parents=True)
     (half / "checkpoint_latest.pth").write_bytes(b"interrupted")
-    preprocessed = workspace / "nnUNet_preprocessed" / DATASET
-    (preprocessed / "nnUNetPlans_3d_fullres").mkdir(parents=True)
-    (preprocessed / "nnUNetPlans.json").write_text("{}")
+    fake_preprocessing(workspace)
 
     commands = []
     fake_run = fake_nnunet(workspace, commands)
@@ -143,9 +157,7 @@ def test_unknown_modality_or_method_is_refused(workspace):
 
 def test_lckd_is_trained_once_and_predicts_from_every_subset(workspace):
     experiment = Experiment(settings(workspace, methods=("unimodal", "lckd"), modalities=("T1ce",)))
-    preprocessed = workspace / "nnUNet_preprocessed" / DATASET
-    (preprocessed / "nnUNetPlans_3d_fullres").mkdir(parents=True)
-    (preprocessed / "nnUNetPlans.json").write_text("{}")
+    fake_preprocessing(workspace)
     commands = []
     experiment.run_command = fake_nnunet(workspace, commands)
     experiment.run(log=lambda message: None)
@@ -190,9 +202,7 @@ def test_a_label_based_conversion_runs_the_protocol_and_is_scored_as_brats_regio
                    workspace / "experiment", "--dry-run"], nnunet_environment(workspace)).stdout
     assert "-tr ProtoKDTrainer" in dry_run and "-tr KDNetTrainer" in dry_run and "-tr LCKDTrainer" in dry_run
     experiment = Experiment(settings(workspace, methods=("unimodal", "protokd", "kdnet", "lckd"), modalities=("T1ce",)))
-    preprocessed = workspace / "nnUNet_preprocessed" / DATASET
-    (preprocessed / "nnUNetPlans_3d_fullres").mkdir(parents=True)
-    (preprocessed / "nnUNetPlans.json").write_text("{}")
+    fake_preprocessing(workspace)
     experiment.run_command = fake_nnunet(workspace, [])
     experiment.run(log=lambda message: None)
     summary = json.loads((workspace / "experiment" / "report" / "summary.json").read_text())
@@ -202,3 +212,88 @@ def test_a_label_based_conversion_runs_the_protocol_and_is_scored_as_brats_regio
     assert all(summary["results"][key]["summary"][region]["dice_mean"] == 1.0
                for key in ("protokd:T1ce", "lckd:T1ce") for region in ("WT", "TC", "ET"))
     assert "| T1ce | ProtoKD |" in (workspace / "experiment" / "report" / "report.md").read_text()
+
+
+def test_a_model_folder_without_final_or_latest_checkpoint_is_trained_anew_never_continued_from_best(workspace):
+    """After a finished training nnU-Net keeps checkpoint_final.pth and checkpoint_best.pth; with the final one
+    deleted, nnU-Net's --c would silently continue from the best one (another model): train from scratch."""
+    results = workspace / "nnUNet_results" / DATASET
+    teacher = results / "ProtoKDTeacherTrainer__nnUNetPlans__3d_fullres_3ep_5it" / "fold_0"
+    teacher.mkdir(parents=True)
+    (teacher / "checkpoint_best.pth").write_bytes(b"best of a finished training")
+    fake_preprocessing(workspace)
+    experiment = Experiment(settings(workspace, methods=("unimodal",), modalities=("T1ce",)))
+    commands, messages = [], []
+    experiment.run_command = fake_nnunet(workspace, commands)
+    experiment.run(log=messages.append)
+    teacher_training = [c for c in commands if "nnUNetv2_train" in c[0] and "ProtoKDTeacherTrainer" in c]
+    assert teacher_training and "--c" not in teacher_training[0]
+    assert any("train ProtoKDTeacherTrainer" in m and "from scratch" in m for m in messages)
+    # nnU-Net's own split of the preprocessed cases, written before any training could race for it
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+    splits = json.loads((workspace / "nnUNet_preprocessed" / DATASET / "splits_final.json").read_text())
+    assert splits == generate_crossval_split(["tr_1", "tr_2", "tr_3", "tr_4", "tr_5"], seed=12345, n_splits=5)
+
+
+def test_students_wait_for_their_folds_teacher_and_every_training_for_the_split(workspace):
+    experiment = Experiment(settings(workspace, folds=(0, 1), methods=("unimodal", "protokd", "lckd")))
+    steps = {step.name: step for step in experiment.steps()}
+    teacher = {fold: steps[f"train_ProtoKDTeacherTrainer_3d_fullres_3ep_5it_fold_{fold}"].outputs[0] for fold in (0, 1)}
+    for fold in (0, 1):
+        student = steps[f"train_ProtoKDTrainer_3d_fullres_3ep_5it_FLAIR_fold_{fold}"]
+        assert teacher[fold] in student.inputs and teacher[1 - fold] not in student.inputs
+        assert student.continue_from.endswith(f"fold_{fold}/checkpoint_latest.pth")
+        for independent in (f"train_UnimodalTrainer_3d_fullres_3ep_5it_FLAIR_fold_{fold}",
+                            f"train_LCKDTrainer_3d_fullres_3ep_5it_fold_{fold}"):  # no teacher: in parallel with it
+            assert not set(teacher.values()) & set(steps[independent].inputs)
+    trainings = [step for step in steps.values() if step.kind == "train"]
+    assert len(trainings) == 2 * (1 + 1 + 2 * 2)  # teacher, LCKD, two modalities x two students; per fold
+    assert all(experiment.splits_file() in step.inputs for step in trainings)
+    assert all(steps["plan_and_preprocess"].outputs[0] in step.after for step in trainings)
+    # each add-config waits for the one before: they edit one plans file
+    configure = [step for step in steps.values() if step.name.startswith("configure_")]
+    assert [c.after[1:] for c in configure] == [[]] + [previous.outputs for previous in configure[:-1]]
+    assert steps["report"].inputs == [s.output_folders[0] for s in steps.values() if s.kind == "predict"]
+
+
+def test_settings_survive_the_command_line_that_runs_one_step(workspace):
+    from nnunet_protokd.cli import build_parser, experiment_settings
+    original = settings(workspace, folds=(0, 3), methods=("protokd", "lckd"), val_iterations_per_epoch=2,
+                        final_validation=False, plans="nnUNetResEncUNetMPlans", num_processes=4)
+    assert experiment_settings(build_parser().parse_args(["experiment", *original.arguments()])) == original
+    with pytest.raises(ValueError, match="Dataset777_Tiny's experiment has no step 'train_teacher'; its steps: "
+                                         "plan_and_preprocess, splits, configure_3d_fullres_3ep_5it_2val_nofv, "):
+        Experiment(original).run_step("train_teacher")
+
+
+def test_workflow_without_snakemake_is_one_line_saying_what_to_install(workspace, monkeypatch, capsys):
+    import importlib.util
+    from nnunet_protokd.cli import main
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "snakemake" else find_spec(name, *a))
+    assert main(["experiment", "-d", "777", "--workflow", str(workspace / "workflow")]) == 1
+    assert capsys.readouterr().err == "error: the workflow needs Snakemake: pip install 'nnunet-protokd[cluster]' " \
+                                      "(snakemake and its SLURM executor plugin)\n"
+    assert not (workspace / "workflow").exists()
+
+
+def test_cross_validation_folds_predict_into_folders_of_their_own_gathered_for_the_report(workspace):
+    """Each fold's models predict that fold's validation cases; one folder per job (two jobs writing one folder
+    would clash on a cluster), and the report reads one folder per method linking to every fold's files."""
+    shutil.rmtree(workspace / "nnUNet_raw" / DATASET / "labelsTs")
+    fake_preprocessing(workspace)
+    experiment = Experiment(settings(workspace, folds=(0, 1), methods=("unimodal",), modalities=("T1ce",)))
+    experiment.write_splits()
+    predictions = workspace / "experiment" / "predictions"
+    assert [step.output_folders[0] for step in experiment.steps() if step.kind == "predict"] == [
+        str(predictions / f"fold_{fold}" / name) for fold in (0, 1) for name in ("teacher", "unimodal_T1ce")]
+    for fold in (0, 1):
+        for case in experiment.evaluation_cases(fold):
+            (predictions / f"fold_{fold}" / "unimodal_T1ce").mkdir(parents=True, exist_ok=True)
+            (predictions / f"fold_{fold}" / "unimodal_T1ce" / f"{case}.nii.gz").write_text(f"fold {fold}")
+    experiment.gather_fold_predictions()
+    gathered = predictions / "all_folds" / "unimodal_T1ce"
+    assert str(gathered) in [s.folder for s in experiment.prediction_sets()]
+    assert {p.name: p.read_text() for p in gathered.iterdir()} == {
+        f"{case}.nii.gz": f"fold {fold}" for fold in (0, 1) for case in experiment.evaluation_cases(fold)}
