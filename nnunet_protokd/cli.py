@@ -151,6 +151,15 @@ def benchmark(args) -> int:
     return 0
 
 
+def export(args) -> int:
+    from nnunet_protokd.export import export_student
+    exported = export_student(args.dataset, args.configuration, args.trainer, args.folds, args.output, args.plans,
+                              tuple(args.checkpoints), args.overwrite)
+    print(f"wrote {exported.zip_file}: model folder {exported.model_folder} with model_card.md\n"
+          f"where it is used:\n  " + "\n  ".join(exported.card["usage"]))
+    return 0
+
+
 def register_trainers(args) -> int:
     from nnunet_protokd import trainer_path
     if args.remove:
@@ -288,6 +297,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     p.add_argument("--overwrite", action="store_true", help="replace a different folder of that name")
     p.set_defaults(func=lckd_subset)
+
+    p = commands.add_parser("export", help="a trained student as an nnU-Net model zip for sites with nnU-Net only, "
+                                           "with a model card",
+                            description="Writes a zip for nnUNetv2_install_pretrained_model_from_zip: the student's "
+                                        "single-channel model folder as nnUNetTrainer__<plans>__<configuration>_<method>"
+                                        " (checkpoints without teacher, naming nnU-Net's own trainer), model_card.md/"
+                                        ".json and, for BraTS, convert_predictions_to_brats.py. LCKD subset folders "
+                                        "export unchanged and need the plugin.")
+    p.add_argument("-d", "--dataset", required=True, help="dataset id or name")
+    p.add_argument("-c", "--configuration", required=True, help="the student's configuration, e.g. 3d_fullres_T1ce")
+    p.add_argument("-tr", "--trainer", required=True, help="ProtoKDTrainer, KDNetTrainer, UnimodalTrainer, LCKDTrainer")
+    p.add_argument("-f", "--folds", nargs="+", default=["0"], help="folds to export (default 0)")
+    p.add_argument("-o", "--output", required=True, help="zip file to write")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("-chk", "--checkpoints", nargs="+", default=["checkpoint_final.pth"],
+                   help="checkpoint files per fold (default checkpoint_final.pth)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=export)
 
     p = commands.add_parser("register-trainers", help="let nnUNetv2_train/-predict of this environment find "
                                                       "the plugin's trainers (done by bootstrap.sh)")
