@@ -58,9 +58,9 @@ def workspace(tmp_path_factory, phantom_folder) -> Path:
     return root
 
 
-def export(workspace, trainer, output, *options, expect_success=True):
+def export(workspace, trainer, output, expect_success=True):
     return run([BIN / "nnunet-protokd", "export", "-d", "501", "-c", STUDENT_CONFIGURATION, "-tr", trainer, "-f", "0",
-                "-o", output, *options], nnunet_environment(workspace), expect_success=expect_success)
+                "-o", output], nnunet_environment(workspace), expect_success=expect_success)
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +79,8 @@ def members(zip_file) -> dict:
 
 def load_checkpoint_bytes(data: bytes) -> dict:
     import io
-    import torch
-    from nnunet_protokd.teacher import _CHECKPOINT_SAFE_GLOBALS
-    with torch.serialization.safe_globals(_CHECKPOINT_SAFE_GLOBALS):
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    from nnunet_protokd.teacher import load_checkpoint_weights_only
+    return load_checkpoint_weights_only(io.BytesIO(data))
 
 
 def test_export_writes_a_plain_nnunet_model_folder_with_its_card(workspace, exported):
