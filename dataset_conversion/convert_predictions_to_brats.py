@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Turn nnU-Net predictions of a converted BraTS dataset back into BraTS label maps (0/1/2/4).
+"""Turn nnU-Net predictions of a converted BraTS dataset back into BraTS label maps (0/1/2, and 4 or 3 for
+enhancing tumour: see --et-label).
 
     python dataset_conversion/convert_predictions_to_brats.py predictions/ brats_labels/ --reference /data/BraTS_Validation
 

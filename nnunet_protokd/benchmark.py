@@ -25,19 +25,40 @@ from nnunet_protokd.configurations import load_preprocessed
 # LCKDTrainer trains on the student configuration's multi-channel base and is measured in both of its stages:
 # every modality (the first epochs), and random subsets with cross-modal KD from two teachers (T1ce for TC/ET
 # and FLAIR for WT, as the phantoms elect them; channels 1 and M-1 in general)
-TRAINERS = ("UnimodalTrainer", "ProtoKDTrainer", "KDNetTrainer", "LCKDTrainer", "LCKDTrainer:subsets")
+TRAINERS = ("UnimodalTrainer", "ProtoKDTrainer", "KDNetTrainer", "LCKDTrainer", "LCKDTrainer:subsets",
+            "ProtoKDTeacherTrainer")
+MULTI_MODALITY_TRAINERS = ("LCKDTrainer", "ProtoKDTeacherTrainer")  # train on the student configuration's base
 
 
-def _trainer(name: str, plans: dict, configuration: str, dataset_json: dict, device: str, teacher_checkpoint: str):
+def _trainer(name: str, plans: dict, configuration: str, dataset_json: dict, device: str, teacher_checkpoint: str,
+             precision: str = "float32", compile_network: str = "nnunet"):
     """A trainer writing into a scratch results folder, its teacher named by path (so nothing of the user's
-    nnUNet_results is touched)."""
+    nnUNet_results is touched).
+
+    precision: on CPU, "float16"/"bfloat16" run the step under CPU autocast with a GradScaler, the stand-in for
+    nnU-Net's CUDA autocast (on CUDA nnU-Net's float16 autocast always applies). compile_network: "nnunet"
+    (nnU-Net's decision: on for CUDA), "on" (forced, also on CPU; student and teacher) or "off"; LCKDTrainer
+    always decides for itself (off)."""
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     settings = plans["configurations"][configuration].setdefault("protokd", {})
     settings["teacher"] = {**settings.get("teacher", {}), "checkpoint": teacher_checkpoint}
     plans["continue_training"] = False
     trainer = recursive_find_trainer_class_by_name(name)(plans, configuration, 0, dataset_json, torch.device(device))
+    if compile_network != "nnunet" and name != "LCKDTrainer":
+        trainer._do_i_compile = lambda: compile_network == "on"
+    if precision != "float32" and trainer.device.type == "cpu":
+        trainer.cpu_autocast_dtype = getattr(torch, precision)
+        trainer.grad_scaler = torch.amp.GradScaler("cpu")
     trainer.initialize()
     return trainer
+
+
+def _weights(network: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in network.state_dict().items()}
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _synchronize(device: str):
@@ -56,8 +77,20 @@ def _statistics(seconds: list) -> dict:
     return {"median_s": float(median), "iqr_s": float(q3 - q1), "n": len(seconds)}
 
 
+def _seed_everything(seed: int = 0) -> None:
+    """The same batches and initial weights in every run (nnU-Net's loader draws with numpy and random)."""
+    import random
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def worker(mode: str, args: dict) -> dict:
     """Runs in its own process: one trainer's steps, the teacher's forward, or the inference comparison."""
+    _seed_everything()
+    if args.get("memory_limit_gb"):  # fail with an allocation error instead of driving the machine out of memory
+        limit = int(args["memory_limit_gb"] * 2 ** 30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     plans, dataset_json = load_preprocessed(args["dataset"], args["plans"])
     device, warmup = args["device"], args["warmup"]
     batches = torch.load(args["batches"], weights_only=True)
@@ -65,27 +98,34 @@ def worker(mode: str, args: dict) -> dict:
         return _inference(plans, dataset_json, args)
     name, _, stage = mode.partition(":")
     configuration = args["configuration"]
-    if name == "LCKDTrainer":
+    if name in MULTI_MODALITY_TRAINERS:
         configuration = plans["configurations"][configuration]["inherits_from"]
     trainer = _trainer("ProtoKDTrainer" if mode == "teacher" else name, plans, configuration, dataset_json,
-                       device, args["teacher_checkpoint"])
+                       device, args["teacher_checkpoint"], args.get("precision", "float32"),
+                       args.get("compile", "nnunet"))
     if name == "LCKDTrainer":  # the stage is fixed, whatever the configuration's schedule would say at epoch 0
         trainer.settings = {**trainer.settings, "full_modality_fraction": 0.0 if stage == "subsets" else 1.0}
-    if stage == "subsets":
+    if name == "LCKDTrainer":  # both stages distil (kd_from_start, the authors' schedule)
         torch.manual_seed(0)  # the same subsets in every run
         trainer.teachers = [trainer.num_modalities - 1, 1, 1]
-    seconds = []
+    teacher = getattr(trainer, "teacher", None)
+    student_before, teacher_before = _weights(trainer.network), teacher and _weights(teacher.network)
+    seconds, loss_terms = [], []
     for index, batch in enumerate(batches):
         _synchronize(device)
         start = time.perf_counter()
         if mode == "teacher":
-            trainer.teacher(batch["data"].to(trainer.device))
+            teacher(batch["data"].to(trainer.device))
         else:
-            trainer.train_step(batch)
+            loss_terms.append({k: float(v) for k, v in trainer.train_step(batch).items()})
         _synchronize(device)
         if index >= warmup:
             seconds.append(time.perf_counter() - start)
-    return {**_statistics(seconds), "peak_memory_mb": _peak_memory_mb(device)}
+    # what was measured worked: every step's loss terms, the student learnt, a teacher stayed frozen
+    checks = {"loss_terms": loss_terms, "student_changed": not _same_weights(student_before, _weights(trainer.network)),
+              "teacher_unchanged": None if teacher is None else _same_weights(teacher_before, _weights(teacher.network)),
+              "compiled": hasattr(trainer.network, "_orig_mod"), "gradient_norms": trainer._gradient_norms}
+    return {**_statistics(seconds), "peak_memory_mb": _peak_memory_mb(device), **checks}
 
 
 def _inference(plans: dict, dataset_json: dict, args: dict) -> dict:
@@ -133,6 +173,7 @@ def _inference(plans: dict, dataset_json: dict, args: dict) -> dict:
 def cache_batches(dataset: str, plans_name: str, configuration: str, device: str, teacher_checkpoint: str,
                   count: int, path: str) -> None:
     """`count` batches from nnU-Net's training data loader (single-threaded, so the cache itself is cheap)."""
+    _seed_everything()
     plans, dataset_json = load_preprocessed(dataset, plans_name)
     trainer = _trainer("UnimodalTrainer", plans, configuration, dataset_json, device, teacher_checkpoint)
     loader, _ = trainer.get_dataloaders()
@@ -142,7 +183,12 @@ def cache_batches(dataset: str, plans_name: str, configuration: str, device: str
 
 def run_benchmark(dataset: str, configuration: str, teacher_checkpoint: str, device: str = "cpu",
                   steps: int = 20, warmup: int = 3, plans: str = "nnUNetPlans", inference_cases: int = 3,
-                  log=print) -> dict:
+                  precision: str = "float32", compile_network: str = "nnunet", trainers=None,
+                  memory_limit_gb: float = None, log=print) -> dict:
+    trainers = tuple(trainers or TRAINERS)
+    unknown = [t for t in trainers if t not in TRAINERS]
+    if unknown:
+        raise ValueError(f"unknown trainer(s) {unknown}: the benchmark measures {', '.join(TRAINERS)}")
     teacher_checkpoint = os.path.abspath(teacher_checkpoint)
     if not os.path.isfile(teacher_checkpoint):
         raise ValueError(f"teacher checkpoint {teacher_checkpoint} does not exist")
@@ -151,18 +197,26 @@ def run_benchmark(dataset: str, configuration: str, teacher_checkpoint: str, dev
         batches = os.path.join(scratch, "batches.pt")
         args = {"dataset": dataset, "plans": plans, "configuration": configuration, "device": device,
                 "teacher_checkpoint": teacher_checkpoint, "warmup": warmup, "batches": batches,
-                "inference_cases": inference_cases}
+                "inference_cases": inference_cases, "precision": precision, "compile": compile_network,
+                "memory_limit_gb": memory_limit_gb}
         log(f"caching {steps + warmup} batches from nnU-Net's data loader")
         _in_process(["cache", json.dumps({**args, "count": steps + warmup})], env)
         results = {}
-        for mode in TRAINERS + ("teacher", "inference"):
+        for mode in tuple(trainers) + ("teacher", "inference"):
             log(f"measuring {mode}")
-            results[mode] = _in_process(["worker", mode, json.dumps(args)], env)
-    base = results["UnimodalTrainer"]
-    for mode in TRAINERS:
-        results[mode]["step_ratio"] = results[mode]["median_s"] / base["median_s"]
-        results[mode]["memory_ratio"] = results[mode]["peak_memory_mb"] / base["peak_memory_mb"]
+            try:
+                results[mode] = _in_process(["worker", mode, json.dumps(args)], env)
+            except RuntimeError as exc:  # e.g. did not fit in memory: a result, and the others still run
+                results[mode] = {"error": str(exc).strip().splitlines()[-1]}
+                log(f"{mode} failed: {results[mode]['error']}")
+    base = results.get("UnimodalTrainer")
+    for mode in trainers:
+        if base and "error" not in base and "error" not in results[mode]:
+            results[mode]["step_ratio"] = results[mode]["median_s"] / base["median_s"]
+            results[mode]["memory_ratio"] = results[mode]["peak_memory_mb"] / base["peak_memory_mb"]
     return {"dataset": dataset, "configuration": configuration, "device": device, "steps": steps, "warmup": warmup,
+            "precision": precision if device == "cpu" else "nnU-Net's CUDA autocast (float16)",
+            "compile": compile_network,
             "batches": "cached: drawn once from nnU-Net's training data loader, the same for every trainer; "
                        "data loading is not in the measured step",
             "torch": torch.__version__, "results": results}
@@ -179,11 +233,16 @@ def _in_process(arguments: list, env: dict) -> dict:
 def format_table(report: dict) -> str:
     r = report["results"]
     lines = [f"{'':<20}{'median s/step':>14}{'IQR':>10}{'peak MB':>10}{'x step':>8}{'x memory':>10}"]
-    for mode in TRAINERS + ("teacher",):
+    for mode in [m for m in TRAINERS if m in r] + ["teacher"]:
         row = r[mode]
+        if "error" in row:
+            lines.append(f"{mode:<20}failed: {row['error']}")
+            continue
         lines.append(f"{mode:<20}{row['median_s']:>14.4f}{row['iqr_s']:>10.4f}{row['peak_memory_mb']:>10.0f}"
                      f"{row.get('step_ratio', float('nan')):>8.2f}{row.get('memory_ratio', float('nan')):>10.2f}")
     i = r["inference"]
+    if "error" in i:
+        return "\n".join(lines + [f"inference failed: {i['error']}"])
     lines.append(f"inference (sliding window, {i['cases']} cases): student {i['student_median_s']:.3f} s, plain "
                  f"nnU-Net {i['plain_median_s']:.3f} s, x{i['ratio']:.3f}")
     return "\n".join(lines)

@@ -11,7 +11,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
+import socket
+import sys
 import tempfile
+import threading
+from contextlib import contextmanager
 from multiprocessing import Pool
 from typing import Iterable
 
@@ -19,17 +24,16 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunet_protokd.brats_labels import (BRATS2018, SEG_SUFFIX, BratsNaming, ConversionError, brats_to_nnunet_labels,
-                                         detect_naming, find_case_folders)
+                                         detect_naming, find_case_folders, geometry_mismatch)
 # the way back, part of this module's interface too
-from nnunet_protokd.brats_labels import BRATS2023, convert_predictions_to_brats, nnunet_to_brats_labels  # noqa: F401
+from nnunet_protokd.brats_labels import (BRATS2023, convert_predictions_to_brats, enhancing_label_of,  # noqa: F401
+                                         nnunet_to_brats_labels)
+from nnunet_protokd.images import count_non_finite, scan_problem  # noqa: F401 (count_non_finite: part of this API)
 
 CHANNEL_NAMES = ("T1", "T1ce", "T2", "FLAIR")
 NNUNET_LABELS = {"background": 0, "edema": 1, "necrosis and non-enhancing core": 2, "enhancing tumor": 3}
 NNUNET_REGIONS = {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3]}
 REGIONS_CLASS_ORDER = (1, 2, 3)
-
-
-
 
 
 def _read(path: str, case_id: str, errors: list) -> sitk.Image | None:
@@ -38,25 +42,6 @@ def _read(path: str, case_id: str, errors: list) -> sitk.Image | None:
     except Exception as exc:  # SimpleITK raises RuntimeError with its own wording; keep it for the user
         errors.append(f"case {case_id}: cannot read {path}: {str(exc).strip().splitlines()[-1]}")
         return None
-
-
-def count_non_finite(path: str) -> int:
-    """NaN/inf voxels of a NIfTI file. Read with nibabel because SimpleITK (ITK 5.4) silently turns NaN into 0,
-    which would hide a broken scan from nnU-Net instead of reporting it."""
-    import nibabel
-    return int(np.count_nonzero(~np.isfinite(np.asarray(nibabel.load(path).dataobj))))
-
-
-def geometry_mismatch(image: sitk.Image, reference: sitk.Image) -> str | None:
-    """A sentence saying how `image`'s grid differs from `reference`'s, or None when they agree."""
-    checks = (("shape", image.GetSize(), reference.GetSize(), 0),
-              ("spacing", image.GetSpacing(), reference.GetSpacing(), 1e-4),
-              ("origin", image.GetOrigin(), reference.GetOrigin(), 1e-3),
-              ("direction", image.GetDirection(), reference.GetDirection(), 1e-4))
-    for what, value, expected, tolerance in checks:
-        if not np.allclose(value, expected, rtol=0, atol=tolerance):
-            return f"{what} {tuple(np.round(value, 4))} differs from {tuple(np.round(expected, 4))}"
-    return None
 
 
 def _convert_case(args) -> tuple[str, bool, list]:
@@ -87,9 +72,8 @@ def _convert_case(args) -> tuple[str, bool, list]:
         elif (problem := geometry_mismatch(image, reference)) is not None:
             errors.append(f"case {case.case_id}: {path}: {problem} of {reference_path}")
             continue
-        n_bad = count_non_finite(path)
-        if n_bad:
-            errors.append(f"case {case.case_id}: {path} has {n_bad} NaN/inf voxels")
+        if (problem := scan_problem(path)) is not None:  # truncated, NaN/inf, or empty (all zero)
+            errors.append(f"case {case.case_id}: {problem}")
             continue
         # the file itself is fine: copy it byte for byte, so that nothing (dtype, header) changes
         shutil.copyfile(path, os.path.join(images_folder, f"{case.case_id}_{channel:04d}.nii.gz"))
@@ -100,8 +84,8 @@ def _convert_case(args) -> tuple[str, bool, list]:
         if seg is not None:
             if (problem := geometry_mismatch(seg, reference)) is not None:
                 errors.append(f"case {case.case_id}: {seg_path}: {problem} of {reference_path}")
-            elif n_bad := count_non_finite(seg_path):
-                errors.append(f"case {case.case_id}: {seg_path} has {n_bad} NaN/inf voxels")
+            elif (problem := scan_problem(seg_path, constant_allowed=True)) is not None:
+                errors.append(f"case {case.case_id}: {problem}")
             else:
                 try:
                     labels = brats_to_nnunet_labels(sitk.GetArrayFromImage(seg), naming)
@@ -121,11 +105,79 @@ def _dataset_folders(nnunet_raw: str, dataset_id: int) -> list[str]:
         if os.path.isdir(nnunet_raw) else []
 
 
+# Our scratch folders in nnUNet_raw are hidden (nnU-Net does not take them for datasets) and carry their owner
+# in their name, so that a later conversion can remove those left by a conversion that was killed (kill -9, a
+# node failure): ".Dataset501_incomplete.pid1234.node7.k2j4_x9a" (a dataset being assembled) or
+# ".Dataset501_replaced.pid1234.node7.0d9hq3w1" (a dataset being replaced, until it is deleted)
+_SCRATCH_FOLDER = re.compile(r"\.Dataset\d{3}_(incomplete|replaced)\.pid(\d+)\.(.+)\.[a-z0-9_]+")
+_LEGACY_SCRATCH_FOLDER = re.compile(r"\.Dataset\d{3}_incomplete_[a-z0-9_]+")  # before owners were recorded
+
+
+def _scratch_folder(nnunet_raw: str, dataset_id: int, kind: str) -> str:
+    return tempfile.mkdtemp(prefix=f".Dataset{dataset_id:03d}_{kind}.pid{os.getpid()}.{socket.gethostname()}.",
+                            dir=nnunet_raw)
+
+
+def _process_is_running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_scratch_folders(nnunet_raw: str) -> list[str]:
+    """Removes our scratch folders whose conversion is gone (same machine, its process no longer running);
+    returns them. Folders of a running conversion, or of another machine sharing nnUNet_raw, are left alone."""
+    removed = []
+    for entry in sorted(os.listdir(nnunet_raw)) if os.path.isdir(nnunet_raw) else []:
+        path = os.path.join(nnunet_raw, entry)
+        match = _SCRATCH_FOLDER.fullmatch(entry)
+        if match and match[3] == socket.gethostname() and not _process_is_running(int(match[2])):
+            try:
+                shutil.rmtree(path)
+                removed.append(path)
+                print(f"removed {path}, left by a conversion that was stopped (process {match[2]})", file=sys.stderr)
+            except OSError as exc:
+                print(f"warning: could not remove {path}, left by a stopped conversion: {exc}", file=sys.stderr)
+        elif _LEGACY_SCRATCH_FOLDER.fullmatch(entry):
+            print(f"note: {path} was left by an interrupted conversion of an earlier version (which did not record "
+                  f"its owner); delete it if no such conversion is running", file=sys.stderr)
+    return removed
+
+
+@contextmanager
+def _stopping_on_sigterm():
+    """SIGTERM (what schedulers and `kill` send) stops the conversion like Ctrl-C: the scratch folder is removed
+    on the way out. Only the main thread can install signal handlers; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(f"conversion stopped by {signal.Signals(signum).name}; nothing was written")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _default_sigterm():
+    """Pool workers: SIGTERM ends them at once; the parent cleans up."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _run_cases(jobs: list, num_processes: int, description: str) -> list:
     from tqdm import tqdm
     if num_processes <= 1:
         return [_convert_case(j) for j in tqdm(jobs, desc=description, unit="case")]
-    with Pool(num_processes) as pool:
+    with Pool(num_processes, initializer=_default_sigterm) as pool:
         return list(tqdm(pool.imap(_convert_case, jobs), total=len(jobs), desc=description, unit="case"))
 
 
@@ -157,37 +209,43 @@ def convert_brats_dataset(input_folder: str, dataset_id: int, nnunet_raw: str, d
     if existing and not overwrite:
         raise ConversionError(f"{os.path.join(nnunet_raw, existing[0])} already exists; pass --overwrite to replace it")
 
-    os.makedirs(nnunet_raw, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".Dataset{int(dataset_id):03d}_incomplete_", dir=nnunet_raw)
     try:
-        folders = {k: os.path.join(staging, k) for k in ("imagesTr", "labelsTr", "imagesTs", "labelsTs")}
-        for folder in folders.values():
-            os.makedirs(folder)
-        jobs = [(c, naming, folders["imagesTr"], folders["labelsTr"]) for c in train_cases]
-        jobs += [(c, naming, folders["imagesTs"], folders["labelsTs"]) for c in test_cases]
-        results = _run_cases(jobs, num_processes, f"converting {len(jobs)} BraTS cases")
-        errors = [e for _, _, case_errors in results for e in case_errors]
-        for case_id, has_seg, _ in results[:len(train_cases)]:
-            if not has_seg:
-                errors.append(f"case {case_id}: missing segmentation {naming.file_name(case_id, SEG_SUFFIX)} in the "
-                              f"training folder (a validation/test folder without labels goes in --test)")
-        test_results = results[len(train_cases):]
-        labelled_tests = sum(has_seg for _, has_seg, _ in test_results)
-        if 0 < labelled_tests < len(test_results):  # labelsTs must describe every test case or none
-            errors += [f"case {case_id}: missing segmentation {naming.file_name(case_id, SEG_SUFFIX)}; other cases "
-                       f"of {test_folder} have one" for case_id, has_seg, _ in test_results if not has_seg]
-        if errors:
-            shown = "\n  ".join(errors[:30])
-            more = f"\n  ... and {len(errors) - 30} more" if len(errors) > 30 else ""
-            raise ConversionError(f"{len(errors)} problem(s) in the input; nothing was written:\n  {shown}{more}")
-        for kind in ("imagesTs", "labelsTs"):
-            if not os.listdir(folders[kind]):
-                os.rmdir(folders[kind])
-        write_dataset_json(staging, len(train_cases), region_based, dataset_name, naming)
-        _move_into_place(staging, target, [os.path.join(nnunet_raw, e) for e in existing])
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        os.makedirs(nnunet_raw, exist_ok=True)
+        remove_stale_scratch_folders(nnunet_raw)
+        staging = _scratch_folder(nnunet_raw, int(dataset_id), "incomplete")
+    except OSError as exc:
+        raise ConversionError(f"cannot write into nnUNet_raw {nnunet_raw}: {exc.strerror or exc}") from None
+    with _stopping_on_sigterm():
+        try:
+            folders = {k: os.path.join(staging, k) for k in ("imagesTr", "labelsTr", "imagesTs", "labelsTs")}
+            for folder in folders.values():
+                os.makedirs(folder)
+            jobs = [(c, naming, folders["imagesTr"], folders["labelsTr"]) for c in train_cases]
+            jobs += [(c, naming, folders["imagesTs"], folders["labelsTs"]) for c in test_cases]
+            results = _run_cases(jobs, num_processes, f"converting {len(jobs)} BraTS cases")
+            errors = [e for _, _, case_errors in results for e in case_errors]
+            for case_id, has_seg, _ in results[:len(train_cases)]:
+                if not has_seg:
+                    errors.append(f"case {case_id}: missing segmentation {naming.file_name(case_id, SEG_SUFFIX)} "
+                                  f"in the training folder (a validation/test folder without labels goes in --test)")
+            test_results = results[len(train_cases):]
+            labelled_tests = sum(has_seg for _, has_seg, _ in test_results)
+            if 0 < labelled_tests < len(test_results):  # labelsTs must describe every test case or none
+                errors += [f"case {case_id}: missing segmentation {naming.file_name(case_id, SEG_SUFFIX)}; other cases "
+                           f"of {test_folder} have one" for case_id, has_seg, _ in test_results if not has_seg]
+            if errors:
+                shown = "\n  ".join(errors[:30])
+                more = f"\n  ... and {len(errors) - 30} more" if len(errors) > 30 else ""
+                raise ConversionError(f"{len(errors)} problem(s) in the input; nothing was written:\n  {shown}{more}")
+            for kind in ("imagesTs", "labelsTs"):
+                if not os.listdir(folders[kind]):
+                    os.rmdir(folders[kind])
+            write_dataset_json(staging, len(train_cases), region_based, dataset_name, naming)
+            _move_into_place(staging, target, [os.path.join(nnunet_raw, e) for e in existing],
+                                 int(dataset_id))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return target
 
 
@@ -206,14 +264,29 @@ def write_dataset_json(folder: str, num_training_cases: int, region_based: bool,
         brats_naming=naming.name)
 
 
-def _move_into_place(staging: str, target: str, replaced: Iterable[str]) -> None:
-    """Renames are atomic on one file system: the dataset appears whole or not at all."""
-    replaced = list(replaced)
+def _move_into_place(staging: str, target: str, replaced: Iterable[str], dataset_id: int) -> None:
+    """Renames are atomic on one file system: the dataset appears whole or not at all. A replaced dataset is
+    first renamed to a hidden scratch folder (nnU-Net no longer sees it), then deleted; if that fails, the
+    ConversionError names it, and the next conversion retries."""
+    nnunet_raw = os.path.dirname(target)
     graveyard = []
-    for old in replaced:
-        grave = old.rstrip(os.sep) + ".replaced"
-        os.rename(old, grave)
-        graveyard.append(grave)
-    os.rename(staging, target)
-    for grave in graveyard:
-        shutil.rmtree(grave, ignore_errors=True)
+    try:
+        for old in replaced:
+            grave = _scratch_folder(nnunet_raw, dataset_id, "replaced")
+            os.rename(old, grave)  # over the empty folder just made
+            graveyard.append((old, grave))
+        os.rename(staging, target)
+    except BaseException:
+        for old, grave in reversed(graveyard):  # put the old dataset back
+            os.rename(grave, old)
+        raise
+    failed = []
+    for old, grave in graveyard:
+        try:
+            shutil.rmtree(grave)
+        except OSError as exc:
+            failed.append(f"{grave} (was {os.path.basename(old)}): {exc}")
+    if failed:
+        raise ConversionError(f"wrote {target}, but could not delete the dataset it replaced, now hidden from "
+                              f"nnU-Net in {'; '.join(failed)}. Delete it by hand (the next conversion retries)")
+

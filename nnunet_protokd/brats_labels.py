@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""BraTS file names and label maps, and nnU-Net predictions back to BraTS label maps (0/1/2/4).
+"""BraTS file names and label maps, and nnU-Net predictions back to BraTS label maps.
 
     python convert_predictions_to_brats.py PREDICTIONS/ BRATS_LABELS/ --reference /data/BraTS_Validation
 
@@ -23,7 +23,9 @@ import SimpleITK as sitk
 
 
 class ConversionError(ValueError):
-    """Input that cannot be converted; the message names every case and file at fault."""
+    """Input that cannot be converted; the message names every case and file at fault. Inside the plugin it counts
+    as a user error (errors.USER_ERRORS: one `error:` line, also in nnU-Net's commands); it cannot derive from
+    errors.UserError because this file must run without the plugin."""
 
 
 @dataclass(frozen=True)
@@ -115,14 +117,49 @@ def nnunet_to_brats_labels(labels: np.ndarray, enhancing_label: int = 4) -> np.n
     return lookup[labels.astype(np.int64)]
 
 
-def convert_predictions_to_brats(prediction_folder: str, output_folder: str, enhancing_label: int = 4,
-                                 reference_folder: str | None = None, overwrite: bool = False) -> list[str]:
-    """nnU-Net predictions (<case>.nii.gz, labels 0-3) -> BraTS label maps <case>.nii.gz (0/1/2/4).
+def geometry_mismatch(image: sitk.Image, reference: sitk.Image) -> str | None:
+    """A sentence saying how `image`'s grid differs from `reference`'s, or None when they agree."""
+    checks = (("shape", image.GetSize(), reference.GetSize(), 0),
+              ("spacing", image.GetSpacing(), reference.GetSpacing(), 1e-4),
+              ("origin", image.GetOrigin(), reference.GetOrigin(), 1e-3),
+              ("direction", image.GetDirection(), reference.GetDirection(), 1e-4))
+    for what, value, expected, tolerance in checks:
+        if len(value) != len(expected) or not np.allclose(value, expected, rtol=0, atol=tolerance):
+            return f"{what} ({', '.join(f'{v:.6g}' for v in value)}) differs from " \
+                   f"({', '.join(f'{v:.6g}' for v in expected)})"
+    return None
 
-    With `reference_folder` (the original BraTS folder), each output takes the exact grid of the case's
-    original T1 file, after checking that the shapes agree; otherwise it keeps the prediction's grid, which
-    nnU-Net writes from the input image it predicted on.
+
+def enhancing_label_of(reference_folder: str | None) -> int:
+    """The BraTS label of enhancing tumour in the generation of `reference_folder`'s names: 3 for BraTS 2023
+    (-t1c.nii.gz), 4 for BraTS 2018-2021 (_t1ce.nii.gz) and when there is no reference."""
+    if not reference_folder:
+        return BRATS2018.enhancing_labels[0]
+    return detect_naming(find_case_folders(reference_folder)).enhancing_labels[0]
+
+
+def _read_image(path: str, case_id: str, what: str) -> sitk.Image:
+    try:
+        return sitk.ReadImage(path)
+    except Exception as exc:  # SimpleITK's RuntimeError; keep its last line, which says why
+        raise ConversionError(f"case {case_id}: cannot read the {what} {path}: "
+                              f"{str(exc).strip().splitlines()[-1]}") from None
+
+
+def convert_predictions_to_brats(prediction_folder: str, output_folder: str, enhancing_label: int | None = None,
+                                 reference_folder: str | None = None, overwrite: bool = False) -> list[str]:
+    """nnU-Net predictions (<case>.nii.gz, labels 0-3) -> BraTS label maps <case>.nii.gz (0/1/2 and
+    `enhancing_label`; by default that of the reference's BraTS generation, see `enhancing_label_of`).
+
+    With `reference_folder` (the original BraTS folder), each prediction must lie on the grid of the case's
+    original T1 file (shape, spacing, origin and direction, as nnU-Net writes it from the image it predicted
+    on) and the output takes that file's exact header; a prediction on another grid is refused, never moved
+    onto it. Without, the output keeps the prediction's grid. Every case is checked before anything is written.
     """
+    if enhancing_label is None:
+        enhancing_label = enhancing_label_of(reference_folder)
+    if not os.path.isdir(prediction_folder):
+        raise ConversionError(f"prediction folder {prediction_folder} does not exist or is not a folder")
     predictions = sorted(f for f in os.listdir(prediction_folder) if f.endswith(".nii.gz"))
     if not predictions:
         raise ConversionError(f"no .nii.gz predictions in {prediction_folder}")
@@ -138,7 +175,7 @@ def convert_predictions_to_brats(prediction_folder: str, output_folder: str, enh
     for name in predictions:
         case_id = name[:-len(".nii.gz")]
         path = os.path.join(prediction_folder, name)
-        prediction = sitk.ReadImage(path)
+        prediction = _read_image(path, case_id, "prediction")
         try:
             brats = nnunet_to_brats_labels(sitk.GetArrayFromImage(prediction), enhancing_label)
         except ConversionError as exc:
@@ -148,10 +185,11 @@ def convert_predictions_to_brats(prediction_folder: str, output_folder: str, enh
         if reference_folder:
             if case_id not in references:
                 raise ConversionError(f"case {case_id}: no original case folder in {reference_folder}")
-            grid = sitk.ReadImage(references[case_id])
-            if grid.GetSize() != prediction.GetSize():
-                raise ConversionError(f"case {case_id}: prediction shape {prediction.GetSize()} differs from the "
-                                      f"original {references[case_id]} {grid.GetSize()}")
+            grid = _read_image(references[case_id], case_id, "original image")
+            if (problem := geometry_mismatch(prediction, grid)) is not None:
+                raise ConversionError(f"case {case_id}: prediction {path}: {problem} of the original "
+                                      f"{references[case_id]}; it was predicted on another grid, and moving it onto "
+                                      f"this one would misplace the tumour")
         out.CopyInformation(grid)
         converted.append((case_id, out))
     os.makedirs(output_folder, exist_ok=True)
@@ -165,18 +203,25 @@ def main(argv=None) -> int:
     parser.add_argument("prediction_folder", help="nnUNetv2_predict output (<case>.nii.gz, labels 0-3)")
     parser.add_argument("output_folder", help="where <case>.nii.gz BraTS label maps are written")
     parser.add_argument("--reference", default=None, metavar="BRATS_FOLDER",
-                        help="original BraTS folder; outputs take the exact grid of each case's T1 file")
-    parser.add_argument("--et-label", type=int, choices=(3, 4), default=4,
-                        help="label of enhancing tumour in the output: 4 (BraTS 2018-2021, default) or 3 (BraTS 2023)")
+                        help="original BraTS folder: each prediction must lie on its case's T1 grid (refused "
+                             "otherwise) and the output takes that file's exact header")
+    parser.add_argument("--et-label", type=int, choices=(3, 4), default=None,
+                        help="label of enhancing tumour in the output (default: that of the --reference folder's "
+                             "BraTS generation, 3 for BraTS 2023 names and 4 for BraTS 2018-2021; 4 without "
+                             "--reference)")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
     args = parser.parse_args(argv)
     try:
-        cases = convert_predictions_to_brats(args.prediction_folder, args.output_folder, args.et_label,
+        enhancing_label = args.et_label if args.et_label is not None else enhancing_label_of(args.reference)
+        cases = convert_predictions_to_brats(args.prediction_folder, args.output_folder, enhancing_label,
                                              args.reference, args.overwrite)
     except ConversionError as exc:  # bad input: one line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {len(cases)} BraTS label maps to {args.output_folder}")
+    source = "--et-label" if args.et_label is not None else \
+        f"the BraTS naming of {args.reference}" if args.reference else "the BraTS 2018-2021 default"
+    print(f"wrote {len(cases)} BraTS label maps to {args.output_folder} (enhancing tumour = {enhancing_label}, "
+          f"from {source})")
     return 0
 
 

@@ -5,20 +5,26 @@ import argparse
 import os
 import sys
 
+from nnunet_protokd.configurations import describe_method_settings
+
 
 def add_config(args) -> int:
     import json
+    from nnunetv2.paths import nnUNet_results
     from nnunet_protokd.configurations import add_configuration, preprocessed_files
     plans_file, dataset_json_file = preprocessed_files(args.dataset, args.plans)
     with open(dataset_json_file) as f:
         dataset_json = json.load(f)
     schedule = {"num_epochs": args.epochs, "num_iterations_per_epoch": args.iterations_per_epoch,
                 "num_val_iterations_per_epoch": args.val_iterations_per_epoch}
+    checkpoint = args.teacher_checkpoint
+    if checkpoint is not None and os.sep in checkpoint:  # a path (not a file name inside the teacher's fold_X)
+        checkpoint = os.path.abspath(checkpoint)
     teacher = {"trainer": args.teacher_trainer, "configuration": args.teacher_configuration,
-               "plans": args.teacher_plans, "checkpoint": args.teacher_checkpoint}
+               "plans": args.teacher_plans, "checkpoint": checkpoint}
     name = add_configuration(plans_file, dataset_json, args.configuration, args.modality, args.name, schedule,
                              args.overwrite, teacher, parse_method_settings(args.set),
-                             False if args.no_final_validation else None)
+                             False if args.no_final_validation else None, nnUNet_results)
     print(f"configuration {name} (inherits {args.configuration}) is in {plans_file}")
     return 0
 
@@ -43,13 +49,51 @@ def lckd_subset(args) -> int:
                                            args.overwrite)
         files = " ".join(f"<case>_{c:04d} ({name})" for c, name in enumerate(subset.names))
         configuration = subset_configuration_name(args.configuration, subset.label)
-        print(f"{folder}\n  nnUNetv2_predict -d {args.dataset} -c {configuration} -tr {args.trainer} -p {args.plans} "
-              f"-i INPUT -o OUTPUT   # INPUT holds {files} per case")
+        print(f"{folder}\n  nnunet-protokd predict -d {args.dataset} -c {configuration} -tr {args.trainer} "
+              f"-p {args.plans} -i INPUT -o OUTPUT   # INPUT holds {files} per case")
     return 0
 
 
+def predict(args) -> int:
+    """Checks the input folder against the model folder, then runs nnU-Net's nnUNetv2_predict with the same
+    arguments (all of them: this command's own are nnUNetv2_predict's)."""
+    from nnunet_protokd.prediction import check_input_folder, model_folder_dataset_json, run_nnunet_predict
+    _, dataset_json = model_folder_dataset_json(args.d, args.tr, args.p, args.c)
+    cases = check_input_folder(args.i, dataset_json)
+    print(f"{len(cases)} case(s) in {args.i}, each with exactly the files this model reads")
+    run_nnunet_predict(args.argv[args.argv.index("predict") + 1:])
+    return 0
+
+
+def add_predict_arguments(p: argparse.ArgumentParser) -> None:
+    """nnUNetv2_predict's options (nnunetv2 2.8), passed to it unchanged; declared here so that they parse
+    exactly as there (argparse would read an undeclared -device as -d evice) and show in --help."""
+    p.add_argument("-i", required=True, help="input folder: <case>_XXXX files, checked against the model")
+    p.add_argument("-o", required=True, help="output folder")
+    p.add_argument("-d", required=True, help="dataset id or name")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("-tr", default="nnUNetTrainer", help="trainer (default nnUNetTrainer)")
+    p.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres_T1ce")
+    p.add_argument("-f", nargs="+", default=("0", "1", "2", "3", "4"), help="folds (default 0 1 2 3 4)")
+    p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step (default 0.5)")
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring at test time")
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--save_probabilities", action="store_true")
+    p.add_argument("--continue_prediction", action="store_true", help="keep existing outputs")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint (default checkpoint_final.pth)")
+    p.add_argument("-npp", type=int, default=None, help="preprocessing processes (nnU-Net default 3)")
+    p.add_argument("-nps", type=int, default=None, help="export processes (nnU-Net default 3)")
+    p.add_argument("-prev_stage_predictions", default=None, help="cascade: previous stage's predictions")
+    p.add_argument("-num_parts", type=int, default=1)
+    p.add_argument("-part_id", type=int, default=0)
+    p.add_argument("-device", default="cuda", help="cuda, cpu or mps (default cuda)")
+    p.add_argument("--disable_progress_bar", action="store_true")
+    p.add_argument("--not_on_device", action="store_true")
+
+
 def parse_method_settings(assignments) -> dict:
-    """["ProtoKDTrainer.beta=0", ...] -> {"ProtoKDTrainer": {"beta": 0}}; values are JSON (numbers, true/false)."""
+    """["ProtoKDTrainer.beta=0", "LCKDTrainer.fusion=mean", ...] -> {"ProtoKDTrainer": {"beta": 0}, ...}; values are
+    JSON (numbers, true/false), anything else is text (configurations.py checks each setting's type and choices)."""
     import json
     from nnunet_protokd.configurations import ConfigurationError
     methods = {}
@@ -61,14 +105,14 @@ def parse_method_settings(assignments) -> dict:
         try:
             value = json.loads(text)
         except json.JSONDecodeError:
-            raise ConfigurationError(f"--set {assignment}: {text!r} is not a number or true/false") from None
+            value = text
         methods.setdefault(method, {})[setting] = value
     return methods
 
 
 def phantoms(args) -> int:
     from nnunet_protokd.phantoms import generate_brats_phantoms
-    cases = generate_brats_phantoms(args.output_folder, args.hgg, args.lgg, args.seed, tuple(args.shape),
+    cases = generate_brats_phantoms(args.output_folder, args.hgg, args.lgg, args.seed, tuple(reversed(args.shape)),
                                     tuple(args.spacing), not args.no_seg, args.naming, args.first_case_index)
     print(f"wrote {len(cases)} phantom cases to {args.output_folder}")
     return 0
@@ -98,8 +142,9 @@ def report(args) -> int:
     if args.run_info:
         with open(args.run_info) as f:
             run_info = json.load(f)
+    from nnunet_protokd.report import BRATS_HD95_PENALTY_MM
     build_report(args.ground_truth, dataset_json, parse_prediction_sets(args.prediction), args.output,
-                 args.images, run_info, args.seed)
+                 args.images, run_info, args.seed, None if args.hd95_exclude_one_empty else BRATS_HD95_PENALTY_MM)
     print(f"report: {os.path.join(args.output, 'report.md')}")
     return 0
 
@@ -142,7 +187,8 @@ def benchmark(args) -> int:
         teacher_checkpoint = locate_teacher(plans, args.configuration, 0, dataset_json,
                                             nnUNet_results.get()).checkpoint_path
     report = run_benchmark(args.dataset, args.configuration, teacher_checkpoint, args.device or _default_device(),
-                           args.steps, args.warmup, args.plans, args.inference_cases)
+                           args.steps, args.warmup, args.plans, args.inference_cases, args.precision, args.compile,
+                           args.trainers, args.memory_limit_gb)
     print(format_table(report))
     if args.output:
         with open(args.output, "w") as f:
@@ -175,17 +221,21 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("add-config", help="add a student (one modality) or schedule configuration to the plans",
-                            description="Adds a configuration inheriting -c (and its preprocessed data) to the "
-                                        "plans: with -m a one-modality student configuration <c>_<modality>; "
-                                        "without, a variant named --name (e.g. a short schedule).")
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            description="Adds a configuration inheriting -c (and its preprocessed data) to the\n"
+                                        "plans: with -m a one-modality student configuration <c>_<modality>;\n"
+                                        "without, a variant named --name (e.g. a short schedule). The plans\n"
+                                        "before the change are kept in <plans>.json.bak.",
+                            epilog="settings of --set (TRAINER.SETTING=VALUE; JSON numbers or true/false):\n"
+                                   + describe_method_settings())
     p.add_argument("-d", "--dataset", required=True, help="dataset id or name")
     p.add_argument("-c", "--configuration", default="3d_fullres", help="base configuration (default 3d_fullres)")
     p.add_argument("-m", "--modality", default=None, help="student modality: a channel name of the dataset (T1ce, ...)")
     p.add_argument("--name", default=None, help="configuration name (default <configuration>_<modality>)")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
-    p.add_argument("--epochs", type=int, default=None, help="num_epochs for the plugin's trainers")
-    p.add_argument("--iterations-per-epoch", type=int, default=None, help="training iterations per epoch")
-    p.add_argument("--val-iterations-per-epoch", type=int, default=None, help="validation iterations per epoch")
+    p.add_argument("--epochs", type=int, default=None, help="num_epochs for the plugin's trainers (>= 1)")
+    p.add_argument("--iterations-per-epoch", type=int, default=None, help="training iterations per epoch (>= 1)")
+    p.add_argument("--val-iterations-per-epoch", type=int, default=None, help="validation iterations per epoch (>= 1)")
     p.add_argument("--no-final-validation", action="store_true",
                    help="the plugin's trainers skip nnU-Net's final validation (when evaluating on held-out cases)")
     p.add_argument("--teacher-trainer", default=None,
@@ -195,10 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-plans", default=None, help="plans of the teacher model (default: -p)")
     p.add_argument("--teacher-checkpoint", default=None,
                    help="checkpoint file name in the teacher's fold folder (default checkpoint_final.pth), "
-                        "or the path of any nnU-Net checkpoint")
+                        "or the path of any nnU-Net checkpoint. A teacher named by any --teacher-... option must "
+                        "exist already")
     p.add_argument("--set", action="append", metavar="TRAINER.SETTING=VALUE",
-                   help="a distilling trainer's setting, e.g. ProtoKDTrainer.beta=0 (repeatable); see README")
-    p.add_argument("--overwrite", action="store_true", help="replace a configuration of that name")
+                   help="a distilling trainer's setting, e.g. ProtoKDTrainer.beta=0 (repeatable); the settings "
+                        "and their valid ranges are listed below")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a configuration of that name that add-config made (never one nnU-Net planned)")
     p.set_defaults(func=add_config)
 
     p = commands.add_parser("phantoms", help="write synthetic BraTS-like cases in the BraTS folder layout",
@@ -207,8 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hgg", type=int, default=8, help="number of high-grade cases (default 8)")
     p.add_argument("--lgg", type=int, default=4, help="number of low-grade cases (default 4)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shape", type=int, nargs=3, default=(32, 48, 48), metavar=("Z", "Y", "X"))
-    p.add_argument("--spacing", type=float, nargs=3, default=(1.2, 1.2, 2.0), metavar=("X", "Y", "Z"))
+    p.add_argument("--shape", type=int, nargs=3, default=(48, 48, 32), metavar=("X", "Y", "Z"),
+                   help="voxels along x, y, z, as in the NIfTI header (default 48 48 32)")
+    p.add_argument("--spacing", type=float, nargs=3, default=(1.2, 1.2, 2.0), metavar=("X", "Y", "Z"),
+                   help="voxel size in mm along x, y, z (default 1.2 1.2 2.0)")
     p.add_argument("--naming", choices=("brats2018", "brats2023"), default="brats2018")
     p.add_argument("--no-seg", action="store_true", help="validation/test layout: images only")
     p.add_argument("--first-case-index", type=int, default=0, help="number of the first case (held-out sets)")
@@ -232,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("experiment", help="the paper's Table-1 protocol on a converted dataset, resumable",
                             description="plan/preprocess -> teacher -> per modality the unimodal baseline and the "
-                                        "distilling students -> nnUNetv2_predict on held-out single-modality "
+                                        "distilling students -> nnunet-protokd predict on held-out single-modality "
                                         "images (imagesTs with labelsTs, else each fold's validation cases) -> "
                                         "report. Finished steps are skipped, half-trained models continued (--c).")
     p.add_argument("-d", "--dataset", required=True, help="dataset id or name (in nnUNet_raw)")
@@ -265,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default=None, help="folder of the cases' images (<case>_XXXX) for overlays.png")
     p.add_argument("--run-info", default=None, help="JSON describing what ran, copied into the report")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument("--hd95-exclude-one-empty", action="store_true",
+                   help="leave out of HD95 the cases where exactly one of reference and prediction is empty "
+                        "(default: score them 373.13 mm, as the BraTS challenges do); the report counts them")
     p.set_defaults(func=report)
 
     p = commands.add_parser("benchmark", help="step time and peak memory of the students vs the unimodal baseline",
@@ -272,23 +330,38 @@ def build_parser() -> argparse.ArgumentParser:
                                         "cached batches (each trainer in its own process), the teacher's forward, "
                                         "and single-modality inference against a plain nnU-Net network; ratios to "
                                         "UnimodalTrainer.")
-    p.add_argument("-d", "--dataset", required=True)
+    p.add_argument("-d", "--dataset", required=True, help="dataset id or name (preprocessed, with a trained teacher "
+                                                          "unless --teacher-checkpoint)")
     p.add_argument("-c", "--configuration", required=True, help="a student configuration (e.g. 3d_fullres_T1ce)")
     p.add_argument("--teacher-checkpoint", default=None, help="default: the fold-0 teacher a student would use")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--steps", type=int, default=20, help="measured steps per trainer (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (default 3)")
-    p.add_argument("--inference-cases", type=int, default=3)
-    p.add_argument("-p", "--plans", default="nnUNetPlans")
+    p.add_argument("--inference-cases", type=int, default=3,
+                   help="training cases predicted by sliding window, student vs plain nnU-Net network (default 3)")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     p.add_argument("-o", "--output", default=None, help="write the figures as JSON")
+    p.add_argument("--precision", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="CPU only: run the steps under CPU autocast of this type with a GradScaler, a stand-in for "
+                        "nnU-Net's CUDA autocast (on CUDA nnU-Net's float16 autocast always applies)")
+    p.add_argument("--compile", choices=("nnunet", "on", "off"), default="nnunet",
+                   help="torch.compile of student and teacher: nnU-Net's choice (on for CUDA), forced on (also on "
+                        "CPU) or off; LCKDTrainer keeps its own (off)")
+    p.add_argument("--trainers", nargs="+", default=None,
+                   help="which of UnimodalTrainer ProtoKDTrainer KDNetTrainer LCKDTrainer LCKDTrainer:subsets "
+                        "ProtoKDTeacherTrainer to measure (default all; the ratios need UnimodalTrainer)")
+    p.add_argument("--memory-limit-gb", type=float, default=None,
+                   help="address-space limit of each measuring process: a trainer that needs more is reported as "
+                        "failed (did not fit) instead of exhausting the machine")
     p.set_defaults(func=benchmark)
 
     p = commands.add_parser("lckd-subset", help="model folder(s) of a trained LCKD model for a subset of the "
-                                                "modalities, for nnUNetv2_predict (weights shared, not copied)",
+                                                "modalities, to predict from (weights shared, not copied)",
                             description="Writes <trainer>__<plans>__<configuration>_<A+B> next to the trained "
                                         "model: its dataset.json lists only those channels, its checkpoints link "
-                                        "to the trained ones. Then: nnUNetv2_predict -c <configuration>_<A+B> -tr "
-                                        "LCKDTrainer -i <folder with only those files per case> ...")
+                                        "to the trained ones. Then: nnunet-protokd predict -c "
+                                        "<configuration>_<A+B> -tr LCKDTrainer -i <folder with only those files per "
+                                        "case> ...")
     p.add_argument("-d", "--dataset", required=True, help="dataset id or name")
     p.add_argument("-c", "--configuration", required=True, help="the configuration the LCKD model was trained on")
     p.add_argument("-m", "--modalities", nargs="+", default=None, help="the modalities available at prediction")
@@ -297,6 +370,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     p.add_argument("--overwrite", action="store_true", help="replace a different folder of that name")
     p.set_defaults(func=lckd_subset)
+
+    p = commands.add_parser("predict", help="nnUNetv2_predict, after checking that every case has exactly the "
+                                            "model's input files",
+                            description="Checks the input folder against the model folder's dataset.json (a "
+                                        "single-modality student reads <case>_0000 only, an LCKD subset model "
+                                        "exactly its channels; every file readable, without NaN/inf, not empty) "
+                                        "and lists every case and file at fault without predicting anything; "
+                                        "then runs nnU-Net's nnUNetv2_predict with the same arguments. Plain "
+                                        "nnUNetv2_predict cannot check file names: it gives the model each case's "
+                                        "files in the order of their numbers, so <case>_0003 alone is read as "
+                                        "<case>_0000.")
+    add_predict_arguments(p)
+    p.set_defaults(func=predict)
 
     p = commands.add_parser("export", help="a trained student as an nnU-Net model zip for sites with nnU-Net only, "
                                            "with a model card",
@@ -317,25 +403,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=export)
 
     p = commands.add_parser("register-trainers", help="let nnUNetv2_train/-predict of this environment find "
-                                                      "the plugin's trainers (done by bootstrap.sh)")
-    p.add_argument("--remove", action="store_true", help="undo")
+                                                      "the plugin's trainers (done by bootstrap.sh)",
+                            description="Writes a one-line .pth file into this Python environment's site-packages "
+                                        "that adds the plugin's trainers/ folder to nnUNet_extTrainer at every "
+                                        "start of Python, so that nnU-Net's commands find -tr ProtoKDTrainer etc. "
+                                        "without shell set-up. Alternative: export nnUNet_extTrainer yourself.")
+    p.add_argument("--remove", action="store_true", help="delete that .pth file again")
     p.set_defaults(func=register_trainers)
     return parser
 
 
 def run_reporting_errors(command, args) -> int:
-    """Runs a command; bad input (ValueError and its kinds: ConversionError, ConfigurationError) or a failed
-    experiment step becomes one `error: ...` message and exit status 1 instead of a traceback."""
+    """Runs a command; bad input (a UserError: ConversionError, ConfigurationError, TeacherError, ...; or another
+    ValueError) or a failed experiment step becomes one `error: ...` message and exit status 1 instead of a
+    traceback."""
+    from nnunet_protokd.errors import USER_ERRORS
     from nnunet_protokd.experiment import StepFailed
     try:
         return command(args)
-    except (ValueError, StepFailed) as exc:
+    except (*USER_ERRORS, ValueError, StepFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
+    args.argv = argv  # `predict` passes its arguments on to nnUNetv2_predict as given
     return run_reporting_errors(args.func, args)
 
 

@@ -8,17 +8,16 @@ import torch
 from nnunetv2.paths import nnUNet_results
 from nnunetv2.utilities.file_path_utilities import get_output_folder
 from nnunetv2.utilities.helpers import dummy_context
-from torch import autocast
 
-from nnunet_protokd.configurations import method_settings, resolved_configuration
+from nnunet_protokd.configurations import resolved_configuration
 from nnunet_protokd.features import FeatureCapture
-from nnunet_protokd.teacher import TeacherCheckpoint, TeacherError, load_checkpoint_weights_only, locate_teacher
-from nnunet_protokd.training import LossTermLogging, SingleModalityTrainer, batch_on_device, optimizer_step
+from nnunet_protokd.records import RecordedSettings
+from nnunet_protokd.teacher import TeacherCheckpoint, TeacherError, locate_teacher
+from nnunet_protokd.training import SingleModalityTrainer
 
-RECORD_FILE = "distillation.json"
 
 
-class DistillationTrainer(LossTermLogging, SingleModalityTrainer):
+class DistillationTrainer(RecordedSettings, SingleModalityTrainer):
     """Student trainer whose loss is nnU-Net's segmentation loss plus weighted distillation terms.
 
     Subclasses name their terms in `loss_terms` and compute them in `distillation_terms`; they may reweight
@@ -26,9 +25,9 @@ class DistillationTrainer(LossTermLogging, SingleModalityTrainer):
     teacher and the settings are checked before nnU-Net creates the model folder (a finished student without its
     teacher still validates; training it again is refused in on_train_start); the teacher is built on the
     device in `initialize`, run under no_grad in every training step on the full multi-channel batch, and never
-    saved: the checkpoint and `fold_X/distillation.json` record its path and sha256 instead, and resuming
-    with `--c` checks them. Every term is logged each epoch (training log, nnU-Net's logger,
-    distillation_progress.png).
+    saved: the checkpoint and `fold_X/distillation.json` record its path and sha256 instead, with the resolved
+    settings and the plugin version (records.py), and resuming with `--c` checks them. The step itself, its
+    checks and the logging of every term are LossTermTraining's (training.py).
     """
     loss_terms: tuple = ()
 
@@ -37,7 +36,7 @@ class DistillationTrainer(LossTermLogging, SingleModalityTrainer):
         if "ignore" in dataset_json.get("labels", {}):
             raise NotImplementedError(f"{self.__class__.__name__}: datasets with an ignore label are not supported")
         student_configuration = resolved_configuration(plans, configuration)
-        self.settings = method_settings(student_configuration, self.__class__.__name__)
+        self.resolve_settings(plans, configuration)
         self.teacher_checkpoint = self.missing_teacher = None
         try:
             self.teacher_checkpoint = locate_teacher(plans, configuration, fold, dataset_json, nnUNet_results.get())
@@ -49,7 +48,6 @@ class DistillationTrainer(LossTermLogging, SingleModalityTrainer):
             self.teacher_checkpoint, self.missing_teacher = None, error
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.teacher = self.student_features = None
-        self.register_logged_terms()
 
     @property
     def logged_terms(self) -> tuple:
@@ -62,8 +60,7 @@ class DistillationTrainer(LossTermLogging, SingleModalityTrainer):
             "checkpoint_final.pth"))
 
     def record(self) -> dict:
-        return {"method": self.__class__.__name__, "modality": self.modality.name, "settings": self.settings,
-                "teacher": self.teacher_checkpoint.identity()}
+        return {**super().record(), "modality": self.modality.name, "teacher": self.teacher_checkpoint.identity()}
 
     def initialize(self):
         super().initialize()
@@ -71,16 +68,14 @@ class DistillationTrainer(LossTermLogging, SingleModalityTrainer):
         if self.teacher_checkpoint is None:
             self.print_to_log_file(f"no teacher (validation and prediction only): {self.missing_teacher}")
             return
-        self.teacher = self.teacher_checkpoint.build(self.device)
+        # the teacher runs every step: compiled when the student is (nnU-Net's choice: CUDA, nnUNet_compile)
+        self.teacher = self.teacher_checkpoint.build(self.device, compile_network=self._do_i_compile())
         self.print_to_log_file(f"distillation: {json.dumps(self.record())}", also_print_to_console=False)
 
     def on_train_start(self):
         if self.teacher_checkpoint is None:
             raise self.missing_teacher
         super().on_train_start()
-        if self.local_rank == 0:
-            with open(os.path.join(self.output_folder, RECORD_FILE), "w") as f:
-                json.dump(self.record(), f, indent=4)
 
     def check_teacher(self, teacher: TeacherCheckpoint, student_configuration: dict) -> None:
         """Method-specific requirements on the teacher; raise TeacherError. Runs before anything is written."""
@@ -99,37 +94,18 @@ class DistillationTrainer(LossTermLogging, SingleModalityTrainer):
         gradient, so that it costs no backward memory."""
         return dummy_context() if weight else torch.no_grad()
 
-    def train_step(self, batch: dict) -> dict:
-        data, target = batch_on_device(self, batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            teacher_logits, teacher_features = self.teacher(data)
-            with self.student_features.recording() as student_features:
-                output = self.network(self.modality.select(data))
-            seg_loss = self.loss(output, target)
-            terms = self.distillation_terms(output, target, student_features, teacher_logits, teacher_features)
-            loss = self.segmentation_weight() * seg_loss + sum(w * value for w, value in terms.values() if w)
-        optimizer_step(self, loss)
-        # one device-to-host copy for all logged values
-        values = torch.stack([loss, seg_loss] + [terms[n][1] for n in self.loss_terms]).detach().float().cpu().numpy()
-        return dict(zip(("loss",) + self.logged_terms, values))
+    def weighted_loss_terms(self, data, target) -> dict:
+        teacher_logits, teacher_features = self.teacher(data)
+        with self.student_features.recording() as student_features:
+            output = self.network(self.modality.select(data))
+        terms = self.distillation_terms(output, target, student_features, teacher_logits, teacher_features)
+        return {"seg_loss": (self.segmentation_weight(), self.loss(output, target)), **terms}
 
-    def save_checkpoint(self, filename: str) -> None:
-        super().save_checkpoint(filename)
-        if self.local_rank == 0 and not self.disable_checkpointing:
-            # nnU-Net builds its checkpoint inside save_checkpoint; the teacher's identity is added afterwards
-            checkpoint = load_checkpoint_weights_only(filename)
-            checkpoint["protokd"] = self.record()
-            torch.save(checkpoint, filename + ".partial")
-            os.replace(filename + ".partial", filename)
-
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) \
-            else load_checkpoint_weights_only(filename_or_checkpoint, self.device)
+    def check_checkpoint(self, checkpoint: dict, name: str) -> None:
         recorded = checkpoint.get("protokd", {}).get("teacher", {})
         current = self.teacher_checkpoint.identity() if self.teacher_checkpoint else None
         if recorded and current and recorded["sha256"] != current["sha256"]:
             raise TeacherError(f"this student was trained with the teacher {recorded['checkpoint']} (sha256 "
                                f"{recorded['sha256'][:12]}...), but its teacher is now {current['checkpoint']} "
                                f"(sha256 {current['sha256'][:12]}...); continuing would mix two teachers")
-        super().load_checkpoint(filename_or_checkpoint)
+        super().check_checkpoint(checkpoint, name)

@@ -1,7 +1,8 @@
 """The ProtoKD paper's Table-1 protocol as one resumable sequence of nnU-Net commands.
 
 plan/preprocess -> the multi-modality teacher -> per modality the unimodal baseline and each distilling
-student -> nnUNetv2_predict on held-out single-modality images -> report. Each step is an nnU-Net (or plugin)
+student -> prediction of held-out single-modality images (`nnunet-protokd predict`: nnUNetv2_predict after
+checking each case's files) -> report. Each step is an nnU-Net (or plugin)
 command that a user could type; a step whose result exists is skipped, a half-trained model is continued with
 nnU-Net's `--c`, and `--dry-run` prints the commands instead of running them.
 """
@@ -184,7 +185,7 @@ class Experiment:
                 inputs = self.input_folder(modality, fold_group[0])
                 output = self.prediction_folder(method, modality)
                 steps.append(Step(f"predict {trainer} {configuration} folds {' '.join(map(str, fold_group))}", [
-                    _bin("nnUNetv2_predict"), "-i", inputs, "-o", output, "-d", self.dataset_id, "-c",
+                    _bin("nnunet-protokd"), "predict", "-i", inputs, "-o", output, "-d", self.dataset_id, "-c",
                     configuration, "-tr", trainer, "-p", s.plans, "-f", *map(str, fold_group), "-device", s.device],
                     done=lambda output=output, fold=fold_group[0]: self.predictions_ready(output, fold)))
         steps.append(Step("report", action=self.write_report, command=self.report_command()))

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from nnunet_protokd.configurations import (LABEL_SEPARATOR, METHOD_DEFAULTS, SCHEDULE_KEYS, SETTINGS_KEY,
                                            configuration_settings, dataset_name, method_settings,
                                            resolved_configuration)
+from nnunet_protokd.modality import describe_input_files, model_channel_names
 
 EXPORT_TRAINER = "nnUNetTrainer"
 CARD_NAME = "model_card"
@@ -193,7 +194,7 @@ def _load_checkpoint(path: str) -> dict:
 def _is_plain_student(source: str, plans: dict, dataset_json: dict, trained_configuration: str) -> bool:
     """True for a one-modality student (nnU-Net's network), False for an LCKD subset folder (the plugin's
     network); anything else (a teacher, any multi-channel model, a model of plain nnU-Net) is refused."""
-    channels = [dataset_json["channel_names"][k] for k in sorted(dataset_json["channel_names"], key=int)]
+    channels = model_channel_names(dataset_json)
     subset = plans.get(SETTINGS_KEY, {}).get("channels")
     if subset is None:
         raise ExportError(
@@ -290,7 +291,7 @@ def model_card(source: str, name: str, export_folder: str, export_configuration:
                checkpoints: list, records: dict, plain: bool, zip_name: str) -> dict:
     """The model card's content (model_card.json; model_card.md is its rendering). `trained_configuration` is
     the one in the checkpoints (an LCKD subset folder's is the configuration LCKD trained on)."""
-    channels = [dataset_json["channel_names"][k] for k in sorted(dataset_json["channel_names"], key=int)]
+    channels = model_channel_names(dataset_json)
     trained = resolved_configuration(plans, trained_configuration)
     settings = configuration_settings(trained)
     first = records[folds[0]]["distillation"] or {}
@@ -302,9 +303,10 @@ def model_card(source: str, name: str, export_folder: str, export_configuration:
     preparation = ("skull-stripped and co-registered to the BraTS template (SRI-24) at the training data's resolution "
                    "(BraTS: 1 mm isotropic), as the BraTS challenge prepares its scans" if brats else
                    f"prepared exactly like the training data of {name}")
-    rule = (f"One file per case and nothing else: {', '.join(f'{f} = {c}' for f, c in files.items())} (a case "
-            f"with other files is refused). The scan must be {preparation}. Give raw intensities: nnU-Net crops to "
-            f"the non-zero region, resamples to the training spacing {spacing} mm (z, y, x) and normalises by itself.")
+    input_files = describe_input_files(channels, file_ending=dataset_json["file_ending"])
+    rule = (f"One file per case and nothing else: {input_files} (a case with other files is refused). The scan "
+            f"must be {preparation}. Give raw intensities: nnU-Net crops to the non-zero region, resamples to the "
+            f"training spacing {spacing} mm (z, y, x) and normalises by itself.")
     folds_text = " ".join(map(str, folds))
     versions = _versions()
     install_nnunet = f"pip install nnunetv2=={versions['nnunetv2']}" if versions["nnunetv2"] else "pip install nnunetv2"
@@ -331,8 +333,9 @@ def model_card(source: str, name: str, export_folder: str, export_configuration:
             "command": f"python $nnUNet_results/{name}/{export_folder}/{BACK_CONVERSION_SCRIPT} OUTPUT_FOLDER "
                        f"BRATS_LABELS_FOLDER --reference ORIGINAL_BRATS_FOLDER" + (
                            f" --et-label {enhancing}" if enhancing != 4 else ""),
-            "needs": "numpy and SimpleITK (installed with nnU-Net); --reference is optional: it gives each output "
-                     "the exact grid of the case's original T1 file"}
+            "needs": "numpy and SimpleITK (installed with nnU-Net); --reference is optional: with it, each "
+                     "prediction must lie on the grid of the case's original T1 file (refused otherwise) and the "
+                     "output takes that file's exact header"}
     schemes = trained["normalization_schemes"][:len(channels)]
     masks = trained["use_mask_for_norm"][:len(channels)]
     return {
@@ -342,7 +345,8 @@ def model_card(source: str, name: str, export_folder: str, export_configuration:
                   "exported_from": {"model_folder": source, "trainer": trainer, "configuration": configuration}},
         "usage": usage,
         "method": {"name": method_label(trainer), "trainer": trainer, "settings": method_settings_used,
-                   "modality": first.get("modality") or LABEL_SEPARATOR.join(channels)},
+                   "modality": first.get("modality") or LABEL_SEPARATOR.join(channels),
+                   "trained_with_plugin_version": first.get("plugin_version")},
         "input": {"files": files, "rule": rule, "spacing_mm_zyx": spacing, "patch_size": trained["patch_size"],
                   "normalization": [{"channel": c, "scheme": s, "use_mask_for_norm": bool(m),
                                      "description": _normalisation_sentence(s, m)}
@@ -383,7 +387,9 @@ def card_markdown(card: dict) -> str:
                   "Back to BraTS labels (" + ", ".join(f"{k} -> {v}" for k, v in back["nnunet_to_brats"].items()) +
                   f") with the script shipped in the model folder ({back['needs']}):", "", "```bash",
                   back["command"], "```", ""]
-    lines += ["## Method", "", f"- trainer `{method['trainer']}`, modality {method['modality']}",
+    trained_with = method["trained_with_plugin_version"]
+    lines += ["## Method", "", f"- trainer `{method['trainer']}`, modality {method['modality']}" +
+              (f", trained with nnunet-protokd {trained_with}" if trained_with else ""),
               f"- settings `{json.dumps(method['settings'])}`" if method["settings"] else "- no distillation settings"]
     if card["teacher"]:
         for fold, teacher in card["teacher"].items():

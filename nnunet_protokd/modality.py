@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from nnunet_protokd.errors import UserError
 from nnunet_protokd.configurations import (LABEL_SEPARATOR, SETTINGS_KEY, ConfigurationError, channel_index,
                                            configuration_settings, resolved_configuration)
 
@@ -145,6 +146,26 @@ class StudentModality:
         return self.channels.dataset_class(multi_channel_dataset_class)
 
 
+class InputChannelError(UserError, ValueError):
+    """A model given a different number of input channels (files per case) than it was trained on."""
+
+
+def describe_input_files(channel_names, num_channels: int | None = None, file_ending: str = "") -> str:
+    """The files a model reads per case, e.g. "<case>_0000.nii.gz = T1ce only" or "<case>_0000 = T1ce,
+    <case>_0001 = FLAIR"; without channel names (a plain nnU-Net model's plans) "<case>_0000 <case>_0001 ..." for
+    `num_channels`. Prediction errors and model cards state the input rule in these words."""
+    if channel_names is None:
+        return " ".join(f"<case>_{c:04d}{file_ending}" for c in range(num_channels))
+    if len(channel_names) == 1:
+        return f"<case>_0000{file_ending} = {channel_names[0]} only"
+    return ", ".join(f"<case>_{c:04d}{file_ending} = {name}" for c, name in enumerate(channel_names))
+
+
+def model_channel_names(dataset_json: dict) -> list:
+    """The input channels of a model folder's dataset.json, in the order of its files <case>_0000, _0001, ..."""
+    return [dataset_json["channel_names"][str(c)] for c in range(len(dataset_json["channel_names"]))]
+
+
 class InputChannelCheck:
     """Forward pre-hook: a clear error when a model gets a different number of channels than it was trained on
     (e.g. four modality files per case given to a one-modality student, or one file to the teacher)."""
@@ -157,9 +178,12 @@ class InputChannelCheck:
     def __call__(self, module, args):
         received = args[0].shape[1]
         if received != self.num_input_channels:
-            raise ValueError(f"this model takes {self.num_input_channels} input channel(s) per case "
-                             f"({self.expected_files}) but received {received}. Give the predictor exactly those "
-                             f"files for every case.{self.hint}")
+            # nnU-Net's predictor gives the network tensors only: the case is the one its log names last
+            # ("Predicting ..."); `nnunet-protokd predict` checks the files of every case before predicting
+            raise InputChannelError(
+                f"this model takes {self.num_input_channels} input channel(s) per case ({self.expected_files}) but "
+                f"received {received}. Give the predictor exactly those files for every case (`nnunet-protokd "
+                f"predict` checks them first and names the case).{self.hint}")
 
 
 def with_input_channel_check(network: torch.nn.Module, num_input_channels: int, plans: dict,
@@ -167,11 +191,6 @@ def with_input_channel_check(network: torch.nn.Module, num_input_channels: int, 
     """`plans` of the model: those of a channel subset (ChannelSubset.plans) name the files to give; `hint` is
     added to the error."""
     channels = plans.get(SETTINGS_KEY, {}).get("channels")
-    if channels is not None and len(channels) == 1:
-        expected = f"<case>_0000 = {channels[0]} only"
-    elif channels is not None:
-        expected = ", ".join(f"<case>_{c:04d} = {name}" for c, name in enumerate(channels))
-    else:
-        expected = " ".join(f"<case>_{c:04d}" for c in range(num_input_channels))
-    network.register_forward_pre_hook(InputChannelCheck(num_input_channels, expected, hint))
+    network.register_forward_pre_hook(InputChannelCheck(num_input_channels,
+                                                        describe_input_files(channels, num_input_channels), hint))
     return network

@@ -6,25 +6,32 @@ import os
 import numpy as np
 
 
-def plot_loss_terms(series: dict, path: str, title: str) -> None:
-    """The segmentation loss (linear axis: nnU-Net's Dice term makes it negative once training goes well) above
-    the distillation terms (log axis: they are non-negative and differ by orders of magnitude), per epoch."""
+def plot_loss_terms(series: dict, gradient_norms: dict, path: str, title: str) -> None:
+    """Per epoch: the segmentation loss (linear axis: nnU-Net's Dice term makes it negative once training goes
+    well), the distillation terms (log axis: non-negative, orders of magnitude apart) and how strongly each
+    weighted term pulls on the student (gradient norm at its parameters, first step of the epoch; log axis)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     # nnU-Net's own progress plot changes matplotlib's global style (seaborn, huge fonts): start from defaults
     with matplotlib.rc_context(matplotlib.rcParamsDefault):
-        figure, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
-        for axis, names in ((top, ["seg_loss"]), (bottom, [n for n in series if n != "seg_loss"])):
+        figure, (top, middle, bottom) = plt.subplots(3, 1, figsize=(9, 10), sharex=True)
+        panels = ((top, series, ["seg_loss"]), (middle, series, [n for n in series if n != "seg_loss"]),
+                  (bottom, gradient_norms, list(gradient_norms)))
+        colours = {name: f"C{index}" for index, name in enumerate(series)}  # one colour per term in every panel
+        for axis, values_of, names in panels:
             for name in names:
-                values = series[name]
-                axis.plot(range(len(values)), values, marker="o" if len(values) < 30 else None, label=name)
+                values = values_of[name]
+                axis.plot(range(len(values)), values, marker="o" if len(values) < 30 else None, label=name,
+                          color=colours[name])
             axis.grid(True, which="both", alpha=0.3)
             axis.legend()
         top.set_ylabel("segmentation loss")
+        middle.set_yscale("log")
+        middle.set_ylabel("distillation terms (unweighted)")
         bottom.set_yscale("log")
-        bottom.set_ylabel("distillation terms (unweighted)")
+        bottom.set_ylabel("gradient norm of weight x term")
         bottom.set_xlabel("epoch")
         top.set_title(f"{title}: training loss terms, epoch means")
         figure.tight_layout()

@@ -3,8 +3,10 @@
 Dice comes from nnU-Net's own region-aware metric code (region masks, TP/FP/FN); a region empty in both the
 reference and the prediction scores Dice 1 (nnU-Net leaves it undefined; BraTS scores it 1). HD95 uses scipy's
 Euclidean distance transform with the image spacing: the larger of the two directed 95th percentiles of
-surface distances; it is undefined (left out of the mean, the count says how many remain) when either mask is
-empty, and 0 when both are.
+surface distances; 0 when both masks are empty. When exactly one is empty (a missed or an invented tumour region)
+it is undefined; as in the BraTS challenges such a case scores a fixed penalty of 373.13 mm (the diagonal of
+BraTS's 240 x 240 x 155 mm image), so that missing a whole region is not rewarded by leaving the case out;
+excluding these cases instead is an option. The report gives their count either way.
 """
 from __future__ import annotations
 
@@ -22,8 +24,15 @@ METHOD_ORDER = ("teacher", "unimodal", "protokd", "kdnet", "lckd")
 METHOD_TITLES = {"teacher": "Teacher (all modalities)", "unimodal": "Unimodal", "protokd": "ProtoKD",
                  "kdnet": "KD-Net", "lckd": "LCKD"}
 REGION_ABBREVIATIONS = {"whole tumor": "WT", "tumor core": "TC", "enhancing tumor": "ET"}
-EMPTY_REFERENCE_RULE = ("Dice of a region empty in both reference and prediction is 1, and 0 when only one of "
-                        "them is empty; HD95 is undefined (excluded) when exactly one is empty and 0 when both are")
+# HD95 of a case whose reference or prediction (not both) is empty, in the BraTS challenges' scoring
+BRATS_HD95_PENALTY_MM = 373.13
+
+
+def empty_reference_rule(hd95_penalty: float | None) -> str:
+    """How empty regions are scored, for the report (`hd95_penalty` None: such cases are excluded from HD95)."""
+    one_empty = "excluded from HD95" if hd95_penalty is None else f"scored HD95 = {hd95_penalty:g} mm (BraTS)"
+    return ("Dice of a region empty in both reference and prediction is 1, and 0 when only one of them is empty; "
+            f"HD95 is 0 when both are empty, and a case where exactly one is empty is {one_empty}")
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,10 @@ def hd95(reference: np.ndarray, prediction: np.ndarray, spacing) -> float:
                      np.percentile(to_prediction[reference_surface], 95)))
 
 
-def case_metrics(reference_file: str, prediction_file: str, regions) -> dict:
+def case_metrics(reference_file: str, prediction_file: str, regions,
+                 hd95_penalty: float | None = BRATS_HD95_PENALTY_MM) -> dict:
+    """{region: {"dice", "hd95", "hd95_one_empty"}}; where exactly one mask is empty, "hd95" is `hd95_penalty`
+    (None: undefined, left out of the mean) and "hd95_one_empty" is true."""
     from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn, region_or_label_to_mask
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     reader = SimpleITKIO()
@@ -81,18 +93,22 @@ def case_metrics(reference_file: str, prediction_file: str, regions) -> dict:
         prediction_mask = region_or_label_to_mask(prediction[0], region)
         tp, fp, fn, _ = compute_tp_fp_fn_tn(reference_mask, prediction_mask)
         dice = 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
-        metrics[name] = {"dice": float(dice), "hd95": hd95(reference_mask, prediction_mask, spacing)}
+        one_empty = bool(reference_mask.any()) != bool(prediction_mask.any())
+        distance = hd95_penalty if one_empty else hd95(reference_mask, prediction_mask, spacing)
+        metrics[name] = {"dice": float(dice), "hd95": distance, "hd95_one_empty": one_empty}
     return metrics
 
 
-def evaluate_folder(ground_truth_folder: str, prediction_folder: str, regions, file_ending: str) -> dict:
-    """{case: {region: {"dice", "hd95"}}} over every reference case; a missing prediction is an error."""
+def evaluate_folder(ground_truth_folder: str, prediction_folder: str, regions, file_ending: str,
+                    hd95_penalty: float | None = BRATS_HD95_PENALTY_MM) -> dict:
+    """{case: {region: {"dice", "hd95", "hd95_one_empty"}}} over every reference case (see case_metrics); a
+    missing prediction is an error."""
     cases = sorted(f[:-len(file_ending)] for f in os.listdir(ground_truth_folder) if f.endswith(file_ending))
     missing = [c for c in cases if not os.path.isfile(os.path.join(prediction_folder, c + file_ending))]
     if missing:
         raise ValueError(f"{prediction_folder} lacks predictions of {len(missing)} reference case(s): {missing[:5]}")
     return {c: case_metrics(os.path.join(ground_truth_folder, c + file_ending),
-                            os.path.join(prediction_folder, c + file_ending), regions) for c in cases}
+                            os.path.join(prediction_folder, c + file_ending), regions, hd95_penalty) for c in cases}
 
 
 def summarise(per_case: dict, regions) -> dict:
@@ -100,12 +116,12 @@ def summarise(per_case: dict, regions) -> dict:
     summary = {}
     for name, _ in regions:
         dice = np.array([m[name]["dice"] for m in per_case.values()])
-        distances = np.array([m[name]["hd95"] for m in per_case.values()])
-        distances = distances[np.isfinite(distances)]
+        distances = np.array([m[name]["hd95"] for m in per_case.values() if m[name]["hd95"] is not None])
         summary[name] = {"dice_mean": float(dice.mean()), "dice_std": float(dice.std()),
                          "hd95_mean": float(distances.mean()) if len(distances) else None,
                          "hd95_std": float(distances.std()) if len(distances) else None,
-                         "hd95_n": int(len(distances))}
+                         "hd95_n": int(len(distances)),
+                         "hd95_one_empty": sum(bool(m[name]["hd95_one_empty"]) for m in per_case.values())}
     mean_dice = np.array([np.mean([m[name]["dice"] for name, _ in regions]) for m in per_case.values()])
     summary["mean"] = {"dice_mean": float(mean_dice.mean()), "dice_std": float(mean_dice.std())}
     return summary
@@ -136,15 +152,17 @@ def _p(value):
 
 
 def build_report(ground_truth_folder: str, dataset_json: dict, prediction_sets: list, output_folder: str,
-                 images_folder: str | None = None, run_info: dict | None = None, seed: int = 0) -> dict:
-    """Scores every prediction set and writes report.md, summary.json, dice.png and overlays.png."""
+                 images_folder: str | None = None, run_info: dict | None = None, seed: int = 0,
+                 hd95_penalty: float | None = BRATS_HD95_PENALTY_MM) -> dict:
+    """Scores every prediction set and writes report.md, summary.json, dice.png and overlays.png. A case where
+    exactly one of reference and prediction is empty scores HD95 = `hd95_penalty` (None: excluded)."""
     regions = evaluation_regions(dataset_json)
     region_names = [name for name, _ in regions]
     file_ending = dataset_json["file_ending"]
     os.makedirs(output_folder, exist_ok=True)
     results = {}
     for prediction_set in prediction_sets:
-        per_case = evaluate_folder(ground_truth_folder, prediction_set.folder, regions, file_ending)
+        per_case = evaluate_folder(ground_truth_folder, prediction_set.folder, regions, file_ending, hd95_penalty)
         results[prediction_set.key] = {"method": prediction_set.method, "modality": prediction_set.modality,
                                        "folder": os.path.abspath(prediction_set.folder),
                                        "summary": summarise(per_case, regions), "per_case": per_case}
@@ -158,7 +176,8 @@ def build_report(ground_truth_folder: str, dataset_json: dict, prediction_sets: 
             [baseline["per_case"][c][name]["dice"] for c in sorted(result["per_case"])], seed)
             for name in region_names}
     summary = {"n_cases": len(next(iter(results.values()))["per_case"]) if results else 0,
-               "regions": region_names, "empty_reference_rule": EMPTY_REFERENCE_RULE,
+               "regions": region_names, "empty_reference_rule": empty_reference_rule(hd95_penalty),
+               "hd95_penalty_mm": hd95_penalty,
                "ground_truth_folder": os.path.abspath(ground_truth_folder),
                "results": results, "comparisons_with_unimodal": comparisons, "run": run_info or {}}
     with open(os.path.join(output_folder, "summary.json"), "w") as f:
@@ -202,12 +221,16 @@ def _write_markdown(summary: dict, path: str) -> None:
         lines.append(f"| {result['modality'] or 'all'} | {METHOD_TITLES.get(result['method'], result['method'])} | "
                      + " | ".join(_format(s[r]["dice_mean"], s[r]["dice_std"]) for r in regions)
                      + f" | {_format(s['mean']['dice_mean'], s['mean']['dice_std'])} |")
-    lines += ["", "## HD95 in mm (mean ± std over the cases where it is defined; n in brackets)", "",
+    penalty = summary.get("hd95_penalty_mm")
+    one_empty = "excluded" if penalty is None else f"at {penalty:g}"
+    lines += ["", f"## HD95 in mm (mean ± std over n cases; k cases with exactly one of reference and prediction "
+                  f"empty, {'excluded' if penalty is None else f'scored {penalty:g} mm as in BraTS'})", "",
               "| Modality | Method | " + " | ".join(regions) + " |", "|---|---|" + "---|" * len(regions)]
     for _, result in ordered_results(summary):
         s = result["summary"]
         lines.append(f"| {result['modality'] or 'all'} | {METHOD_TITLES.get(result['method'], result['method'])} | "
-                     + " | ".join(f"{_format(s[r]['hd95_mean'], s[r]['hd95_std'], 2)} ({s[r]['hd95_n']})"
+                     + " | ".join(f"{_format(s[r]['hd95_mean'], s[r]['hd95_std'], 2)} "
+                                  f"(n={s[r]['hd95_n']}, k={s[r]['hd95_one_empty']} {one_empty})"
                                   for r in regions) + " |")
     subsets = subset_results(summary)
     if subsets:

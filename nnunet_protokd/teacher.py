@@ -19,16 +19,19 @@ import numpy as np
 import torch
 
 from nnunet_protokd.configurations import configuration_settings, resolved_configuration
+from nnunet_protokd.errors import UserError
 from nnunet_protokd.features import FeatureCapture
 
 TEACHER_DEFAULTS = {"trainer": "ProtoKDTeacherTrainer", "configuration": None, "plans": None,
                     "checkpoint": "checkpoint_final.pth"}
+# what every nnU-Net v2 checkpoint holds (nnUNetTrainer.save_checkpoint) and the teacher loader reads
+NNUNET_CHECKPOINT_KEYS = ("network_weights", "init_args")
 # numpy scalars that nnU-Net stores in its checkpoints (e.g. the EMA Dice); allowed in weights-only loading
 _CHECKPOINT_SAFE_GLOBALS = [np.dtype, np._core.multiarray.scalar, np.dtypes.Float32DType,
                             np.dtypes.Float64DType, np.dtypes.Int64DType]
 
 
-class TeacherError(RuntimeError):
+class TeacherError(UserError, RuntimeError):
     """No usable teacher for this student; the message says which and why."""
 
 
@@ -69,7 +72,7 @@ class TeacherCheckpoint:
                 "configuration": self.configuration, "fold": self.fold,
                 "channels": [self.dataset_json["channel_names"][str(c)] for c in range(len(self.channel_indices))]}
 
-    def build(self, device: torch.device) -> "Teacher":
+    def build(self, device: torch.device, compile_network: bool = False) -> "Teacher":
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
         plans_manager = PlansManager(self.plans)
@@ -80,16 +83,16 @@ class TeacherCheckpoint:
         network.load_state_dict(self.network_weights)
         network.to(device).eval().requires_grad_(False)
         self.network_weights = None  # the copy on the device is the one in use
-        return Teacher(network, self.channel_indices)
+        return Teacher(network, self.channel_indices, compile_network)
 
 
 class Teacher:
     """A frozen teacher network: eval mode, no gradients, never in an optimiser or a checkpoint."""
 
-    def __init__(self, network: torch.nn.Module, channel_indices: tuple):
-        self.network = network
+    def __init__(self, network: torch.nn.Module, channel_indices: tuple, compile_network: bool = False):
         self.channel_indices = list(channel_indices)
-        self.features = FeatureCapture(network)
+        self.features = FeatureCapture(network)  # hooks on the plain modules, which the compiled graph calls
+        self.network = torch.compile(network) if compile_network else network
 
     @torch.no_grad()
     def __call__(self, data: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -105,6 +108,57 @@ def _fail(student: str, message: str):
     raise TeacherError(f"teacher of {student}: {message}")
 
 
+def teacher_model_folder(plans: dict, configuration: str, results_folder: str | None) -> tuple:
+    """(model folder or None, checkpoint) of the student configuration's teacher, from its `protokd.teacher`
+    settings over TEACHER_DEFAULTS: the checkpoint is a file name inside the folder's fold_X, or (folder None)
+    the path of a checkpoint anywhere."""
+    settings = configuration_settings(resolved_configuration(plans, configuration))
+    spec = {**TEACHER_DEFAULTS, **settings.get("teacher", {})}
+    if os.path.isabs(spec["checkpoint"]):
+        return None, spec["checkpoint"]
+    where = f"teacher of {plans['dataset_name']} {configuration}"
+    teacher_configuration = spec["configuration"] or plans["configurations"][configuration].get("inherits_from")
+    if not teacher_configuration:
+        raise TeacherError(f"{where}: the configuration inherits from no base configuration; name the teacher's "
+                           f"configuration")
+    if not results_folder:
+        raise TeacherError(f"{where}: set nnUNet_results, where the teacher's model folder is looked for")
+    folder = f"{spec['trainer']}__{spec['plans'] or plans['plans_name']}__{teacher_configuration}"
+    return os.path.join(results_folder, plans["dataset_name"], folder), spec["checkpoint"]
+
+
+def check_named_teacher(plans: dict, configuration: str, results_folder: str | None) -> list:
+    """For a configuration that names its teacher (add-config --teacher-...): the teacher checkpoints that exist
+    now, one per fold; a TeacherError when there is none, so that a misspelt name fails at once and not when a
+    student starts training. (The default teacher may be trained after the student configuration is added.)"""
+    model_folder, checkpoint = teacher_model_folder(plans, configuration, results_folder)
+    if model_folder is None:
+        found, looked_for = [checkpoint] if os.path.isfile(checkpoint) else [], checkpoint
+    else:
+        folds = sorted(f for f in os.listdir(model_folder) if f.startswith("fold_")) \
+            if os.path.isdir(model_folder) else []
+        found = [os.path.join(model_folder, f, checkpoint) for f in folds
+                 if os.path.isfile(os.path.join(model_folder, f, checkpoint))]
+        looked_for = os.path.join(model_folder, "fold_*", checkpoint)
+    if not found:
+        raise TeacherError(f"teacher of {plans['dataset_name']} {configuration}: no checkpoint {looked_for} exists; "
+                           f"check --teacher-trainer, --teacher-configuration, --teacher-plans and "
+                           f"--teacher-checkpoint")
+    return found
+
+
+def _unpickling_reason(exc: Exception) -> str:
+    """PyTorch's reason for refusing a file, without its advice to load it with weights_only=False (which would
+    run whatever code the file holds)."""
+    message = " ".join(str(exc).split())
+    if "WeightsUnpickler error:" in message:
+        reason = message.split("WeightsUnpickler error:", 1)[1]
+        reason = reason.split(" Please use ")[0].split(" Check the documentation of torch.load")[0].strip()
+        return (f"it holds Python objects that a weights-only load refuses ({reason}); the plugin never runs code "
+                f"from a checkpoint: give a checkpoint written by nnUNetv2_train")
+    return f"{type(exc).__name__}: {message}"
+
+
 def locate_teacher(plans: dict, configuration: str, fold, dataset_json: dict, results_folder: str) -> TeacherCheckpoint:
     """Finds and checks the teacher of the student (plans, configuration, fold) of a multi-channel dataset."""
     student = f"{plans['dataset_name']} {configuration} fold {fold}"
@@ -112,29 +166,38 @@ def locate_teacher(plans: dict, configuration: str, fold, dataset_json: dict, re
     settings = configuration_settings(resolved)
     spec = {**TEACHER_DEFAULTS, **settings.get("teacher", {})}
     teacher_configuration = spec["configuration"] or plans["configurations"][configuration].get("inherits_from")
-    if not teacher_configuration:
-        _fail(student, "the configuration inherits from no base configuration; name the teacher's configuration")
-    if os.path.isabs(spec["checkpoint"]):
-        checkpoint_path = spec["checkpoint"]
-    else:
-        if not results_folder:
-            _fail(student, "set nnUNet_results, where the teacher's model folder is looked for")
-        folder = f"{spec['trainer']}__{spec['plans'] or plans['plans_name']}__{teacher_configuration}"
-        checkpoint_path = os.path.join(results_folder, plans["dataset_name"], folder, f"fold_{fold}",
-                                       spec["checkpoint"])
+    model_folder, checkpoint_path = teacher_model_folder(plans, configuration, results_folder)
+    if model_folder is not None:
+        checkpoint_path = os.path.join(model_folder, f"fold_{fold}", checkpoint_path)
     if not os.path.isfile(checkpoint_path):
         _fail(student, f"{checkpoint_path} does not exist. Train it first (nnUNetv2_train {plans['dataset_name']} "
                        f"{teacher_configuration} {fold} -tr {spec['trainer']}) or name another teacher in the "
                        f"student configuration (nnunet-protokd add-config --teacher-...)")
     model_folder = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_path)))
+    teacher_files = {}
+    for name in ("plans.json", "dataset.json"):
+        try:
+            with open(os.path.join(model_folder, name)) as f:
+                teacher_files[name] = json.load(f)
+        except (OSError, ValueError) as exc:
+            _fail(student, f"cannot read the teacher's {os.path.join(model_folder, name)} (an nnU-Net model folder "
+                           f"holds plans.json and dataset.json beside fold_X): {exc}")
+    teacher_plans, teacher_dataset_json = teacher_files["plans.json"], teacher_files["dataset.json"]
     try:
-        with open(os.path.join(model_folder, "plans.json")) as f:
-            teacher_plans = json.load(f)
-        with open(os.path.join(model_folder, "dataset.json")) as f:
-            teacher_dataset_json = json.load(f)
         checkpoint = load_checkpoint_weights_only(checkpoint_path)
-    except Exception as exc:  # missing files, bad JSON and the unpickler's several error types alike
-        _fail(student, f"cannot read the teacher in {model_folder}: {type(exc).__name__}: {str(exc)[:300]}")
+    except Exception as exc:  # the unpickler's several error types alike
+        _fail(student, f"cannot read the teacher checkpoint {checkpoint_path}: {_unpickling_reason(exc)}")
+    missing = [key for key in NNUNET_CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if not missing:
+        missing = [f"init_args[{key!r}]" for key in ("fold", "configuration") if key not in checkpoint["init_args"]]
+    if missing:
+        plain = isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor)
+                                                                    for v in checkpoint.values())
+        _fail(student, f"{checkpoint_path} is not a checkpoint written by nnUNetv2_train: it lacks "
+                       f"{', '.join(missing)}" + (" (it is a plain state_dict)" if plain else "") +
+                       ". The fold and configuration it was trained on must be known (a teacher trained on the "
+                       "student's validation cases would leak them): use nnU-Net's checkpoint_final.pth or "
+                       "checkpoint_best.pth")
 
     teacher_fold = str(checkpoint["init_args"]["fold"])
     if teacher_fold != str(fold):

@@ -1,6 +1,10 @@
 import json
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -190,15 +194,50 @@ def damage_missing_seg(folder):
     return "missing segmentation .*_seg.nii.gz"
 
 
+def damage_truncated(folder):
+    """Header intact, data cut: SimpleITK reads it without complaint (zero-filled); the voxel check must not."""
+    path = case_file(folder, FIRST_CASE, "t2")
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    return "cannot read .*_t2.nii.gz: Compressed file ended before the end-of-stream marker"
+
+
+def damage_all_zero(folder):
+    path = case_file(folder, FIRST_CASE, "t1ce")
+    write_like(path, np.zeros_like(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))), path)
+    return "_t1ce.nii.gz holds the value 0 in every voxel: an empty scan"
+
+
 @pytest.mark.parametrize("damage", [damage_missing_modality, damage_extra_modality, damage_shape, damage_spacing,
                                     damage_origin, damage_direction, damage_labels, damage_nan, damage_unreadable,
-                                    damage_missing_seg])
+                                    damage_missing_seg, damage_truncated, damage_all_zero])
 def test_bad_input_is_named_and_leaves_nothing(brats_copy, tmp_path, damage):
     expected = damage(brats_copy)
     raw = tmp_path / "raw"
     with pytest.raises(ConversionError, match=f"case {FIRST_CASE}: .*{expected}"):
         convert(brats_copy, raw)
     assert os.listdir(raw) == []
+
+
+def test_truncated_and_empty_scans_are_listed_with_the_other_problems(brats_copy, tmp_path):
+    """A truncated file used to crash the run (in a worker process) with a bare EOFError that hid the other
+    problems; an all-zero case with a tumour in its seg used to be converted."""
+    damage_truncated(brats_copy)
+    os.remove(case_file(brats_copy, "Brats18_PHANTOM_HGG_001", "flair"))  # another case's problem
+    empty = "Brats18_PHANTOM_LGG_000"
+    for suffix in ("t1", "t1ce", "t2", "flair"):
+        path = case_file(brats_copy, empty, suffix)
+        write_like(path, np.zeros_like(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))), path)
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(case_file(brats_copy, empty, "seg")))).any()
+    with pytest.raises(ConversionError) as raised:
+        convert_brats_dataset(str(brats_copy), 501, str(tmp_path / "raw"), num_processes=2)
+    message = str(raised.value)
+    assert "6 problem(s) in the input; nothing was written" in message
+    assert f"case {FIRST_CASE}: cannot read {case_file(brats_copy, FIRST_CASE, 't2')}: Compressed file" in message
+    assert "case Brats18_PHANTOM_HGG_001: missing modality file" in message
+    assert all(f"case {empty}: {case_file(brats_copy, empty, s)} holds the value 0 in every voxel" in message
+               for s in ("t1", "t1ce", "t2", "flair"))
+    assert os.listdir(tmp_path / "raw") == []
 
 
 def test_bad_input_keeps_an_existing_dataset(brats_copy, tmp_path):
@@ -227,17 +266,175 @@ def test_command_line_reports_errors_and_converts(brats_copy, tmp_path):
     assert "Dataset502_BraTS2018" in run([BIN / "python", CONVERT, brats_copy, "502"], env).stdout
 
 
+def write_prediction(folder: Path, seg_file: Path, naming=None, **geometry) -> Path:
+    """The nnU-Net prediction of a case that equals its BraTS seg, on the seg's grid as nnU-Net writes it (or
+    with `geometry` changed)."""
+    folder.mkdir(exist_ok=True)
+    case = seg_file.name[:-len("_seg.nii.gz")]
+    labels = brats_to_nnunet_labels(sitk.GetArrayFromImage(sitk.ReadImage(str(seg_file))),
+                                    *([naming] if naming else []))
+    path = folder / f"{case}.nii.gz"
+    write_like(path, labels, seg_file, **geometry)
+    return path
+
+
 def test_predictions_back_to_brats_with_original_geometry(phantom_folder, tmp_path):
-    predictions = tmp_path / "predictions"
-    predictions.mkdir()
     reference = case_file(phantom_folder, FIRST_CASE, "seg")
-    nnunet_labels = brats_to_nnunet_labels(sitk.GetArrayFromImage(sitk.ReadImage(str(reference))))
-    prediction = sitk.GetImageFromArray(nnunet_labels)  # deliberately without geometry
-    sitk.WriteImage(prediction, str(predictions / f"{FIRST_CASE}.nii.gz"))
-    convert_predictions_to_brats(str(predictions), str(tmp_path / "out"), reference_folder=str(phantom_folder))
+    write_prediction(tmp_path / "predictions", reference)
+    convert_predictions_to_brats(str(tmp_path / "predictions"), str(tmp_path / "out"),
+                                 reference_folder=str(phantom_folder))
     result = sitk.ReadImage(str(tmp_path / "out" / f"{FIRST_CASE}.nii.gz"))
     original = sitk.ReadImage(str(reference))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(result), sitk.GetArrayFromImage(original))
     assert result.GetDirection() == original.GetDirection() and result.GetOrigin() == original.GetOrigin()
     with pytest.raises(ConversionError, match="not empty"):
-        convert_predictions_to_brats(str(predictions), str(tmp_path / "out"))
+        convert_predictions_to_brats(str(tmp_path / "predictions"), str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("geometry, message", [(dict(Spacing=(1.0, 1.0, 1.0)), "spacing .* differs from"),
+                                               (dict(Origin=(5.0, 0.0, 0.0)), "origin .* differs from")])
+def test_a_prediction_on_another_grid_is_refused_not_moved(phantom_folder, tmp_path, geometry, message):
+    write_prediction(tmp_path / "predictions", case_file(phantom_folder, FIRST_CASE, "seg"), **geometry)
+    with pytest.raises(ConversionError, match=f"case {FIRST_CASE}: prediction .*: {message} .* predicted on "
+                                              f"another grid"):
+        convert_predictions_to_brats(str(tmp_path / "predictions"), str(tmp_path / "out"),
+                                     reference_folder=str(phantom_folder))
+    assert not (tmp_path / "out").exists()
+
+
+def test_brats2023_predictions_get_the_2023_enhancing_label(tmp_path):
+    source = tmp_path / "BraTS2023"
+    generate_brats_phantoms(str(source), num_hgg=1, num_lgg=1, seed=3, shape_zyx=(20, 24, 24), naming="brats2023")
+    case = sorted(os.listdir(source))[0]  # high grade: has enhancing tumour
+    seg = source / case / f"{case}-seg.nii.gz"
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(seg)))
+    assert 3 in labels
+    predictions = tmp_path / "predictions"
+    predictions.mkdir()
+    write_like(predictions / f"{case}.nii.gz", brats_to_nnunet_labels(labels, BRATS2023), seg)
+    result = run([BIN / "python", REPO / "dataset_conversion" / "convert_predictions_to_brats.py", predictions,
+                  tmp_path / "out", "--reference", source])
+    assert f"(enhancing tumour = 3, from the BraTS naming of {source})" in result.stdout
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / f"{case}.nii.gz"))),
+                                  labels)
+    run([BIN / "python", REPO / "dataset_conversion" / "convert_predictions_to_brats.py", predictions,
+         tmp_path / "out4", "--reference", source, "--et-label", "4"])  # the user's choice still wins
+    assert 4 in sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out4" / f"{case}.nii.gz")))
+
+
+def test_unreadable_or_missing_predictions_are_one_line_errors(phantom_folder, tmp_path):
+    back = REPO / "dataset_conversion" / "convert_predictions_to_brats.py"
+    result = run([BIN / "python", back, tmp_path / "nowhere", tmp_path / "out"], expect_success=False)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: prediction folder {tmp_path / 'nowhere'} does not exist or is not a folder"
+    (tmp_path / "predictions").mkdir()
+    (tmp_path / "predictions" / f"{FIRST_CASE}.nii.gz").write_bytes(b"not an image")
+    result = run([BIN / "python", back, tmp_path / "predictions", tmp_path / "out", "--reference", phantom_folder],
+                 expect_success=False)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith(f"error: case {FIRST_CASE}: cannot read the prediction "
+                                    f"{tmp_path / 'predictions' / FIRST_CASE}.nii.gz: ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_conversion_errors_are_one_line_user_errors_inside_nnunet_commands(tmp_path):
+    """ConversionError lives in the plugin-free brats_labels.py (a plain ValueError there), yet our hook in
+    nnU-Net's commands shows it as one line, like every UserError."""
+    probe = tmp_path / "nnUNetv2_probe.py"  # named like nnU-Net's commands, where the hook is active
+    probe.write_text("from nnunet_protokd.errors import show_user_errors_in_nnunet_commands\n"
+                     "from nnunet_protokd.brats import convert_predictions_to_brats\n"
+                     "show_user_errors_in_nnunet_commands()\n"
+                     f"convert_predictions_to_brats({str(tmp_path / 'nowhere')!r}, {str(tmp_path / 'out')!r})\n")
+    result = run([BIN / "python", probe], dict(os.environ, PYTHONPATH=str(REPO)), expect_success=False)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: prediction folder {tmp_path / 'nowhere'} does not exist or is not a folder"
+
+
+def test_unwritable_nnunet_raw_is_a_one_line_error(phantom_folder, tmp_path):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")  # nnUNet_raw below a file: cannot be created (as for a folder without write access)
+    result = run([BIN / "python", CONVERT, phantom_folder, "502"], dict(os.environ, nnUNet_raw=str(blocked / "raw")),
+                 expect_success=False)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: cannot write into nnUNet_raw {blocked / 'raw'}: Not a directory"
+
+
+def scratch_folders(raw: Path) -> list:
+    return sorted(d for d in os.listdir(raw) if d.startswith("."))
+
+
+def start_blocked_conversion(folder: Path, raw: Path) -> subprocess.Popen:
+    """A conversion (2 worker processes, in a session of its own) whose worker blocks reading a FIFO that
+    nobody writes, returned once its scratch folder exists."""
+    path = case_file(folder, FIRST_CASE, "t1")
+    path.unlink()
+    os.mkfifo(path)
+    process = subprocess.Popen([str(BIN / "python"), str(CONVERT), str(folder), "502", "-j", "2"],
+                               env=dict(os.environ, nnUNet_raw=str(raw)), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while not (raw.is_dir() and scratch_folders(raw)) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)  # its workers are reading cases
+    return process
+
+
+def stop_session(process):
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)
+
+
+def test_sigterm_stops_a_conversion_like_ctrl_c(brats_copy, tmp_path):
+    raw = tmp_path / "raw"
+    process = start_blocked_conversion(brats_copy, raw)
+    try:
+        assert len(scratch_folders(raw)) == 1
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        stop_session(process)
+    assert process.returncode == 1 and "conversion stopped by SIGTERM; nothing was written" in stderr
+    assert os.listdir(raw) == []
+
+
+def test_a_killed_conversions_scratch_folder_is_removed_by_the_next_one(brats_copy, phantom_folder, tmp_path):
+    raw = tmp_path / "raw"
+    process = start_blocked_conversion(brats_copy, raw)
+    try:
+        left = scratch_folders(raw)
+        assert len(left) == 1 and f".pid{process.pid}." in left[0]
+    finally:
+        stop_session(process)  # kill -9: nothing of ours runs
+    assert scratch_folders(raw) == left
+    running = raw / f".Dataset503_incomplete.pid{os.getpid()}.{socket.gethostname()}.abc"  # a running conversion's
+    elsewhere = raw / f".Dataset504_incomplete.pid{process.pid}.other-node.abc"  # another machine's
+    running.mkdir()
+    elsewhere.mkdir()
+    convert(phantom_folder, raw)
+    assert sorted(os.listdir(raw)) == [running.name, elsewhere.name, "Dataset501_BraTS2018"]
+
+
+def test_a_failed_delete_of_the_replaced_dataset_is_reported_and_hidden_from_nnunet(phantom_folder, tmp_path,
+                                                                                    monkeypatch):
+    raw = tmp_path / "raw"
+    convert(phantom_folder, raw)
+    real_rmtree = shutil.rmtree
+
+    def rmtree_failing_on_replaced(path, ignore_errors=False, **kwargs):
+        if "_replaced." not in str(path):
+            return real_rmtree(path, ignore_errors=ignore_errors, **kwargs)
+        if not ignore_errors:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree_failing_on_replaced)
+    with pytest.raises(ConversionError, match=r"wrote .*Dataset501_BraTS2018, but could not delete the dataset it "
+                                              r"replaced, now hidden from nnU-Net in .*\.Dataset501_replaced\.pid"):
+        convert(phantom_folder, raw, overwrite=True)
+    # nnU-Net finds datasets by the folder prefix DatasetXXX: exactly one
+    assert [d for d in os.listdir(raw) if d.startswith("Dataset501")] == ["Dataset501_BraTS2018"]
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    convert(phantom_folder, raw, overwrite=True)  # the next --overwrite works
+    assert [d for d in os.listdir(raw) if d.startswith("Dataset501")] == ["Dataset501_BraTS2018"]

@@ -27,6 +27,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import BIN, REPO, nnunet_environment, run
+import nnunet_protokd
 
 DATASET = "Dataset501_BraTS2018"
 STUDENT_CONFIGURATION = "3d_tiny_T1ce"
@@ -113,8 +114,10 @@ def test_export_writes_a_plain_nnunet_model_folder_with_its_card(workspace, expo
     card = json.loads(files[folder + "model_card.json"])
     teacher_checkpoint = workspace / "nnUNet_results" / DATASET / TEACHER / "fold_0" / "checkpoint_final.pth"
     assert card["model"]["needs_plugin"] is False and card["model"]["configuration"] == "3d_tiny_T1ce_ProtoKD"
+    record = json.loads((workspace / "nnUNet_results" / DATASET / PROTOKD / "fold_0" / "distillation.json").read_text())
     assert card["method"] == {"name": "ProtoKD", "trainer": "ProtoKDTrainer", "modality": "T1ce",
-                              "settings": {"alpha": 10.0, "beta": 0.1, "temperature": 10.0, "intra_class_only": False}}
+                              "settings": record["settings"], "trained_with_plugin_version": nnunet_protokd.__version__}
+    assert record["settings"]["alpha"] == 10.0  # the resolved settings, defaults included
     assert card["input"]["files"] == {"<case>_0000.nii.gz": "T1ce"}
     assert "skull-stripped" in card["input"]["rule"] and card["input"]["normalization"][0]["scheme"] == \
            "ZScoreNormalization"
@@ -325,6 +328,9 @@ def test_an_lckd_subset_model_exports_unchanged_with_a_card_that_asks_for_the_pl
     assert json.loads(files[folder + "dataset.json"])["channel_names"] == {"0": "T1ce"}
     card = json.loads(files[folder + "model_card.json"])
     assert card["model"]["needs_plugin"] is True and card["method"]["modality"] == "T1ce"
+    # the settings LCKD trained with (its record), not the subset configuration's
+    assert card["method"]["settings"] == json.loads((trained / "distillation.json").read_text())["settings"]
+    assert card["method"]["settings"]["election_batches"] == 1
     assert "nnunet-protokd register-trainers" in card["usage"] and card["usage"][-1].startswith(
         f"nnUNetv2_predict -d {DATASET} -c 3d_tiny_T1ce -tr LCKDTrainer")
     assert "needs the nnunet-protokd plugin installed" in files[folder + "model_card.md"].decode()

@@ -59,7 +59,7 @@ def test_dry_run_prints_the_nnunet_commands_and_writes_nothing(workspace):
     assert trainings == ["777 3d_fullres_3ep_5it 0 -tr ProtoKDTeacherTrainer -p nnUNetPlans -device cpu"] + [
         f"777 3d_fullres_3ep_5it_{m} 0 -tr {t} -p nnUNetPlans -device cpu"
         for m in ("T1ce", "FLAIR") for t in ("UnimodalTrainer", "ProtoKDTrainer", "KDNetTrainer")]
-    predictions = [c for c in commands if "nnUNetv2_predict " in c]
+    predictions = [c for c in commands if "nnunet-protokd predict " in c]
     assert len(predictions) == 7
     assert f"-i {workspace}/experiment/inputs/test/T1ce -o {workspace}/experiment/predictions/protokd_T1ce" in \
            predictions[2]
@@ -74,7 +74,7 @@ def fake_nnunet(workspace, commands):
 
     def fake_run(command, **kwargs):
         commands.append(command)
-        if "nnUNetv2_predict" in command[0]:  # one label map per input case
+        if command[1:2] == ["predict"]:  # one label map per input case
             output = command[command.index("-o") + 1]
             shutil.copytree(workspace / "nnUNet_raw" / DATASET / "labelsTs", output, dirs_exist_ok=True)
         if "nnUNetv2_train" in command[0]:  # a final checkpoint per trained model
@@ -155,7 +155,7 @@ def test_lckd_is_trained_once_and_predicts_from_every_subset(workspace):
                          "777 3d_fullres_3ep_5it_T1ce 0 -tr UnimodalTrainer -p nnUNetPlans -device cpu"]
     assert any(c[1:] == ["lckd-subset", "-d", "777", "-c", "3d_fullres_3ep_5it", "--all", "-p", "nnUNetPlans"]
                for c in commands)
-    lckd_predictions = [c for c in commands if "nnUNetv2_predict" in c[0] and "LCKDTrainer" in c]
+    lckd_predictions = [c for c in commands if c[1:2] == ["predict"] and "LCKDTrainer" in c]
     assert len(lckd_predictions) == 15
     pair = next(c for c in lckd_predictions if c[c.index("-c") + 1] == "3d_fullres_3ep_5it_T1ce+FLAIR")
     inputs = workspace / "experiment" / "inputs" / "test" / "T1ce+FLAIR"
@@ -175,3 +175,30 @@ def test_lckd_is_trained_once_and_predicts_from_every_subset(workspace):
     rows = [line for line in subsets.split("## ")[0].splitlines()[3:] if line.startswith("| ")]
     assert len(rows) == 15 and rows[0].startswith("| T1 |") and rows[-1].startswith("| T1+T1ce+T2+FLAIR |")
     assert "protokd:T1ce" not in summary["comparisons_with_unimodal"] and "lckd:T1ce" in summary["comparisons_with_unimodal"]
+
+
+def test_a_label_based_conversion_runs_the_protocol_and_is_scored_as_brats_regions(workspace):
+    """`convert_brats2018.py --labels` (the ProtoKD authors' four disjoint labels, softmax): the same steps and a
+    report on WT/TC/ET, as for the region dataset."""
+    from nnunet_protokd.brats import NNUNET_LABELS
+    raw = workspace / "nnUNet_raw" / DATASET
+    dataset_json = json.loads((raw / "dataset.json").read_text())
+    del dataset_json["regions_class_order"]
+    (raw / "dataset.json").write_text(json.dumps({**dataset_json, "labels": NNUNET_LABELS, "brats_naming": "brats2018"}))
+    dry_run = run([BIN / "nnunet-protokd", "experiment", "-d", "777", "--modalities", "T1ce", "--methods", "protokd",
+                   "kdnet", "lckd", "--epochs", "3", "--iterations-per-epoch", "5", "--device", "cpu", "-o",
+                   workspace / "experiment", "--dry-run"], nnunet_environment(workspace)).stdout
+    assert "-tr ProtoKDTrainer" in dry_run and "-tr KDNetTrainer" in dry_run and "-tr LCKDTrainer" in dry_run
+    experiment = Experiment(settings(workspace, methods=("unimodal", "protokd", "kdnet", "lckd"), modalities=("T1ce",)))
+    preprocessed = workspace / "nnUNet_preprocessed" / DATASET
+    (preprocessed / "nnUNetPlans_3d_fullres").mkdir(parents=True)
+    (preprocessed / "nnUNetPlans.json").write_text("{}")
+    experiment.run_command = fake_nnunet(workspace, [])
+    experiment.run(log=lambda message: None)
+    summary = json.loads((workspace / "experiment" / "report" / "summary.json").read_text())
+    assert summary["regions"] == ["WT", "TC", "ET"]
+    assert {"teacher", "unimodal:T1ce", "protokd:T1ce", "kdnet:T1ce", "lckd:T1ce"} <= set(summary["results"])
+    # the fake predictions are the references: every region scores 1 (ET is present, TC = ET here)
+    assert all(summary["results"][key]["summary"][region]["dice_mean"] == 1.0
+               for key in ("protokd:T1ce", "lckd:T1ce") for region in ("WT", "TC", "ET"))
+    assert "| T1ce | ProtoKD |" in (workspace / "experiment" / "report" / "report.md").read_text()

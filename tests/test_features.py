@@ -60,3 +60,40 @@ def test_student_gradients_flow_through_captured_features():
 def test_other_networks_get_a_clear_error():
     with pytest.raises(TypeError, match="expected a dynamic_network_architectures U-Net"):
         FeatureCapture(torch.nn.Conv3d(1, 1, 1))
+
+
+def test_hooks_fire_inside_a_compiled_3d_network_on_every_step():
+    """torch.compile (forced on CPU) keeps the forward hooks: on every training step the captured bottleneck and
+    decoder features, a loss of them and the gradients equal those of an eager twin; one graph, no re-tracing."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    eager = plain_unet(deep_supervision=True)
+    compiled_network = plain_unet(deep_supervision=True)
+    compiled_network.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_network)
+    eager_capture, compiled_capture = FeatureCapture(eager), FeatureCapture(compiled)
+    for step in range(3):
+        x = torch.randn(2, 1, 8, 16, 16)
+        results = []
+        for network, capture in ((eager, eager_capture), (compiled, compiled_capture)):
+            network.zero_grad()
+            with capture.recording() as features:
+                output = network(x)
+            loss = output[0].square().mean() + features["decoder"].mean() + features["bottleneck"].square().mean()
+            loss.backward()
+            results.append((features, loss, parameter_gradients(network)))
+        (eager_features, eager_loss, eager_grads), (features, loss, grads) = results
+        assert set(features) == {"bottleneck", "decoder"}, step
+        for name in features:
+            torch.testing.assert_close(features[name], eager_features[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-6)
+        for g, reference in zip(grads, eager_grads):
+            torch.testing.assert_close(g, reference, rtol=1e-3, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
+
+
+def parameter_gradients(network):
+    # the lower-resolution deep-supervision heads get no gradient from this loss
+    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in network.parameters()]

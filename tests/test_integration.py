@@ -43,7 +43,7 @@ def workspace(tmp_path_factory) -> Path:
     run([BIN / "nnUNetv2_train", "501", "3d_smoke", "0", "-tr", "ProtoKDTeacherTrainer", "-device", "cpu"], env)
     for student in ("UnimodalTrainer", "ProtoKDTrainer", "KDNetTrainer"):
         run([BIN / "nnUNetv2_train", "501", "3d_smoke_T1ce", "0", "-tr", student, "-device", "cpu"], env)
-    # LCKD: epoch 0 with every modality, epochs 1-2 with random subsets and an election before each
+    # LCKD: epoch 0 with every modality, epochs 1-2 with random subsets; an election before each epoch
     run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-c", "3d_fullres", "--name", "3d_lckd", "--epochs", "3",
          "--iterations-per-epoch", "4", "--val-iterations-per-epoch", "2", "--set", "LCKDTrainer.election_interval=1",
          "--set", "LCKDTrainer.full_modality_fraction=0.34", "--set", "LCKDTrainer.election_batches=2"], env)
@@ -107,6 +107,36 @@ def test_student_refuses_four_channel_input(workspace):
     assert "takes 1 input channel(s) per case (<case>_0000 = T1ce only) but received 4" in result.stderr
 
 
+def test_predict_command_checks_file_names_then_predicts_as_nnunet_does(workspace):
+    env = nnunet_environment(workspace)
+    arguments = ["-d", "501", "-c", "3d_smoke_T1ce", "-tr", "UnimodalTrainer", "-f", "0", "-device", "cpu", "-npp",
+                 "1", "-nps", "1"]
+    result = run([BIN / "nnunet-protokd", "predict", "-i", workspace / "t1ce_only", "-o", workspace / "checked",
+                  *arguments], env)
+    assert f"3 case(s) in {workspace / 't1ce_only'}, each with exactly the files this model reads" in result.stdout
+    predict(workspace, workspace / "t1ce_only", workspace / "plain", "3d_smoke_T1ce", "UnimodalTrainer")
+    predictions = sorted(p.name for p in (workspace / "plain").glob("*.nii.gz"))
+    assert len(predictions) == 3 and sorted(p.name for p in (workspace / "checked").glob("*.nii.gz")) == predictions
+    for name in predictions:  # nnU-Net's own prediction, voxel for voxel
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(workspace / "checked" / name))),
+                                      sitk.GetArrayFromImage(sitk.ReadImage(str(workspace / "plain" / name))))
+    # FLAIR numbered as in the 4-channel dataset: plain nnUNetv2_predict cannot tell and reads it as T1ce
+    flair = workspace / "flair_as_0003"
+    flair.mkdir()
+    for image in sorted((workspace / "nnUNet_raw" / DATASET / "imagesTs").glob("*_0003.nii.gz")):
+        shutil.copy(image, flair / image.name)
+    predict(workspace, flair, workspace / "flair_plain", "3d_smoke_T1ce", "UnimodalTrainer")
+    assert len(list((workspace / "flair_plain").glob("*.nii.gz"))) == 3
+    result = run([BIN / "nnunet-protokd", "predict", "-i", flair, "-o", workspace / "flair_checked", *arguments], env,
+                 expect_success=False)
+    case = sorted(flair.iterdir())[0].name[:-len("_0003.nii.gz")]
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"case {case}: unexpected file {flair}/{case}_0003.nii.gz (this model reads <case>_0000.nii.gz = T1ce " \
+           f"only per case)" in result.stderr
+    assert f"case {case}: missing {case}_0000.nii.gz (T1ce; " in result.stderr
+    assert not (workspace / "flair_checked").exists()
+
+
 def test_teacher_refuses_single_channel_input(workspace):
     result = predict(workspace, workspace / "t1ce_only", workspace / "bad2", "3d_smoke", "ProtoKDTeacherTrainer",
                      expect_success=False)
@@ -150,7 +180,9 @@ def test_distilled_student_logs_every_loss_term_and_records_its_teacher(workspac
     results = workspace / "nnUNet_results" / DATASET
     fold = results / model / "fold_0"
     teacher_checkpoint = results / TEACHER / "fold_0" / "checkpoint_final.pth"
+    from nnunet_protokd import __version__
     record = json.loads((fold / "distillation.json").read_text())
+    assert record["plugin_version"] == __version__
     assert record["teacher"]["sha256"] == sha256_of(str(teacher_checkpoint))
     assert record["teacher"]["checkpoint"] == str(teacher_checkpoint) and record["modality"] == "T1ce"
     assert record["settings"] == METHOD_DEFAULTS[model.split("__")[0]]
@@ -159,7 +191,7 @@ def test_distilled_student_logs_every_loss_term_and_records_its_teacher(workspac
     epoch_lines = [line for line in log.splitlines() if ": train seg_loss " in line]
     assert len(epoch_lines) == 2 and all(f"{term} " in line for line in epoch_lines for term in terms)
     checkpoint = load_checkpoint_weights_only(str(fold / "checkpoint_final.pth"))
-    assert checkpoint["protokd"]["teacher"] == record["teacher"]
+    assert checkpoint["protokd"] == record
     for term in terms:
         values = checkpoint["logging"][term]
         assert len(values) == 2 and all(np.isfinite(values)), (term, values)
@@ -230,7 +262,8 @@ def test_benchmark_reports_every_trainer_side_by_side(workspace):
                  nnunet_environment(workspace))
     assert "ProtoKDTrainer" in result.stdout and "x step" in result.stdout
     report = json.loads(output.read_text())
-    trainers = ("UnimodalTrainer", "ProtoKDTrainer", "KDNetTrainer", "LCKDTrainer", "LCKDTrainer:subsets")
+    trainers = ("UnimodalTrainer", "ProtoKDTrainer", "KDNetTrainer", "LCKDTrainer", "LCKDTrainer:subsets",
+                "ProtoKDTeacherTrainer")
     assert set(report["results"]) == set(trainers) | {"teacher", "inference"}
     for trainer in trainers:
         figures = report["results"][trainer]
@@ -246,7 +279,7 @@ def test_lckd_elects_on_held_out_training_cases_and_validates_every_subset(works
     fold = workspace / "nnUNet_results" / DATASET / LCKD / "fold_0"
     split = json.loads((workspace / "nnUNet_preprocessed" / DATASET / "splits_final.json").read_text())[0]
     elections = json.loads((fold / "lckd_elections.json").read_text())
-    assert [e["epoch"] for e in elections] == [1, 2]
+    assert [e["epoch"] for e in elections] == [0, 1, 2]  # from the first epoch, as the authors
     held_out = elections[0]["election_cases"]
     assert len(held_out) == 1 and set(held_out) <= set(split["train"]) and not set(held_out) & set(split["val"])
     for election in elections:
@@ -254,10 +287,20 @@ def test_lckd_elects_on_held_out_training_cases_and_validates_every_subset(works
         assert set(election["teachers"]) == {"WT", "TC", "ET"}
         assert set(election["teachers"].values()) <= {"T1", "T1ce", "T2", "FLAIR", None}
     log = next(fold.glob("training_log_*.txt")).read_text()
-    assert "teacher election (epoch 1): Dice alone" in log and "teacher election (epoch 0)" not in log
+    assert "teacher election (epoch 0): Dice alone" in log
+    from nnunet_protokd.configurations import METHOD_DEFAULTS
     from nnunet_protokd.teacher import load_checkpoint_weights_only
-    logged = load_checkpoint_weights_only(str(fold / "checkpoint_final.pth"))["logging"]
-    assert logged["kd_loss"][0] == 0 and all(np.isfinite(logged["seg_loss"]))  # no teachers in epoch 0
+    checkpoint = load_checkpoint_weights_only(str(fold / "checkpoint_final.pth"))
+    logged = checkpoint["logging"]
+    assert logged["kd_loss"][0] > 0 and all(np.isfinite(logged["seg_loss"]))  # distilled in the every-modality epoch
+    # every resolved setting in the checkpoint, distillation.json and the model folder's plans.json (the network)
+    settings = {**METHOD_DEFAULTS["LCKDTrainer"], "election_interval": 1, "full_modality_fraction": 0.34,
+                "election_batches": 2}
+    assert checkpoint["protokd"]["settings"] == json.loads((fold / "distillation.json").read_text())["settings"] \
+        == settings
+    plans = json.loads((fold.parent / "plans.json").read_text())
+    assert plans["configurations"]["3d_lckd"]["protokd"]["LCKDTrainer"] == settings
+    assert any(key.startswith("fusion_blocks.") for key in checkpoint["network_weights"])  # the authors' slots
     subsets = json.loads((fold / "validation_subsets" / "summary.json").read_text())
     assert len(subsets["subsets"]) == 15 and sorted(subsets["cases"]) == sorted(split["val"])
     assert set(subsets["subsets"]["T1ce+FLAIR"]["mean"]) == {"(1, 2, 3)", "(2, 3)", "(3,)"}
@@ -270,7 +313,7 @@ def test_lckd_elects_on_held_out_training_cases_and_validates_every_subset(works
 def test_lckd_predicts_from_a_subset_of_modalities(workspace):
     env = nnunet_environment(workspace)
     result = run([BIN / "nnunet-protokd", "lckd-subset", "-d", "501", "-c", "3d_lckd", "-m", "flair", "T1ce"], env)
-    assert "nnUNetv2_predict -d 501 -c 3d_lckd_T1ce+FLAIR -tr LCKDTrainer" in result.stdout
+    assert "nnunet-protokd predict -d 501 -c 3d_lckd_T1ce+FLAIR -tr LCKDTrainer" in result.stdout
     folder = workspace / "nnUNet_results" / DATASET / "LCKDTrainer__nnUNetPlans__3d_lckd_T1ce+FLAIR"
     assert (folder / "fold_0" / "checkpoint_final.pth").is_symlink()
     inputs = workspace / "t1ce_and_flair"
@@ -290,3 +333,136 @@ def test_lckd_predicts_from_a_subset_of_modalities(workspace):
                      expect_success=False)
     assert result.returncode != 0
     assert "takes 2 input channel(s) per case (<case>_0000 = T1ce, <case>_0001 = FLAIR) but received 1" in result.stderr
+
+
+def benchmark_checks(workspace, *options) -> dict:
+    """The benchmark's per-trainer figures and checks (loss terms of every step, student changed, teacher
+    unchanged) for a few real train_steps on cached batches of the integration dataset."""
+    output = workspace / f"benchmark_{len(list(workspace.glob('benchmark_*.json')))}.json"
+    run([BIN / "nnunet-protokd", "benchmark", "-d", "501", "-c", "3d_smoke_T1ce", "--device", "cpu",
+         "--inference-cases", "1", "-o", output, *options], nnunet_environment(workspace))
+    return json.loads(output.read_text())["results"]
+
+
+def test_every_trainer_steps_under_mixed_precision_with_a_grad_scaler(workspace):
+    """CPU autocast (bfloat16) with a GradScaler, the stand-in for nnU-Net's CUDA float16 autocast: real steps
+    give finite loss terms and gradient norms, the student's weights change and the teacher's do not."""
+    results = benchmark_checks(workspace, "--precision", "bfloat16", "--steps", "3", "--warmup", "0")
+    for trainer in ("UnimodalTrainer", "ProtoKDTrainer", "KDNetTrainer", "LCKDTrainer", "LCKDTrainer:subsets"):
+        figures = results[trainer]
+        assert len(figures["loss_terms"]) == 3, trainer
+        assert all(np.isfinite(v) for step in figures["loss_terms"] for v in step.values()), (trainer, figures)
+        assert figures["student_changed"], trainer
+        assert all(np.isfinite(g) for g in figures["gradient_norms"].values()), (trainer, figures)
+        assert figures["gradient_norms"]["seg_loss"] > 0, trainer
+    for trainer, terms in DISTILLED.items():
+        figures = results[trainer.split("__")[0]]
+        assert figures["teacher_unchanged"] is True
+        assert all(figures["gradient_norms"][term] > 0 for term in terms)  # each term pulls on the student
+    # LCKD distils in both stages (kd_from_start, the authors' schedule)
+    assert results["LCKDTrainer:subsets"]["gradient_norms"]["kd_loss"] > 0
+    assert results["LCKDTrainer"]["gradient_norms"]["kd_loss"] > 0
+
+
+def test_compiled_trainers_give_the_eager_loss_terms_on_every_step(workspace):
+    """torch.compile forced on (CPU, 3D, deep supervision on, teacher compiled as the trainers build it): the
+    feature hooks fire inside the compiled graph on every step, so L_proto (decoder features) and L_KL
+    (bottleneck) equal the eager values step after step, through backward and optimiser updates (the same
+    seeded initial weights and cached batches in both runs)."""
+    options = ("--trainers", "ProtoKDTrainer", "KDNetTrainer", "--steps", "3", "--warmup", "0")
+    eager = benchmark_checks(workspace, "--compile", "off", *options)
+    compiled = benchmark_checks(workspace, "--compile", "on", *options)
+    for trainer in ("ProtoKDTrainer", "KDNetTrainer"):
+        assert compiled[trainer]["compiled"] and not eager[trainer]["compiled"]
+        for step, (ours, reference) in enumerate(zip(compiled[trainer]["loss_terms"], eager[trainer]["loss_terms"])):
+            assert set(ours) == set(reference)
+            for term in ours:
+                assert ours[term] == pytest.approx(reference[term], rel=1e-4, abs=1e-6), (trainer, step, term)
+        # the per-term gradient probe too (a second backward over a retained compiled graph would get it wrong,
+        # and with it the step's own update: measured 1.5 instead of 14.5 for KD-Net's L_KL before the fix)
+        assert compiled[trainer]["gradient_norms"] == pytest.approx(eager[trainer]["gradient_norms"], rel=1e-4)
+
+
+def test_resenc_plans_as_teacher_and_student_and_a_resenc_teacher_for_default_plans(workspace):
+    """nnU-Net's ResEnc planner (its current recommendation), planned with a small GPU memory target under a plans
+    name of its own (what a user whose GPU is too small does): a ResEnc teacher and ResEnc students train; a
+    default-plans (PlainConvUNet) ProtoKD student distils from the ResEnc teacher (a different network; the
+    cosine maps would also allow different widths)."""
+    env = nnunet_environment(workspace)
+    resenc = "nnUNetResEncUNetPlans_4G"
+    run([BIN / "nnUNetv2_plan_and_preprocess", "-d", "501", "-c", "3d_fullres", "-pl", "nnUNetPlannerResEncM",
+         "-gpu_memory_target", "4", "-overwrite_plans_name", resenc, "-np", "2"], env)
+    schedule = ["--epochs", "1", "--iterations-per-epoch", "2", "--val-iterations-per-epoch", "1",
+                "--no-final-validation"]
+    run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-p", resenc, "-c", "3d_fullres", "--name", "3d_smoke",
+         *schedule], env)
+    run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-p", resenc, "-c", "3d_smoke", "-m", "T1ce"], env)
+    for trainer, configuration in (("ProtoKDTeacherTrainer", "3d_smoke"), ("ProtoKDTrainer", "3d_smoke_T1ce"),
+                                   ("KDNetTrainer", "3d_smoke_T1ce"), ("LCKDTrainer", "3d_smoke")):
+        run([BIN / "nnUNetv2_train", "501", configuration, "0", "-tr", trainer, "-p", resenc, "-device", "cpu"], env)
+        folder = workspace / "nnUNet_results" / DATASET / f"{trainer}__{resenc}__{configuration}"
+        plans = json.loads((folder / "plans.json").read_text())
+        assert "ResidualEncoderUNet" in plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"]
+        assert (folder / "fold_0" / "checkpoint_final.pth").is_file(), trainer
+    # the default-plans student, taught by the ResEnc teacher
+    run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-c", "3d_smoke", "-m", "T1ce", "--name",
+         "3d_smoke_T1ce_resenc_teacher", "--teacher-plans", resenc], env)
+    run([BIN / "nnUNetv2_train", "501", "3d_smoke_T1ce_resenc_teacher", "0", "-tr", "ProtoKDTrainer", "-device", "cpu"],
+        env)
+    record = json.loads((workspace / "nnUNet_results" / DATASET / "ProtoKDTrainer__nnUNetPlans__3d_smoke_T1ce_resenc_teacher"
+                         / "fold_0" / "distillation.json").read_text())
+    assert record["teacher"]["plans"] == resenc
+
+
+PREDICT_EVERY_SUBSET = """
+import json, sys
+import numpy as np, SimpleITK as sitk, torch
+from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+results, images, validated, case = sys.argv[1:5]
+agreement = {}
+for label in json.loads(sys.argv[5]):
+    folder = f"{results}/LCKDTrainer__nnUNetPlans__3d_lckd_{label}"
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True, device=torch.device("cpu"),
+                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(folder, (0,), "checkpoint_final.pth")
+    channels = json.load(open(f"{folder}/dataset.json"))["protokd"]["source_channel_indices"]
+    image, properties = SimpleITKIO().read_images([f"{images}/{case}_{c:04d}.nii.gz" for c in channels])
+    predicted = predictor.predict_single_npy_array(image, properties, None, None, False)
+    reference = sitk.GetArrayFromImage(sitk.ReadImage(f"{validated}/{label}/{case}.nii.gz"))
+    agreement[label] = float(np.mean(predicted == reference))
+print(json.dumps(agreement))
+"""
+
+
+def test_every_lckd_subset_model_folder_predicts_what_final_validation_predicted(workspace):
+    """All 15 subset folders (`lckd-subset --all`) through nnU-Net's predictor (what nnUNetv2_predict runs), each
+    from only its modalities' raw files: the same segmentation as the trained model's validation of that subset."""
+    from nnunet_protokd.lckd import every_channel_subset
+    env = nnunet_environment(workspace)
+    run([BIN / "nnunet-protokd", "lckd-subset", "-d", "501", "-c", "3d_lckd", "--all"], env)
+    results = workspace / "nnUNet_results" / DATASET
+    fold = results / LCKD / "fold_0"
+    case = json.loads((fold / "validation_subsets" / "summary.json").read_text())["cases"][0]
+    dataset_json = json.loads((results / LCKD / "dataset.json").read_text())
+    labels = [subset.label for subset in every_channel_subset(dataset_json)]
+    result = run([BIN / "python", "-c", PREDICT_EVERY_SUBSET, results, workspace / "nnUNet_raw" / DATASET / "imagesTr",
+                  fold / "validation_subsets", case, json.dumps(labels)], env)
+    agreement = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(agreement) == 15 and all(value >= 0.999 for value in agreement.values()), agreement
+
+
+def test_resuming_under_other_method_settings_is_refused_with_the_way_back(workspace):
+    env = nnunet_environment(workspace)
+    run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-c", "3d_smoke", "-m", "T1ce", "--set",
+         "ProtoKDTrainer.classes=regions", "--overwrite"], env)
+    try:
+        result = run([BIN / "nnUNetv2_train", "501", "3d_smoke_T1ce", "0", "-tr", "ProtoKDTrainer", "-device", "cpu",
+                      "--c"], env, expect_success=False)
+    finally:
+        run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-c", "3d_smoke", "-m", "T1ce", "--overwrite"], env)
+    assert result.returncode != 0
+    assert "checkpoint_final.pth was trained by ProtoKDTrainer of nnunet-protokd" in result.stderr
+    assert "classes 'disjoint' -> 'regions'. Continuing would change the method half-way" in result.stderr
+    assert "nnunet-protokd add-config -d Dataset501_BraTS2018 -p nnUNetPlans -c 3d_smoke -m T1ce --name " \
+           "3d_smoke_T1ce --set ProtoKDTrainer.classes=disjoint --overwrite" in result.stderr

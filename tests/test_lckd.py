@@ -9,24 +9,28 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
 from nnunet_protokd.configurations import ConfigurationError
 from nnunet_protokd.features import FeatureCapture
-from nnunet_protokd.lckd import (FixedSubsetNetwork, ModalityFusionUNet, all_subsets, elect_teachers,
-                                 random_available, single_modality_dice, split_election_cases,
-                                 write_subset_model_folder)
+from nnunet_protokd.lckd import (FixedSubsetNetwork, ModalityFusionUNet, all_subsets, build_fusion_network,
+                                 elect_teachers, every_channel_subset, random_available, single_modality_dice,
+                                 split_election_cases, write_subset_model_folder)
 from nnunet_protokd.losses import cross_modal_kd_loss
 from nnunet_protokd.modality import ChannelSubset, with_input_channel_check
 from tests.test_student_settings import DATASET_JSON, make_plans
 
 
-def fusion_network(deep_supervision=False) -> ModalityFusionUNet:
+FUSIONS = ("slots", "mean")
+
+
+def fusion_network(deep_supervision=False, fusion="slots", num_modalities=4, input_slots=None) -> ModalityFusionUNet:
     torch.manual_seed(0)
     unet = PlainConvUNet(1, 3, (4, 8, 16), torch.nn.Conv3d, 3, (1, 2, 2), (1, 1, 1), 3, (1, 1), conv_bias=True,
                          norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"affine": True}, nonlin=torch.nn.LeakyReLU,
                          deep_supervision=deep_supervision)
-    return ModalityFusionUNet(unet).eval()
+    return ModalityFusionUNet(unet, fusion, num_modalities, input_slots).eval()
 
 
-def test_an_absent_modality_cannot_change_the_output_whatever_its_input():
-    network = fusion_network()
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_an_absent_modality_cannot_change_the_output_whatever_its_input(fusion):
+    network = fusion_network(fusion=fusion)
     x = torch.randn(2, 4, 8, 16, 16)
     available = torch.tensor([[False, True, False, True], [True, True, True, False]])
     with torch.no_grad():
@@ -41,17 +45,95 @@ def test_an_absent_modality_cannot_change_the_output_whatever_its_input():
         torch.testing.assert_close(network(changed, available)[1], reference[1])
 
 
-def test_a_subset_model_given_only_its_files_predicts_what_training_predicted_with_a_mask():
-    network = fusion_network()
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_a_subset_model_given_only_its_files_predicts_what_training_predicted_with_a_mask(fusion):
+    network = fusion_network(fusion=fusion)
+    subset_network = fusion_network(fusion=fusion, input_slots=(1, 3))  # T1ce and FLAIR into their slots
+    subset_network.load_state_dict(network.state_dict())
     x = torch.randn(1, 4, 8, 16, 16)
     with torch.no_grad():
         masked = FixedSubsetNetwork(network, torch.tensor([False, True, False, True]))(x)
-        only_the_subset = network(ChannelSubset(("T1ce", "FLAIR"), (1, 3)).select(x))
+        only_the_subset = subset_network(ChannelSubset(("T1ce", "FLAIR"), (1, 3)).select(x))
     torch.testing.assert_close(only_the_subset, masked)
 
 
-def test_fusion_is_the_mean_of_the_available_encodings_at_every_level():
-    network = fusion_network(deep_supervision=True)
+def test_slot_fusion_fills_missing_slots_with_the_mean_and_concatenates_them_in_modality_order():
+    """The authors' fusion: one slot per modality, a missing modality's slot holds the mean of the available ones."""
+    network = fusion_network(deep_supervision=True, num_modalities=3)
+    x = torch.randn(1, 3, 8, 16, 16)
+    with torch.no_grad():
+        skips = [network.encoder(x[:, [c]]) for c in (0, 2)]
+        fused = [block(torch.cat([first, (first + third) / 2, third], dim=1))
+                 for block, first, third in zip(network.fusion_blocks, *skips)]
+        expected = network.decoder(fused)
+        output = network(x, torch.tensor([True, False, True]))
+    assert [block.conv.in_channels for block in network.fusion_blocks] == [12, 24, 48]  # 3 slots of 4, 8, 16
+    for got, want in zip(output, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_slot_fusion_knows_which_modality_is_which_and_mean_fusion_does_not():
+    x = torch.randn(1, 4, 8, 16, 16)
+    swapped = x[:, [1, 0, 2, 3]]
+    available = torch.tensor([True, True, False, False])
+    with torch.no_grad():
+        slots, mean = fusion_network(fusion="slots"), fusion_network(fusion="mean")
+        assert not torch.allclose(slots(x, available), slots(swapped, available), atol=1e-4)
+        torch.testing.assert_close(mean(x, available), mean(swapped, available))
+
+
+def test_weights_of_the_other_fusion_are_refused_with_the_fix():
+    with pytest.raises(RuntimeError, match=r"trained with 'mean' fusion but the model folder's plans.json asks for "
+                                           r"'slots'.*\"LCKDTrainer\": \{\"fusion\": \"mean\"\}"):
+        fusion_network(fusion="slots").load_state_dict(fusion_network(fusion="mean").state_dict())
+    with pytest.raises(RuntimeError, match="trained with 'slots' fusion"):
+        fusion_network(fusion="mean").load_state_dict(fusion_network(fusion="slots").state_dict())
+
+
+def network_plans(fusion=None) -> dict:
+    """Plans with a tiny PlainConvUNet that nnU-Net can build (and the LCKD fusion, if given)."""
+    plans = make_plans()
+    plans["configurations"]["3d_fullres"]["architecture"] = {
+        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+        "arch_kwargs": {"n_stages": 3, "features_per_stage": [4, 8, 16], "conv_op": "torch.nn.modules.conv.Conv3d",
+                        "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2]],
+                        "n_conv_per_stage": [1, 1, 1], "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
+                        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                        "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
+                        "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
+        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+    if fusion is not None:
+        plans["configurations"]["3d_fullres"]["protokd"] = {"LCKDTrainer": {"fusion": fusion}}
+    return plans
+
+
+def network_of(plans: dict, num_input_channels: int):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    manager = PlansManager(plans)
+    torch.manual_seed(0)
+    return build_fusion_network(manager, manager.get_configuration("3d_fullres"), num_input_channels, 3, False).eval()
+
+
+@pytest.mark.parametrize("fusion", [None, "mean"])
+def test_every_subset_model_folder_network_predicts_what_the_trained_network_predicts_with_a_mask(fusion):
+    """What nnUNetv2_predict builds from each of the 15 subset folders' plans (ChannelSubset.plans), loaded with the
+    trained weights, given only the subset's files."""
+    trained = network_of(network_plans(fusion), 4)
+    assert trained.fusion == (fusion or "slots")  # slots by default
+    x = torch.randn(1, 4, 8, 16, 16)
+    subsets = every_channel_subset(DATASET_JSON)
+    assert len(subsets) == 15
+    for subset in subsets:
+        network = network_of(subset.plans(network_plans(fusion)), len(subset.channel_indices))
+        network.load_state_dict(trained.state_dict())
+        available = torch.zeros(4, dtype=torch.bool)
+        available[list(subset.channel_indices)] = True
+        with torch.no_grad():
+            torch.testing.assert_close(network(subset.select(x)), FixedSubsetNetwork(trained, available)(x))
+
+
+def test_mean_fusion_is_the_mean_of_the_available_encodings_at_every_level():
+    network = fusion_network(deep_supervision=True, fusion="mean", num_modalities=3)
     x = torch.randn(1, 3, 8, 16, 16)
     with torch.no_grad():
         skips = [network.encoder(x[:, [c]]) for c in (0, 2)]
@@ -62,7 +144,7 @@ def test_fusion_is_the_mean_of_the_available_encodings_at_every_level():
 
 
 def test_bottlenecks_per_modality_and_a_clear_error_for_an_empty_subset():
-    network = fusion_network()
+    network = fusion_network(num_modalities=3)
     available = torch.tensor([[True, False, True], [False, True, False]])
     x = torch.randn(2, 3, 8, 16, 16)
     with FeatureCapture(network) as capture, capture.recording() as features, torch.no_grad():
@@ -76,8 +158,8 @@ def test_bottlenecks_per_modality_and_a_clear_error_for_an_empty_subset():
         network(x, torch.tensor([[True, False, False], [False, False, False]]))
 
 
-def test_random_subsets_reach_every_non_empty_subset_uniformly():
-    available = random_available(15000, 4, torch.Generator().manual_seed(0))
+def test_random_subsets_per_item_reach_every_non_empty_subset_uniformly():
+    available = random_available(15000, 4, "per_item", torch.Generator().manual_seed(0))
     assert available.any(dim=1).all()
     codes = (available.long() * (2 ** torch.arange(4))).sum(1)
     frequencies = torch.bincount(codes, minlength=16).float() / len(codes)
@@ -86,26 +168,63 @@ def test_random_subsets_reach_every_non_empty_subset_uniformly():
     assert len(all_subsets(4)) == 15 and all_subsets(2) == [(0,), (1,), (0, 1)]
 
 
-def test_cross_modal_kd_loss_matches_a_direct_computation_and_teaches_students_only():
+def test_random_subsets_per_batch_draw_one_to_m_minus_one_modalities_for_the_whole_batch():
+    """The authors' draw: a size uniform in 1..3 (of 4), then that many modalities uniformly; never all four."""
+    generator = torch.Generator().manual_seed(0)
+    draws = [random_available(2, 4, "per_batch", generator) for _ in range(6000)]
+    assert all(torch.equal(d[0], d[1]) for d in draws)  # the same subset for every item
+    sizes = torch.tensor([int(d[0].sum()) for d in draws])
+    assert set(sizes.tolist()) == {1, 2, 3}
+    assert torch.all((torch.bincount(sizes, minlength=4)[1:].float() / len(draws) - 1 / 3).abs() < 0.025)
+    pairs = [tuple(d[0].nonzero().squeeze(1).tolist()) for d in draws if int(d[0].sum()) == 2]
+    counts = np.array([pairs.count(pair) for pair in {p for p in pairs}]) / len(pairs)
+    assert len(counts) == 6 and np.all(np.abs(counts - 1 / 6) < 0.03)
+    with pytest.raises(ValueError, match="sampling must be"):
+        random_available(2, 4, "uniform")
+
+
+def reference_cross_modal_kd(bottlenecks, available, teachers, pair_reduction):
+    """Written from the authors' DualNet.forward: for every teacher and every other available modality, the L1
+    distance (mean over the elements of the items that have both), summed over pairs; or ("mean", plugin 0.1.0)
+    every (item, pair) distance averaged."""
+    b, available = bottlenecks.detach().double(), available.tolist()
+    per_pair, per_item_pair = [], []
+    for t in sorted(set(teachers)):
+        for s in range(b.shape[1]):
+            items = [n for n in range(b.shape[0]) if s != t and available[n][t] and available[n][s]]
+            if items:
+                per_pair.append(float(sum((b[n, t] - b[n, s]).abs().sum() for n in items)) / (len(items) * b[0, 0].numel()))
+                per_item_pair += [float((b[n, t] - b[n, s]).abs().mean()) for n in items]
+    if pair_reduction == "sum":
+        return sum(per_pair)
+    return float(np.mean(per_item_pair)) if per_item_pair else 0.0
+
+
+@pytest.mark.parametrize("pair_reduction", ["sum", "mean"])
+def test_cross_modal_kd_loss_matches_the_reference_and_teaches_students_only(pair_reduction):
     generator = torch.Generator().manual_seed(1)
     bottlenecks = torch.randn(3, 4, 5, 2, 2, 2, generator=generator, requires_grad=True)
-    available = torch.tensor([[True, True, False, True], [False, True, True, False], [True, False, False, False]])
-    loss = cross_modal_kd_loss(bottlenecks, available, [0, 2])
-    # pairs (item, teacher, student): item 0 teacher 0 -> 1, 3; item 1 teacher 2 -> 1; item 2: no student
+    per_item = torch.tensor([[True, True, False, True], [False, True, True, False], [True, False, False, False]])
+    per_batch = torch.tensor([[True, False, True, True]]).expand(3, 4)
+    for available, teachers in ((per_item, [0, 2]), (per_batch, [0, 2, 2]), (per_batch, [3])):
+        loss = cross_modal_kd_loss(bottlenecks, available, teachers, pair_reduction)
+        assert loss.item() == pytest.approx(reference_cross_modal_kd(bottlenecks, available, teachers,
+                                                                     pair_reduction), rel=1e-6)
+    # with one subset for the batch, "sum" is the authors' sum over pairs of nn.L1Loss over the batch
     b = bottlenecks.detach()
-    pairs = [(0, 0, 1), (0, 0, 3), (1, 2, 1)]
-    expected = sum((b[i, t] - b[i, s]).abs().mean() for i, t, s in pairs) / len(pairs)
-    torch.testing.assert_close(loss, expected)
+    authors = sum(torch.nn.L1Loss()(b[:, s], b[:, t]) for t in (0, 2) for s in (0, 2, 3) if s != t)
+    torch.testing.assert_close(cross_modal_kd_loss(b, per_batch, [0, 2], "sum"), authors)
+    loss = cross_modal_kd_loss(bottlenecks, per_item, [0, 2], pair_reduction)
     loss.backward()
     assert bottlenecks.grad[0, 0].abs().sum() == 0 and bottlenecks.grad[1, 2].abs().sum() == 0  # teachers
     assert bottlenecks.grad[0, 1].abs().sum() > 0 and bottlenecks.grad[1, 1].abs().sum() > 0
     # absent entries may hold anything; no pair at all gives 0
     garbage = bottlenecks.detach().clone()
     garbage[1, 0] = float("nan")
-    torch.testing.assert_close(cross_modal_kd_loss(garbage, available, [0, 2]), expected)
-    assert cross_modal_kd_loss(garbage[2:], available[2:], [1]) == 0  # the teacher is missing
-    assert cross_modal_kd_loss(garbage[2:], available[2:], [0]) == 0  # the teacher is alone
-    assert cross_modal_kd_loss(garbage, available, []) == 0
+    torch.testing.assert_close(cross_modal_kd_loss(garbage, per_item, [0, 2], pair_reduction), loss.detach())
+    assert cross_modal_kd_loss(garbage[2:], per_item[2:], [1], pair_reduction) == 0  # the teacher is missing
+    assert cross_modal_kd_loss(garbage[2:], per_item[2:], [0], pair_reduction) == 0  # the teacher is alone
+    assert cross_modal_kd_loss(garbage, per_item, [], pair_reduction) == 0
 
 
 def test_election_picks_the_modality_whose_image_shows_each_task():

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_protokd.losses import (bottleneck_kl_loss, class_prototypes, ground_truth_class_masks,
-                                   pixelwise_kd_loss, prototype_kd_loss, prototype_similarity_maps,
-                                   soft_label_kd_loss)
+from nnunet_protokd.losses import (bottleneck_kl_loss, class_prototypes, disjoint_region_classes,
+                                   ground_truth_class_masks, pixelwise_kd_loss, prototype_kd_loss,
+                                   prototype_similarity_maps, soft_label_kd_loss)
 
 SHAPES = [(2, 3, (5, 6)), (3, 4, (4, 5, 6)), (1, 2, (3, 3, 3))]  # (N, K, spatial)
 
@@ -43,13 +43,17 @@ def reference_maps(features, mask):
     return maps
 
 
-def reference_proto(student, teacher, masks, intra_class_only):
+def reference_proto(student, teacher, masks, intra_class_only, class_presence="item"):
+    """Eq. (4); "batch": as the authors' prototype_loss, a class only if every item has it, then the mean over
+    items, those classes and voxels."""
     student, teacher, masks = student.double().numpy(), teacher.double().numpy(), masks.double().numpy()
     per_class = []
     for n in range(masks.shape[0]):
         for k in range(masks.shape[1]):
             if masks[n, k].sum() == 0:
                 continue  # class absent from this item
+            if class_presence == "batch" and any(masks[m, k].sum() == 0 for m in range(masks.shape[0])):
+                continue  # class absent from another item of the batch
             diff = (reference_maps(student[n], masks[n, k]) - reference_maps(teacher[n], masks[n, k])) ** 2
             if intra_class_only:
                 diff = diff[masks[n, k].reshape(-1) > 0]
@@ -96,6 +100,63 @@ def test_prototype_loss_matches_reference(n_items, n_classes, spatial, region_ba
     teacher = torch.from_numpy(rng.normal(size=(n_items, 9, *spatial))).float()
     loss = prototype_kd_loss(student, teacher, masks, intra_class_only)
     assert loss.item() == pytest.approx(reference_proto(student, teacher, masks, intra_class_only), rel=1e-4)
+
+
+def label_group_masks(labels, groups):
+    """(N, K, *S) masks of label groups, straight from the integer labels."""
+    labels = labels[:, 0].numpy()
+    return torch.from_numpy(np.stack([np.isin(labels, group) for group in groups], axis=1).astype(np.float32))
+
+
+def test_disjoint_classes_of_brats_regions_are_the_authors_four():
+    # WT {1,2,3} ⊃ TC {2,3} ⊃ ET {3}: background, oedema (WT-TC), necrosis (TC-ET), enhancing tumour (ET)
+    classes, membership = disjoint_region_classes([(1, 2, 3), (2, 3), (3,)])
+    assert classes == [(0,), (1,), (2,), (3,)]
+    assert membership == [(False, False, False), (True, False, False), (True, True, False), (True, True, True)]
+    # labels that no region tells apart form one class; overlapping regions that are not nested work too
+    assert disjoint_region_classes([(1, 2, 3), (3,)])[0] == [(0,), (1, 2), (3,)]
+    assert disjoint_region_classes([[1, 2], [2, 3]])[0] == [(0,), (1,), (2,), (3,)]
+    assert disjoint_region_classes([1, 2])[0] == [(0,), (1,), (2,)]  # single-label regions
+
+
+# (regions in output-channel order, the disjoint label groups they cut the labels 0..3 into, written out by hand)
+REGION_SETS = [([(1, 2, 3), (2, 3), (3,)], [(0,), (1,), (2,), (3,)]),
+               ([(1, 2, 3), (3,)], [(0,), (1, 2), (3,)]),
+               ([(1, 2), (2, 3)], [(0,), (1,), (2,), (3,)])]
+
+
+@pytest.mark.parametrize("regions, groups", REGION_SETS)
+@pytest.mark.parametrize("n_items, spatial", [(2, (5, 6)), (3, (4, 5, 6))])
+@pytest.mark.parametrize("class_presence", ["item", "batch"])
+def test_prototype_loss_over_disjoint_region_classes_matches_reference(regions, groups, n_items, spatial,
+                                                                       class_presence):
+    rng = np.random.default_rng(4)
+    labels = random_labels(rng, n_items, 4, spatial)  # label 3 absent from item 0; with 3 items one is background
+    target = torch.cat([torch.from_numpy(np.isin(labels.numpy(), region)) for region in regions], 1).to(torch.uint8)
+    masks = ground_truth_class_masks(target, True, 4, disjoint_region_classes(regions)[1])
+    expected_masks = label_group_masks(labels, groups)
+    assert torch.equal(masks, expected_masks) and torch.all(masks.sum(1) == 1)  # one class per voxel
+    student = torch.from_numpy(rng.normal(size=(n_items, 5, *spatial))).float()
+    teacher = torch.from_numpy(rng.normal(size=(n_items, 9, *spatial))).float()
+    for intra_class_only in (False, True):
+        loss = prototype_kd_loss(student, teacher, masks, intra_class_only, class_presence)
+        assert loss.item() == pytest.approx(
+            reference_proto(student, teacher, expected_masks, intra_class_only, class_presence), rel=1e-4)
+
+
+@pytest.mark.parametrize("region_based", [False, True])
+@pytest.mark.parametrize("n_items, n_classes, spatial", SHAPES)
+def test_batch_class_presence_matches_the_authors_reference(n_items, n_classes, spatial, region_based):
+    rng = np.random.default_rng(5)
+    labels = random_labels(rng, n_items, n_classes, spatial)
+    target = nested_regions(labels, n_classes - 1) if region_based else labels
+    masks = ground_truth_class_masks(target, region_based, n_classes)
+    student = torch.from_numpy(rng.normal(size=(n_items, 3, *spatial))).float()
+    teacher = torch.from_numpy(rng.normal(size=(n_items, 4, *spatial))).float()
+    loss = prototype_kd_loss(student, teacher, masks, False, "batch")
+    assert loss.item() == pytest.approx(reference_proto(student, teacher, masks, False, "batch"), rel=1e-4, abs=1e-9)
+    with pytest.raises(ValueError, match="class_presence must be"):
+        prototype_kd_loss(student, teacher, masks, False, "items")
 
 
 def test_region_masks_put_background_first_and_keep_overlaps():
@@ -160,17 +221,20 @@ def test_half_precision_inputs_are_computed_in_float32():
     assert loss.item() == pytest.approx(pixelwise_kd_loss(student.float(), teacher.float(), 10.0, False).item())
 
 
-def reference_soft_label_kd(student, teacher, temperature, region_based):
-    """KD-Net's L_KD with explicit loops over items and channels."""
+def reference_soft_label_kd(student, teacher, temperature, region_based, soften_student=False):
+    """KD-Net's L_KD, Eq. (2), with explicit loops over items and channels: 1 - Dice(sigma(f_t / T), sigma(f_s))
+    plus the cross-entropy against the teacher's hard prediction (soften_student: sigma(f_s / T) instead)."""
     s, t = student.double().numpy(), teacher.double().numpy()
     n_items, n_classes = s.shape[:2]
     s, t = s.reshape(n_items, n_classes, -1), t.reshape(n_items, n_classes, -1)
     sigmoid = lambda x: 1 / (1 + np.exp(-x))
+    student_temperature = temperature if soften_student else 1.0
     if region_based:
-        soft_s, soft_t, channels = sigmoid(s / temperature), sigmoid(t / temperature), range(n_classes)
+        soft_s, soft_t, channels = sigmoid(s / student_temperature), sigmoid(t / temperature), range(n_classes)
     else:
         softmax = lambda x: np.exp(x) / np.exp(x).sum(axis=1, keepdims=True)
-        soft_s, soft_t, channels = softmax(s / temperature), softmax(t / temperature), range(1, n_classes)
+        soft_s, soft_t = softmax(s / student_temperature), softmax(t / temperature)
+        channels = range(1, n_classes)
     dices = []
     for n in range(n_items):
         for k in channels:
@@ -194,30 +258,47 @@ def reference_soft_label_kd(student, teacher, temperature, region_based):
 
 @pytest.mark.parametrize("region_based", [False, True])
 @pytest.mark.parametrize("n_items, n_classes, spatial", SHAPES)
-def test_soft_label_kd_matches_reference(n_items, n_classes, spatial, region_based):
+@pytest.mark.parametrize("soften_student", [False, True])
+def test_soft_label_kd_matches_reference(n_items, n_classes, spatial, region_based, soften_student):
     generator = torch.Generator().manual_seed(2)
     student = torch.randn(n_items, n_classes, *spatial, generator=generator) * 2
     teacher = torch.randn(n_items, n_classes, *spatial, generator=generator) * 2
-    loss = soft_label_kd_loss(student, teacher, 5.0, region_based)
-    assert loss.item() == pytest.approx(reference_soft_label_kd(student, teacher, 5.0, region_based), rel=1e-4)
+    loss = soft_label_kd_loss(student, teacher, 5.0, region_based, soften_student)
+    assert loss.item() == pytest.approx(reference_soft_label_kd(student, teacher, 5.0, region_based, soften_student),
+                                        rel=1e-4)
 
 
-def reference_bottleneck_kl(student, teacher):
+def test_soft_label_kd_follows_eq_2_by_default():
+    """Eq. 2 softens the teacher only: the default is that, and it is not the 0.1.0 reading (both softened)."""
+    generator = torch.Generator().manual_seed(6)
+    student = torch.randn(2, 3, 4, 4, generator=generator) * 8
+    teacher = student + torch.randn(2, 3, 4, 4, generator=generator)
+    default = soft_label_kd_loss(student, teacher, 5.0, True)
+    assert default.item() == pytest.approx(reference_soft_label_kd(student, teacher, 5.0, True, False), rel=1e-5)
+    assert abs(default.item() - soft_label_kd_loss(student, teacher, 5.0, True, soften_student=True).item()) > 0.05
+
+
+def reference_bottleneck_kl(student, teacher, reduction="sum"):
+    """Eq. (3): per item, KL between the softmax distributions over all C*S elements ("mean": divided by C*S)."""
     total = 0.0
     for s, t in zip(student.double().numpy(), teacher.double().numpy()):
         p = np.exp(t.ravel()) / np.exp(t.ravel()).sum()
         q = np.exp(s.ravel()) / np.exp(s.ravel()).sum()
-        total += float(np.sum(p * np.log(p / q)))
+        kl = float(np.sum(p * np.log(p / q)))
+        total += kl if reduction == "sum" else kl / t.size
     return total / len(student)
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 3, 4), (3, 16, 2, 3, 4)])
-def test_bottleneck_kl_matches_reference(shape):
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_bottleneck_kl_matches_reference(shape, reduction):
     generator = torch.Generator().manual_seed(3)
     student, teacher = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
-    assert bottleneck_kl_loss(student, teacher).item() == pytest.approx(reference_bottleneck_kl(student, teacher),
-                                                                        rel=1e-5)
-    assert bottleneck_kl_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-6)
+    assert bottleneck_kl_loss(student, teacher, reduction).item() == pytest.approx(
+        reference_bottleneck_kl(student, teacher, reduction), rel=1e-5)
+    assert bottleneck_kl_loss(teacher, teacher, reduction).item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="reduction must be"):
+        bottleneck_kl_loss(student, teacher, "batchmean")
 
 
 def test_bottleneck_kl_refuses_different_shapes():

@@ -1,6 +1,5 @@
 """`report` on small synthetic prediction folders whose scores can be computed by hand."""
 import json
-import math
 
 import numpy as np
 import pytest
@@ -69,24 +68,39 @@ def test_hand_computable_scores(folders, tmp_path):
             PredictionSet("protokd", "T1ce", str(folders / "spurious_et"))]
     summary = build_report(str(folders / "gt"), DATASET_JSON, sets, str(tmp_path / "report"), str(folders / "images"))
     teacher = summary["results"]["teacher"]
-    assert all(teacher["per_case"][c][r] == {"dice": 1.0, "hd95": 0.0} for c in ("case_a", "case_b")
-               for r in ("WT", "TC", "ET"))  # case_b's ET is empty in both: Dice 1, HD95 0
+    assert all(teacher["per_case"][c][r] == {"dice": 1.0, "hd95": 0.0, "hd95_one_empty": False}
+               for c in ("case_a", "case_b") for r in ("WT", "TC", "ET"))  # case_b's ET is empty in both: HD95 0
     disjoint = summary["results"]["unimodal:T1ce"]["per_case"]["case_a"]
     assert disjoint["WT"]["dice"] == 0.0 and disjoint["ET"]["dice"] == 0.0
     spurious = summary["results"]["protokd:T1ce"]["per_case"]["case_b"]
-    assert spurious["WT"]["dice"] == 1.0 and spurious["ET"]["dice"] == 0.0 and math.isnan(spurious["ET"]["hd95"])
-    # ProtoKD's ET: Dice 1 on case_a, 0 on case_b; its HD95 is defined on case_a only
+    # enhancing tumour predicted where the reference has none: BraTS's HD95 penalty, not a case left out
+    assert spurious["WT"]["dice"] == 1.0 and spurious["ET"] == {"dice": 0.0, "hd95": 373.13, "hd95_one_empty": True}
     et = summary["results"]["protokd:T1ce"]["summary"]["ET"]
-    assert et["dice_mean"] == 0.5 and et["dice_std"] == 0.5 and et["hd95_n"] == 1
+    assert et["dice_mean"] == 0.5 and et["dice_std"] == 0.5
+    assert et["hd95_n"] == 2 and et["hd95_one_empty"] == 1 and et["hd95_mean"] == pytest.approx(373.13 / 2)
     assert summary["results"]["protokd:T1ce"]["summary"]["mean"]["dice_mean"] == pytest.approx((1 + 2 / 3) / 2)
     comparison = summary["comparisons_with_unimodal"]["protokd:T1ce"]["WT"]
     assert comparison["n"] == 2 and comparison["mean_difference"] == 1.0
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| all | Teacher (all modalities) | 1.000 ± 0.000 | 1.000 ± 0.000 | 1.000 ± 0.000 | 1.000 ± 0.000 |" in report
     assert "| T1ce | ProtoKD | 1.000 ± 0.000 | 1.000 ± 0.000 | 0.500 ± 0.500 |" in report
+    assert "186.56 ± 186.56 (n=2, k=1 at 373.13) |" in report and "scored HD95 = 373.13 mm (BraTS)" in report
     assert json.loads((tmp_path / "report" / "summary.json").read_text())["n_cases"] == 2
     for figure in ("dice.png", "overlays.png"):
         assert (tmp_path / "report" / figure).stat().st_size > 5000
+
+
+def test_hd95_of_one_empty_mask_can_be_excluded_instead_and_is_counted(folders, tmp_path):
+    result = run([BIN / "nnunet-protokd", "report", "--ground-truth", folders / "gt", "--dataset-json",
+                  write_json(tmp_path), "--prediction", f"protokd:T1ce={folders / 'spurious_et'}", "-o",
+                  tmp_path / "r", "--hd95-exclude-one-empty"])
+    assert "report:" in result.stdout
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    et = summary["results"]["protokd:T1ce"]
+    assert et["per_case"]["case_b"]["ET"] == {"dice": 0.0, "hd95": None, "hd95_one_empty": True}
+    assert et["summary"]["ET"]["hd95_n"] == 1 and et["summary"]["ET"]["hd95_one_empty"] == 1
+    assert summary["hd95_penalty_mm"] is None
+    assert "0.00 ± 0.00 (n=1, k=1 excluded) |" in (tmp_path / "r" / "report.md").read_text()
 
 
 def test_hd95_of_two_planes_is_their_distance_in_mm():

@@ -72,7 +72,7 @@ def test_adding_is_idempotent_and_never_overwrites_silently(plans_file):
     (dict(base="3d_fullres", modality="PD"), r"modality 'PD' is not one of this dataset's channels \['T1', 'T1ce'"),
     (dict(base="3d_lowres", modality="T1"), "configuration '3d_lowres' is not in the plans"),
     (dict(base="3d_fullres"), "needs a name"),
-    (dict(base="3d_fullres", name="x", schedule={"num_epochs": 0}), "num_epochs must be a positive integer"),
+    (dict(base="3d_fullres", name="x", schedule={"num_epochs": 0}), "num_epochs must be an integer >= 1, got 0"),
 ])
 def test_bad_requests_are_refused_and_leave_plans_untouched(plans_file, kwargs, message):
     before = plans_file.read_text()
@@ -149,3 +149,174 @@ def test_network_refuses_a_wrong_number_of_channels_with_the_expected_files():
     with pytest.raises(ValueError, match=r"takes 1 input channel\(s\) per case \(<case>_0000 = T1ce only\) "
                                          r"but received 4"):
         network(torch.zeros(1, 4, 2, 2, 2))
+
+
+# ----- add-config never corrupts the plans (issue 15, item 1)
+
+def test_a_configuration_never_inherits_from_itself(plans_file):
+    add_configuration(str(plans_file), DATASET_JSON, "3d_fullres", name="3d_smoke", schedule={"num_epochs": 2})
+    add_configuration(str(plans_file), DATASET_JSON, "3d_smoke", name="3d_smoke_short", schedule={"num_epochs": 1})
+    before = plans_file.read_text()
+    with pytest.raises(ConfigurationError, match="'3d_smoke' cannot inherit from '3d_smoke': 3d_smoke -> 3d_fullres "
+                                                 "would become a cycle"):
+        add_configuration(str(plans_file), DATASET_JSON, "3d_smoke", name="3d_smoke", overwrite=True,
+                          schedule={"num_epochs": 5})
+    with pytest.raises(ConfigurationError, match="3d_smoke_short -> 3d_smoke -> 3d_fullres would become a cycle"):
+        add_configuration(str(plans_file), DATASET_JSON, "3d_smoke_short", name="3d_smoke", overwrite=True)
+    assert plans_file.read_text() == before
+
+
+@pytest.mark.parametrize("name", ["3d_fullres", "2d"])
+def test_configurations_planned_by_nnunet_are_never_replaced(plans_file, name):
+    add_configuration(str(plans_file), DATASET_JSON, "3d_fullres", name="3d_smoke", schedule={"num_epochs": 2})
+    before = plans_file.read_text()
+    with pytest.raises(ConfigurationError, match=f"configuration '{name}' was planned by nnU-Net; add-config never "
+                                                 f"replaces it"):
+        add_configuration(str(plans_file), DATASET_JSON, "3d_smoke", modality="T1", name=name, overwrite=True)
+    assert plans_file.read_text() == before
+
+
+@pytest.mark.parametrize("name", ["bad name/x", "a/b", "x__y", "_x", "T1ce ", ""])
+def test_configuration_names_must_fit_nnunet_model_folder_names(plans_file, name):
+    before = plans_file.read_text()
+    with pytest.raises(ConfigurationError, match="is not usable in nnU-Net's model folder names|needs a name"):
+        add_configuration(str(plans_file), DATASET_JSON, "3d_fullres", modality="T1" if name else None,
+                          name=name or None)
+    assert plans_file.read_text() == before
+
+
+def test_the_previous_plans_are_kept_and_a_failed_write_changes_nothing(plans_file, monkeypatch):
+    original = plans_file.read_text()
+    add_configuration(str(plans_file), DATASET_JSON, "3d_fullres", modality="T1")
+    backup = plans_file.with_name(plans_file.name + ".bak")
+    assert backup.read_text() == original
+    changed = plans_file.read_text()
+
+    def failing_replace(source, destination):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.replace", failing_replace)
+    with pytest.raises(OSError, match="No space left"):
+        add_configuration(str(plans_file), DATASET_JSON, "3d_fullres", modality="T2")
+    assert plans_file.read_text() == changed
+    assert not [p for p in plans_file.parent.iterdir() if p.name.startswith(".tmp_")]
+
+
+# ----- every setting has a documented range, checked at add-config and when a trainer starts (item 2)
+
+@pytest.mark.parametrize("methods, message", [
+    ({"ProtoKDTrainer": {"temperature": 0}}, "ProtoKDTrainer.temperature must be a number > 0, got 0"),
+    ({"ProtoKDTrainer": {"temperature": -2.0}}, "ProtoKDTrainer.temperature must be a number > 0, got -2.0"),
+    ({"ProtoKDTrainer": {"alpha": -1}}, "ProtoKDTrainer.alpha must be a number >= 0, got -1"),
+    ({"ProtoKDTrainer": {"beta": float("inf")}}, "ProtoKDTrainer.beta must be a number >= 0, got Infinity"),
+    ({"ProtoKDTrainer": {"beta": True}}, "ProtoKDTrainer.beta must be a number >= 0, got true"),
+    ({"ProtoKDTrainer": {"intra_class_only": 1}}, "ProtoKDTrainer.intra_class_only must be true or false, got 1"),
+    ({"KDNetTrainer": {"lambda": 1.5}}, r"KDNetTrainer.lambda must be a number in \[0, 1\], got 1.5"),
+    ({"KDNetTrainer": {"temperature": float("nan")}}, "KDNetTrainer.temperature must be a number > 0, got NaN"),
+    ({"LCKDTrainer": {"election_fraction": 2}}, r"LCKDTrainer.election_fraction must be a number in \(0, 1\), got 2"),
+    ({"LCKDTrainer": {"election_fraction": 0}}, r"election_fraction must be a number in \(0, 1\), got 0"),
+    ({"LCKDTrainer": {"election_interval": 2.5}}, "LCKDTrainer.election_interval must be an integer >= 1, got 2.5"),
+    ({"LCKDTrainer": {"election_batches": 0}}, "LCKDTrainer.election_batches must be an integer >= 1, got 0"),
+    ({"LCKDTrainer": {"full_modality_fraction": -0.1}}, r"full_modality_fraction must be a number in \[0, 1\]"),
+    ({"LCKDTrainer": {"kd_weight": -1}}, "LCKDTrainer.kd_weight must be a number >= 0, got -1"),
+    ({"ProtoKDTrainer": {"gamma": 1}}, "unknown ProtoKDTrainer setting 'gamma'"),
+    ({"ProtoKD": {"beta": 1}}, "no trainer 'ProtoKD' has settings"),
+])
+def test_settings_outside_their_range_are_refused(plans_file, methods, message):
+    before = plans_file.read_text()
+    with pytest.raises(ConfigurationError, match=message):
+        add_configuration(str(plans_file), DATASET_JSON, "3d_fullres", modality="T1ce", name="x", methods=methods)
+    assert plans_file.read_text() == before
+
+
+def test_the_ends_of_each_range_are_accepted(plans_file):
+    methods = {"ProtoKDTrainer": {"alpha": 0, "beta": 0.0, "temperature": 1e-3, "intra_class_only": True},
+               "KDNetTrainer": {"lambda": 1, "alpha": 0},
+               "LCKDTrainer": {"full_modality_fraction": 1.0, "election_fraction": 0.999, "election_interval": 1}}
+    name = add_configuration(str(plans_file), DATASET_JSON, "3d_fullres", modality="T1ce", methods=methods,
+                             schedule={"num_epochs": 1, "num_iterations_per_epoch": 1,
+                                       "num_val_iterations_per_epoch": 1})
+    assert resolved_configuration(json.loads(plans_file.read_text()), name)["protokd"]["KDNetTrainer"]["lambda"] == 1
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"modality": "T1ce", "ProtoKDTrainer": {"temperature": 0}}, "ProtoKDTrainer.temperature must be a number > 0"),
+    ({"num_epochs": 0}, "num_epochs must be an integer >= 1, got 0"),
+    ({"num_iterations_per_epoch": 2.5}, "num_iterations_per_epoch must be an integer >= 1, got 2.5"),
+    ({"final_validation": "no"}, "final_validation must be true or false"),
+])
+def test_hand_edited_plans_are_checked_where_trainers_read_them(settings, message):
+    """Trainers read their configuration through resolved_configuration before nnU-Net makes a model folder."""
+    plans = make_plans()
+    plans["configurations"]["edited"] = {"inherits_from": "3d_fullres", "protokd": settings}
+    with pytest.raises(ConfigurationError, match=f"configuration 'edited': {message}"):
+        resolved_configuration(plans, "edited")
+    from nnunet_protokd.configurations import method_settings
+    with pytest.raises(ConfigurationError, match="KDNetTrainer.lambda must be a number in"):
+        method_settings({"protokd": {"KDNetTrainer": {"lambda": -1}}}, "KDNetTrainer")
+
+
+def test_plans_that_nnunet_cannot_resolve_are_named():
+    plans = make_plans()
+    plans["configurations"]["a"] = {"inherits_from": "b"}
+    plans["configurations"]["b"] = {"inherits_from": "a"}
+    with pytest.raises(ConfigurationError, match=r"configuration 'a' inherits from itself \(a -> b -> a\)"):
+        resolved_configuration(plans, "a")
+
+
+# ----- the command line
+
+@pytest.fixture
+def preprocessed(tmp_path):
+    """nnU-Net folders holding a preprocessed Dataset501 (plans and dataset.json only)."""
+    from conftest import nnunet_environment
+    folder = tmp_path / "nnUNet_preprocessed" / "Dataset501_BraTS2018"
+    folder.mkdir(parents=True)
+    (folder / "nnUNetPlans.json").write_text(json.dumps(make_plans()))
+    (folder / "dataset.json").write_text(json.dumps(DATASET_JSON))
+    (tmp_path / "nnUNet_results").mkdir()
+    return nnunet_environment(tmp_path), folder / "nnUNetPlans.json"
+
+
+def test_add_config_command_lists_the_settings_and_refuses_bad_values_in_one_line(preprocessed):
+    from conftest import BIN, run
+    env, plans_file = preprocessed
+    help_text = run([BIN / "nnunet-protokd", "add-config", "-h"], env).stdout
+    assert "ProtoKDTrainer.temperature: a number > 0, default 10.0" in help_text
+    assert "KDNetTrainer.lambda: a number in [0, 1], default 0.75" in help_text
+    assert "LCKDTrainer.election_fraction: a number in (0, 1), default 0.1" in help_text
+    before = plans_file.read_text()
+    for assignment, message in (
+            ("ProtoKDTrainer.beta=1e400", "ProtoKDTrainer.beta must be a number >= 0, got Infinity"),
+            ("ProtoKDTrainer.beta=Infinity", "ProtoKDTrainer.beta must be a number >= 0, got Infinity"),
+            ("KDNetTrainer.temperature=0", "KDNetTrainer.temperature must be a number > 0, got 0")):
+        result = run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-m", "T1ce", "--set", assignment], env,
+                     expect_success=False)
+        assert result.returncode == 1
+        assert result.stderr == f"error: configuration '3d_fullres_T1ce': {message}\n"
+    assert plans_file.read_text() == before and "Infinity" not in before
+
+
+def test_a_named_teacher_must_exist_when_the_configuration_is_added(preprocessed, tmp_path):
+    from conftest import BIN, run
+    env, plans_file = preprocessed
+    before = plans_file.read_text()
+    result = run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-m", "T1ce", "--teacher-trainer",
+                  "nnUNetTrainr"], env, expect_success=False)
+    results = tmp_path / "nnUNet_results" / "Dataset501_BraTS2018"
+    assert result.returncode == 1 and result.stderr == (
+        f"error: teacher of Dataset501_BraTS2018 3d_fullres_T1ce: no checkpoint {results}/nnUNetTrainr__nnUNetPlans"
+        f"__3d_fullres/fold_*/checkpoint_final.pth exists; check --teacher-trainer, --teacher-configuration, "
+        f"--teacher-plans and --teacher-checkpoint\n")
+    result = run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-m", "T1ce", "--teacher-checkpoint",
+                  "teachers/missing.pth"], env, expect_success=False)
+    assert result.returncode == 1 and "no checkpoint " in result.stderr and "/teachers/missing.pth exists" in \
+        result.stderr
+    assert plans_file.read_text() == before
+    fold = results / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "fold_2"
+    fold.mkdir(parents=True)
+    (fold / "checkpoint_best.pth").write_bytes(b"a checkpoint")
+    run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-m", "T1ce", "--teacher-trainer", "nnUNetTrainer",
+         "--teacher-checkpoint", "checkpoint_best.pth"], env)
+    teacher = json.loads(plans_file.read_text())["configurations"]["3d_fullres_T1ce"]["protokd"]["teacher"]
+    assert teacher == {"trainer": "nnUNetTrainer", "checkpoint": "checkpoint_best.pth"}

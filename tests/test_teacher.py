@@ -153,9 +153,34 @@ def test_no_code_from_a_teacher_folder_is_run(tmp_path, monkeypatch):
     checkpoint["payload"] = RunsCode()
     with open(path, "wb") as f:
         pickle.dump(checkpoint, f)  # a pickle that would run a shell command if unpickled unsafely
-    with pytest.raises(TeacherError, match="cannot read the teacher"):
+    with pytest.raises(TeacherError) as raised:
         locate(tmp_path)
     assert not (tmp_path / "teacher_code_ran").exists()
+    # the file and PyTorch's reason are named; PyTorch's advice to load it with weights_only=False is not given
+    message = str(raised.value)
+    assert f"cannot read the teacher checkpoint {path}: it holds Python objects that a weights-only load refuses " \
+           f"(Unsupported " in message  # PyTorch's reason, e.g. "Unsupported operand 149" for this pickle
+    assert "weights_only" not in message and "will likely succeed" not in message
+
+
+@pytest.mark.parametrize("content, message", [
+    ("state_dict", r"lacks network_weights, init_args \(it is a plain state_dict\)\."),
+    ("without_init_args", r"lacks init_args\."),
+    ("without_fold", r"lacks init_args\['fold'\]\."),
+])
+def test_checkpoints_nnunet_did_not_write_are_refused_with_the_reason(tmp_path, content, message):
+    path = write_teacher(tmp_path)
+    checkpoint = torch.load(path, weights_only=False)
+    if content == "state_dict":
+        checkpoint = checkpoint["network_weights"]
+    elif content == "without_init_args":
+        del checkpoint["init_args"]
+    else:
+        del checkpoint["init_args"]["fold"]
+    torch.save(checkpoint, path)
+    with pytest.raises(TeacherError, match=f"{path} is not a checkpoint written by nnUNetv2_train: it {message} The "
+                                           f"fold and configuration it was trained on must be known"):
+        locate(tmp_path)
 
 
 def wider_plans():
@@ -182,4 +207,47 @@ def test_kdnet_needs_the_students_architecture_but_protokd_does_not(tmp_path, mo
     # prototype maps are cosine similarities: a wider teacher is fine for ProtoKD
     trainer = construct_student("ProtoKDTrainer", tmp_path)
     assert trainer.teacher_checkpoint.identity()["trainer"] == "ProtoKDTeacherTrainer"
-    assert trainer.settings == {"alpha": 10.0, "beta": 0.1, "temperature": 10.0, "intra_class_only": False}
+    assert trainer.settings == {"alpha": 10.0, "beta": 0.1, "temperature": 10.0, "intra_class_only": False,
+                                "classes": "disjoint", "class_presence": "item"}
+    # its prototypes on BraTS regions: background, WT-TC, TC-ET, ET, recorded in distillation.json
+    assert trainer.prototype_classes == trainer.record()["prototype_classes"] == [[0], [1], [2], [3]]
+
+
+def test_out_of_range_settings_stop_a_student_before_its_model_folder_exists(tmp_path, monkeypatch):
+    from nnunet_protokd.configurations import ConfigurationError
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    write_teacher(tmp_path)
+    for trainer, configuration, settings in (
+            ("ProtoKDTrainer", "3d_fullres_T1ce", {"ProtoKDTrainer": {"temperature": 0}}),
+            ("LCKDTrainer", "3d_fullres", {"LCKDTrainer": {"election_fraction": 2}})):
+        student_plans = plans()
+        student_plans["continue_training"] = False
+        student_plans["configurations"][configuration].setdefault("protokd", {}).update(settings)
+        with pytest.raises(ConfigurationError, match=f"configuration '{configuration}': {trainer}\\."):
+            recursive_find_trainer_class_by_name(trainer)(student_plans, configuration, 0, dataset_json(),
+                                                          torch.device("cpu"))
+        assert not (tmp_path / DATASET / f"{trainer}__nnUNetPlans__{configuration}").exists()
+
+
+def test_nnunet_train_prints_our_errors_as_one_line(tmp_path):
+    """TeacherError and ConfigurationError inside nnUNetv2_train: the message, not a stack trace."""
+    from conftest import BIN, nnunet_environment, run
+    folder = tmp_path / "nnUNet_preprocessed" / DATASET
+    folder.mkdir(parents=True)
+    student_plans = plans()
+    student_plans["configurations"]["3d_fullres_T1ce_hot"] = {
+        "inherits_from": "3d_fullres", "protokd": {"modality": "T1ce", "ProtoKDTrainer": {"temperature": -1}}}
+    (folder / "nnUNetPlans.json").write_text(json.dumps(student_plans))
+    (folder / "dataset.json").write_text(json.dumps(dataset_json()))
+    env = nnunet_environment(tmp_path)
+    for configuration, message in (
+            ("3d_fullres_T1ce", f"error: teacher of {DATASET} 3d_fullres_T1ce fold 0: {tmp_path}/nnUNet_results/"
+                                f"{DATASET}/ProtoKDTeacherTrainer__nnUNetPlans__3d_fullres/fold_0/checkpoint_final.pth "
+                                f"does not exist. Train it first"),
+            ("3d_fullres_T1ce_hot", "error: configuration '3d_fullres_T1ce_hot': ProtoKDTrainer.temperature must be "
+                                    "a number > 0, got -1\n")):
+        result = run([BIN / "nnUNetv2_train", "501", configuration, "0", "-tr", "ProtoKDTrainer", "-device", "cpu"],
+                     env, expect_success=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.stderr.startswith(message) and len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -6,11 +6,12 @@ from nnunet_protokd.teacher import TeacherError
 class KDNetTrainer(DistillationTrainer):
     """KD-Net (Hu, Maillard et al., MICCAI 2020): L = lambda * L_KD + (1 - lambda) * L_GT + alpha * L_KL.
 
-    L_GT: nnU-Net's segmentation loss (deep supervision included). L_KD: soft Dice against the teacher's
-    temperature-softened prediction plus cross-entropy against its hard prediction, on the full-resolution
-    output. L_KL: KL(teacher || student) of the softmax-normalised bottlenecks, which needs a teacher with the
-    student's architecture apart from the input channels (checked before training starts). Settings lambda,
-    temperature and alpha come from the configuration.
+    L_GT: nnU-Net's segmentation loss (deep supervision included). L_KD (Eq. 2): soft Dice between the teacher's
+    temperature-softened prediction and the student's unsoftened one (setting soften_student) plus cross-entropy
+    against the teacher's hard prediction, on the full-resolution output. L_KL (Eq. 3): KL(teacher || student) of
+    the softmax-normalised bottlenecks, summed over an item's elements (setting kl_reduction), which needs a teacher
+    with the student's architecture apart from the input channels (checked before training starts). Settings come
+    from the configuration.
     """
     loss_terms = ("kd_loss", "kl_loss")
 
@@ -30,7 +31,8 @@ class KDNetTrainer(DistillationTrainer):
         logits = output[0] if self.enable_deep_supervision else output
         with self.gradient_if(self.settings["lambda"]):
             kd = soft_label_kd_loss(logits, teacher_logits, self.settings["temperature"],
-                                    self.label_manager.has_regions)
+                                    self.label_manager.has_regions, self.settings["soften_student"])
         with self.gradient_if(self.settings["alpha"]):
-            kl = bottleneck_kl_loss(student_features["bottleneck"], teacher_features["bottleneck"])
+            kl = bottleneck_kl_loss(student_features["bottleneck"], teacher_features["bottleneck"],
+                                    self.settings["kl_reduction"])
         return {"kd_loss": (self.settings["lambda"], kd), "kl_loss": (self.settings["alpha"], kl)}

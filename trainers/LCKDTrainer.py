@@ -3,30 +3,31 @@ import os
 
 import numpy as np
 import torch
-from nnunetv2.utilities.helpers import dummy_context
-from torch import autocast
 from torch import distributed as dist
 
-from nnunet_protokd.configurations import method_settings, resolved_configuration
 from nnunet_protokd.features import FeatureCapture, unwrap
 from nnunet_protokd.lckd import (ModalityFusionUNet, build_fusion_network, elect_teachers, election_batches, random_available,
                                  single_modality_dice, split_election_cases, validate_subsets)
 from nnunet_protokd.losses import cross_modal_kd_loss
+from nnunet_protokd.records import RecordedSettings
 from nnunet_protokd.report import evaluation_regions
-from nnunet_protokd.training import LossTermLogging, MultiModalityTrainer, batch_on_device, optimizer_step
+from nnunet_protokd.training import MultiModalityTrainer, step_autocast
 
 
-class LCKDTrainer(LossTermLogging, MultiModalityTrainer):
+class LCKDTrainer(RecordedSettings, MultiModalityTrainer):
     """LCKD (Wang et al., MICCAI 2023): one network for any non-empty subset of the modalities.
 
-    Network: nnunet_protokd.lckd.ModalityFusionUNet (shared encoder per modality, mean fusion at every level).
-    Schedule: nnU-Net's epochs; the first `full_modality_fraction` of them with every modality, the rest with an
-    independent, uniformly drawn non-empty subset per batch item. From the first missing-modality epoch on, every
-    `election_interval` epochs, the teachers are elected: per task, the modality with the best Dice alone on
-    fixed patches of the `election_fraction` of the fold's training cases held out from training (never its
-    validation cases). Loss: nnU-Net's segmentation loss + kd_weight * L1 between the teachers' bottlenecks and
-    those of the other available modalities. Final validation: nnU-Net's for all modalities (fold_X/validation)
-    and every subset (fold_X/validation_subsets/summary.json).
+    Network: nnunet_protokd.lckd.ModalityFusionUNet (shared encoder per modality; setting `fusion`: one slot per
+    modality at every level, as the authors, or the mean). Schedule: nnU-Net's epochs; the first
+    `full_modality_fraction` of them with every modality, the rest with random subsets (`subset_sampling`: 1 to
+    M-1 modalities per batch, as the authors, or one of the 2^M - 1 subsets per item). Every `election_interval`
+    epochs from the first (`kd_from_start`, as the authors) or from the first missing-modality epoch, the teachers
+    are elected: per task, the modality with the best Dice alone on fixed patches of the `election_fraction` of
+    the fold's training cases held out from training (never its validation cases). Loss: nnU-Net's segmentation
+    loss + kd_weight * L1 between the teachers' bottlenecks and those of the other available modalities, summed
+    over the pairs (`kd_pair_reduction`). The resolved settings go into the model folder's plans.json (they shape
+    the network), the checkpoints and fold_X/distillation.json. Final validation: nnU-Net's for all modalities
+    (fold_X/validation) and every subset (fold_X/validation_subsets/summary.json).
     """
     logged_terms = ("seg_loss", "kd_loss")
     build_network_architecture = staticmethod(build_fusion_network)
@@ -35,14 +36,15 @@ class LCKDTrainer(LossTermLogging, MultiModalityTrainer):
                  device: torch.device = torch.device("cuda")):
         if "ignore" in dataset_json.get("labels", {}):
             raise NotImplementedError("LCKDTrainer: datasets with an ignore label are not supported")
-        self.settings = method_settings(resolved_configuration(plans, configuration), "LCKDTrainer")
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.register_logged_terms()
+        self.resolve_settings(plans, configuration)
+        super().__init__(self.plans_with_resolved_settings(plans, configuration), configuration, fold, dataset_json,
+                         device)
         self.num_modalities = len(dataset_json["channel_names"])
         self.election_cases, self.teachers, self.election_batches, self.bottlenecks = [], None, [], None
 
     def _do_i_compile(self):
-        return False  # the encoder's batch size changes with each drawn subset: torch.compile would keep re-tracing
+        return False  # see initialize
+
 
     @property
     def first_missing_modality_epoch(self) -> int:
@@ -52,6 +54,10 @@ class LCKDTrainer(LossTermLogging, MultiModalityTrainer):
     def missing_modality_training(self) -> bool:
         return self.current_epoch >= self.first_missing_modality_epoch
 
+    @property
+    def first_election_epoch(self) -> int:
+        return 0 if self.settings["kd_from_start"] else self.first_missing_modality_epoch
+
     def do_split(self):
         training_cases, validation_cases = super().do_split()
         training_cases, self.election_cases = split_election_cases(training_cases, self.settings["election_fraction"],
@@ -59,8 +65,12 @@ class LCKDTrainer(LossTermLogging, MultiModalityTrainer):
         return training_cases, validation_cases
 
     def initialize(self):
+        if MultiModalityTrainer._do_i_compile(self):
+            self.print_to_log_file("torch.compile is off for LCKDTrainer: its shared encoder's batch (items x available "
+                                   "modalities) changes with every drawn subset, so the graph would be re-traced")
         super().initialize()
         self.bottlenecks = FeatureCapture(self.network)
+        self.print_to_log_file(f"LCKD: {json.dumps(self.record())}", also_print_to_console=False)
 
     def on_train_start(self):
         super().on_train_start()
@@ -68,7 +78,7 @@ class LCKDTrainer(LossTermLogging, MultiModalityTrainer):
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
-        since = self.current_epoch - self.first_missing_modality_epoch
+        since = self.current_epoch - self.first_election_epoch
         # teachers is None also after resuming with --c: elect at once
         if since >= 0 and (self.teachers is None or since % self.settings["election_interval"] == 0):
             self.run_election()
@@ -78,7 +88,7 @@ class LCKDTrainer(LossTermLogging, MultiModalityTrainer):
         network.eval()
         tasks = None if self.label_manager.has_regions else [labels for _, labels in evaluation_regions(self.dataset_json)]
         names = [name for name, _ in evaluation_regions(self.dataset_json)]
-        with torch.no_grad(), autocast(self.device.type) if self.device.type == "cuda" else dummy_context():
+        with torch.no_grad(), step_autocast(self):
             def full_resolution_logits(data, available):
                 output = network(data.to(self.device), available)
                 return output[0] if isinstance(output, (list, tuple)) else output
@@ -104,24 +114,17 @@ class LCKDTrainer(LossTermLogging, MultiModalityTrainer):
             with open(record_file, "w") as f:
                 json.dump(records, f, indent=2)
 
-    def train_step(self, batch: dict) -> dict:
-        data, target = batch_on_device(self, batch)
+    def weighted_loss_terms(self, data, target) -> dict:
         missing = self.missing_modality_training
-        available = random_available(data.shape[0], self.num_modalities) if missing else \
-            torch.ones((data.shape[0], self.num_modalities), dtype=torch.bool)
-        teachers = sorted({t for t in self.teachers or [] if t is not None}) if missing else []
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            with self.bottlenecks.recording() as features:
-                output = self.network(data, available)
-            seg_loss = self.loss(output, target)
-            # before the first election (every-modality stage) there is nothing to distil
-            kd = cross_modal_kd_loss(ModalityFusionUNet.per_modality(features["bottleneck"], available), available,
-                                     teachers) if teachers else seg_loss.new_zeros(())
-            loss = seg_loss + self.settings["kd_weight"] * kd
-        optimizer_step(self, loss)
-        values = torch.stack([loss, seg_loss, kd]).detach().float().cpu().numpy()
-        return dict(zip(("loss",) + self.logged_terms, values))
+        available = random_available(data.shape[0], self.num_modalities, self.settings["subset_sampling"]) \
+            if missing else torch.ones((data.shape[0], self.num_modalities), dtype=torch.bool)
+        teachers = sorted({t for t in self.teachers or [] if t is not None})  # none before the first election
+        with self.bottlenecks.recording() as features:
+            output = self.network(data, available)
+        seg_loss = self.loss(output, target)
+        kd = cross_modal_kd_loss(ModalityFusionUNet.per_modality(features["bottleneck"], available), available,
+                                 teachers, self.settings["kd_pair_reduction"]) if teachers else seg_loss.new_zeros(())
+        return {"seg_loss": (1.0, seg_loss), "kd_loss": (self.settings["kd_weight"] if teachers else 0.0, kd)}
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         super().perform_actual_validation(save_probabilities)

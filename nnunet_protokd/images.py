@@ -1,0 +1,43 @@
+"""The checks of one scan file that the BraTS converter and `nnunet-protokd predict` share.
+
+NIfTI voxels are read with nibabel because SimpleITK (ITK 5.4, which nnU-Net reads images with) silently turns
+NaN into 0 and reads a truncated .nii.gz without complaint, filling the missing part: a broken scan would reach
+nnU-Net as a plausible image instead of being reported.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+NIFTI_ENDINGS = (".nii", ".nii.gz")
+
+
+def read_voxels(path: str) -> np.ndarray:
+    """The voxels of an image file as stored (NIfTI: nibabel, with its scaling; other formats: SimpleITK)."""
+    if path.endswith(NIFTI_ENDINGS):
+        import nibabel
+        return np.asarray(nibabel.load(path).dataobj)
+    import SimpleITK as sitk
+    return sitk.GetArrayFromImage(sitk.ReadImage(path))
+
+
+def count_non_finite(path: str) -> int:
+    """NaN/inf voxels of an image file."""
+    return int(np.count_nonzero(~np.isfinite(read_voxels(path))))
+
+
+def scan_problem(path: str, constant_allowed: bool = False) -> str | None:
+    """What makes the image file at `path` unusable, as a phrase naming it, or None: unreadable (or truncated),
+    NaN/inf voxels, or (unless `constant_allowed`, as for a label map without tumour) one value in every voxel,
+    which is a broken export (an all-zero modality), not a scan."""
+    try:
+        voxels = read_voxels(path)
+    except Exception as exc:  # nibabel, gzip and SimpleITK raise several types; keep their reason for the user
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        return f"cannot read {path}: {reason}"
+    n_bad = int(np.count_nonzero(~np.isfinite(voxels)))
+    if n_bad:
+        return f"{path} has {n_bad} NaN/inf voxels"
+    if not constant_allowed and (voxels.size == 0 or voxels.min() == voxels.max()):
+        value = f" {voxels.flat[0]:g}" if voxels.size else ""
+        return f"{path} holds the value{value} in every voxel: an empty scan (a broken export), not an image"
+    return None

@@ -1,0 +1,100 @@
+"""`nnunet-protokd predict`: nnU-Net's prediction, after checking every case's files against the model.
+
+nnU-Net's predictor groups an input folder's files by case and gives the network each case's files in the order
+of their channel numbers, whatever those numbers are. A folder whose only file of a case is <case>_0003.nii.gz
+(FLAIR in the 4-channel numbering) is therefore read as channel 0, which a T1ce student takes for T1ce, and a
+plausible segmentation comes out. nnU-Net gives plugins no hook on file names (our networks see tensors only),
+so the check runs before nnU-Net's own `nnUNetv2_predict`, which then runs unchanged with the same arguments.
+
+The rule is the model folder's dataset.json: its channel_names are the files of a case, <case>_0000 onwards, with
+its file_ending (a single-modality student: <case>_0000 only; an LCKD subset model: exactly its channels).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+from nnunet_protokd.errors import UserError
+from nnunet_protokd.images import scan_problem
+from nnunet_protokd.modality import describe_input_files, model_channel_names
+
+MAX_PROBLEMS_SHOWN = 30
+
+
+class PredictionInputError(UserError, ValueError):
+    """An input folder whose files do not fit the model; the message names every case and file at fault."""
+
+
+def _image_endings() -> tuple:
+    from nnunetv2.imageio.reader_writer_registry import LIST_OF_IO_CLASSES
+    return tuple(sorted({e for io_class in LIST_OF_IO_CLASSES for e in io_class.supported_file_endings}))
+
+
+def check_input_folder(folder: str, dataset_json: dict) -> list[str]:
+    """The cases of `folder` if every case has exactly the files the model reads (dataset.json of its model
+    folder), each readable, finite and not empty; otherwise a PredictionInputError listing every problem."""
+    ending = dataset_json["file_ending"]
+    channels = model_channel_names(dataset_json)
+    rule = f"this model reads {describe_input_files(channels, file_ending=ending)} per case"
+    if not os.path.isdir(folder):
+        raise PredictionInputError(f"input folder {folder} does not exist or is not a folder")
+    file_name = re.compile(r"(.+)_(\d{4})" + re.escape(ending))
+    other_images = tuple(e for e in _image_endings() if not ending.endswith(e))
+    problems, cases = [], {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue  # nnU-Net ignores sub-folders
+        if name.endswith(ending):
+            match = file_name.fullmatch(name)
+            if match is None:
+                problems.append(f"{path} is not named <case>_XXXX{ending} ({rule})")
+            else:
+                cases.setdefault(match[1], {})[int(match[2])] = path
+        elif name.endswith(other_images):  # nnU-Net would skip it without a word
+            problems.append(f"{path}: this model reads {ending} files (its dataset.json's file_ending)")
+    if not cases and not problems:
+        raise PredictionInputError(f"no <case>_XXXX{ending} files in {folder} ({rule})")
+    for case, files in sorted(cases.items()):
+        for channel, path in sorted(files.items()):
+            if channel >= len(channels):
+                problems.append(f"case {case}: unexpected file {path} ({rule})")
+        for channel, channel_name in enumerate(channels):
+            if channel not in files:
+                problems.append(f"case {case}: missing {case}_{channel:04d}{ending} ({channel_name}; {rule})")
+            elif (problem := scan_problem(files[channel])) is not None:
+                problems.append(f"case {case}: {problem}")
+    if problems:
+        shown = "\n  ".join(problems[:MAX_PROBLEMS_SHOWN])
+        more = f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
+        raise PredictionInputError(f"{len(problems)} problem(s) in {folder}; nothing was predicted:\n  {shown}{more}")
+    return sorted(cases)
+
+
+def model_folder_dataset_json(dataset: str, trainer: str, plans: str, configuration: str) -> tuple[str, dict]:
+    """(model folder, its dataset.json) as nnUNetv2_predict finds them from -d, -tr, -p and -c."""
+    from nnunetv2.paths import nnUNet_results
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+    from nnunet_protokd.configurations import dataset_name
+    if not nnUNet_results:
+        raise PredictionInputError("set the environment variable nnUNet_results (see README)")
+    folder = get_output_folder(dataset_name(dataset), trainer, plans, configuration)
+    try:
+        with open(os.path.join(folder, "dataset.json")) as f:
+            return folder, json.load(f)
+    except OSError:
+        raise PredictionInputError(f"no trained model {folder} (no dataset.json in it): check -d, -tr, -p and "
+                                   f"-c") from None
+
+
+def run_nnunet_predict(nnunet_arguments: list) -> None:
+    """nnU-Net's own `nnUNetv2_predict` with these command-line arguments, in this process."""
+    from nnunetv2.inference.predict_from_raw_data import predict_entry_point
+    argv = sys.argv
+    sys.argv = ["nnUNetv2_predict", *nnunet_arguments]
+    try:
+        predict_entry_point()
+    finally:
+        sys.argv = argv
