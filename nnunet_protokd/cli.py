@@ -207,6 +207,15 @@ def benchmark(args) -> int:
     return 0
 
 
+def export(args) -> int:
+    from nnunet_protokd.export import export_student
+    exported = export_student(args.dataset, args.configuration, args.trainer, args.folds, args.output, args.plans,
+                              tuple(args.checkpoints), args.overwrite)
+    print(f"wrote {exported.zip_file}: model folder {exported.model_folder} with model_card.md\n"
+          f"where it is used:\n  " + "\n  ".join(exported.card["usage"]))
+    return 0
+
+
 def register_trainers(args) -> int:
     from nnunet_protokd import trainer_path
     if args.remove:
@@ -391,6 +400,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_predict_arguments(p)
     p.set_defaults(func=predict)
 
+    p = commands.add_parser("export", help="a trained student as an nnU-Net model zip for sites with nnU-Net only, "
+                                           "with a model card",
+                            description="Writes a zip for nnUNetv2_install_pretrained_model_from_zip: the student's "
+                                        "single-channel model folder as nnUNetTrainer__<plans>__<configuration>_<method>"
+                                        " (checkpoints without teacher, naming nnU-Net's own trainer), model_card.md/"
+                                        ".json and, for BraTS, convert_predictions_to_brats.py. LCKD subset folders "
+                                        "export unchanged and need the plugin.")
+    p.add_argument("-d", "--dataset", required=True, help="dataset id or name")
+    p.add_argument("-c", "--configuration", required=True, help="the student's configuration, e.g. 3d_fullres_T1ce")
+    p.add_argument("-tr", "--trainer", required=True, help="ProtoKDTrainer, KDNetTrainer, UnimodalTrainer, LCKDTrainer")
+    p.add_argument("-f", "--folds", nargs="+", default=["0"], help="folds to export (default 0)")
+    p.add_argument("-o", "--output", required=True, help="zip file to write")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("-chk", "--checkpoints", nargs="+", default=["checkpoint_final.pth"],
+                   help="checkpoint files per fold (default checkpoint_final.pth)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=export)
+
     p = commands.add_parser("register-trainers", help="let nnUNetv2_train/-predict of this environment find "
                                                       "the plugin's trainers (done by bootstrap.sh)",
                             description="Writes a one-line .pth file into this Python environment's site-packages "
@@ -406,11 +433,11 @@ def run_reporting_errors(command, args) -> int:
     """Runs a command; bad input (a UserError: ConversionError, ConfigurationError, TeacherError, ...; or another
     ValueError) or a failed experiment step becomes one `error: ...` message and exit status 1 instead of a
     traceback."""
-    from nnunet_protokd.errors import UserError
+    from nnunet_protokd.errors import USER_ERRORS
     from nnunet_protokd.experiment import StepFailed
     try:
         return command(args)
-    except (UserError, ValueError, StepFailed) as exc:
+    except (*USER_ERRORS, ValueError, StepFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

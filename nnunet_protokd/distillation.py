@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 from nnunetv2.paths import nnUNet_results
+from nnunetv2.utilities.file_path_utilities import get_output_folder
 from nnunetv2.utilities.helpers import dummy_context
 
 from nnunet_protokd.configurations import resolved_configuration
@@ -20,7 +22,8 @@ class DistillationTrainer(RecordedSettings, SingleModalityTrainer):
 
     Subclasses name their terms in `loss_terms` and compute them in `distillation_terms`; they may reweight
     the segmentation loss (`segmentation_weight`) and add checks of the teacher (`check_teacher`). The
-    teacher and the settings are checked before nnU-Net creates the model folder; the teacher is built on the
+    teacher and the settings are checked before nnU-Net creates the model folder (a finished student without its
+    teacher still validates; training it again is refused in on_train_start); the teacher is built on the
     device in `initialize`, run under no_grad in every training step on the full multi-channel batch, and never
     saved: the checkpoint and `fold_X/distillation.json` record its path and sha256 instead, with the resolved
     settings and the plugin version (records.py), and resuming with `--c` checks them. The step itself, its
@@ -34,8 +37,15 @@ class DistillationTrainer(RecordedSettings, SingleModalityTrainer):
             raise NotImplementedError(f"{self.__class__.__name__}: datasets with an ignore label are not supported")
         student_configuration = resolved_configuration(plans, configuration)
         self.resolve_settings(plans, configuration)
-        self.teacher_checkpoint = locate_teacher(plans, configuration, fold, dataset_json, nnUNet_results.get())
-        self.check_teacher(self.teacher_checkpoint, student_configuration)
+        self.teacher_checkpoint = self.missing_teacher = None
+        try:
+            self.teacher_checkpoint = locate_teacher(plans, configuration, fold, dataset_json, nnUNet_results.get())
+            self.check_teacher(self.teacher_checkpoint, student_configuration)
+        except TeacherError as error:
+            # a finished student is validated (nnUNetv2_train --val) without its teacher; training needs it
+            if not self.is_finished(plans, configuration, fold):
+                raise
+            self.teacher_checkpoint, self.missing_teacher = None, error
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.teacher = self.student_features = None
 
@@ -43,15 +53,29 @@ class DistillationTrainer(RecordedSettings, SingleModalityTrainer):
     def logged_terms(self) -> tuple:
         return ("seg_loss",) + tuple(self.loss_terms)
 
+    def is_finished(self, plans: dict, configuration: str, fold) -> bool:
+        """Whether this student's fold has its checkpoint_final.pth (what `nnUNetv2_train --val` validates)."""
+        return nnUNet_results.is_set() and os.path.isfile(os.path.join(get_output_folder(
+            plans["dataset_name"], self.__class__.__name__, plans["plans_name"], configuration, fold),
+            "checkpoint_final.pth"))
+
     def record(self) -> dict:
         return {**super().record(), "modality": self.modality.name, "teacher": self.teacher_checkpoint.identity()}
 
     def initialize(self):
         super().initialize()
+        self.student_features = FeatureCapture(self.network)
+        if self.teacher_checkpoint is None:
+            self.print_to_log_file(f"no teacher (validation and prediction only): {self.missing_teacher}")
+            return
         # the teacher runs every step: compiled when the student is (nnU-Net's choice: CUDA, nnUNet_compile)
         self.teacher = self.teacher_checkpoint.build(self.device, compile_network=self._do_i_compile())
-        self.student_features = FeatureCapture(self.network)
         self.print_to_log_file(f"distillation: {json.dumps(self.record())}", also_print_to_console=False)
+
+    def on_train_start(self):
+        if self.teacher_checkpoint is None:
+            raise self.missing_teacher
+        super().on_train_start()
 
     def check_teacher(self, teacher: TeacherCheckpoint, student_configuration: dict) -> None:
         """Method-specific requirements on the teacher; raise TeacherError. Runs before anything is written."""
@@ -79,8 +103,8 @@ class DistillationTrainer(RecordedSettings, SingleModalityTrainer):
 
     def check_checkpoint(self, checkpoint: dict, name: str) -> None:
         recorded = checkpoint.get("protokd", {}).get("teacher", {})
-        current = self.teacher_checkpoint.identity()
-        if recorded and recorded["sha256"] != current["sha256"]:
+        current = self.teacher_checkpoint.identity() if self.teacher_checkpoint else None
+        if recorded and current and recorded["sha256"] != current["sha256"]:
             raise TeacherError(f"this student was trained with the teacher {recorded['checkpoint']} (sha256 "
                                f"{recorded['sha256'][:12]}...), but its teacher is now {current['checkpoint']} "
                                f"(sha256 {current['sha256'][:12]}...); continuing would mix two teachers")

@@ -9,10 +9,17 @@ from __future__ import annotations
 import os
 import sys
 
+from nnunet_protokd.brats_labels import ConversionError
+
 
 class UserError(Exception):
     """Bad input or an unusable setting, fully described by its message (which names the case, file or setting
     and what is wrong): shown to the user as one `error:` line, without a traceback."""
+
+
+# ConversionError is one too, but derives from ValueError only: brats_labels.py also runs without the plugin,
+# inside exported models
+USER_ERRORS = (UserError, ConversionError)
 
 
 def show_user_errors_in_nnunet_commands() -> None:
@@ -26,7 +33,7 @@ def show_user_errors_in_nnunet_commands() -> None:
     previous = sys.excepthook
 
     def hook(exc_type, exc, traceback):
-        if issubclass(exc_type, UserError):
+        if issubclass(exc_type, USER_ERRORS):
             print(f"error: {exc}", file=sys.stderr)
         else:
             previous(exc_type, exc, traceback)

@@ -32,7 +32,9 @@ def apply_schedule(trainer: nnUNetTrainer) -> None:
 
 
 def final_validation_skipped(trainer: nnUNetTrainer) -> bool:
-    if trainer.final_validation:
+    # the setting skips the validation that ends a training run; `nnUNetv2_train --val` trains nothing (nnU-Net
+    # makes the training data loader in on_train_start) and validates as asked
+    if trainer.final_validation or trainer.dataloader_train is None:
         return False
     trainer.print_to_log_file(f"final validation skipped ({FINAL_VALIDATION_KEY}: false in the configuration)")
     return True

@@ -20,9 +20,10 @@ def nnunet_environment(root: Path) -> dict:
     return env
 
 
-def run(command: list, env: dict = None, timeout: int = 600, expect_success: bool = True):
+def run(command: list, env: dict = None, timeout: int = 600, expect_success: bool = True, cwd=None):
     """Runs a command; on an unexpected exit status the assertion shows the end of its output."""
-    result = subprocess.run([str(c) for c in command], env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run([str(c) for c in command], env=env, capture_output=True, text=True, timeout=timeout,
+                            cwd=cwd)
     if expect_success and result.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, command))} exited {result.returncode}:\n"
                              f"{(result.stdout + result.stderr)[-4000:]}")

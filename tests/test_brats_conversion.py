@@ -337,6 +337,19 @@ def test_unreadable_or_missing_predictions_are_one_line_errors(phantom_folder, t
     assert not (tmp_path / "out").exists()
 
 
+def test_conversion_errors_are_one_line_user_errors_inside_nnunet_commands(tmp_path):
+    """ConversionError lives in the plugin-free brats_labels.py (a plain ValueError there), yet our hook in
+    nnU-Net's commands shows it as one line, like every UserError."""
+    probe = tmp_path / "nnUNetv2_probe.py"  # named like nnU-Net's commands, where the hook is active
+    probe.write_text("from nnunet_protokd.errors import show_user_errors_in_nnunet_commands\n"
+                     "from nnunet_protokd.brats import convert_predictions_to_brats\n"
+                     "show_user_errors_in_nnunet_commands()\n"
+                     f"convert_predictions_to_brats({str(tmp_path / 'nowhere')!r}, {str(tmp_path / 'out')!r})\n")
+    result = run([BIN / "python", probe], dict(os.environ, PYTHONPATH=str(REPO)), expect_success=False)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: prediction folder {tmp_path / 'nowhere'} does not exist or is not a folder"
+
+
 def test_unwritable_nnunet_raw_is_a_one_line_error(phantom_folder, tmp_path):
     blocked = tmp_path / "a_file"
     blocked.write_text("")  # nnUNet_raw below a file: cannot be created (as for a folder without write access)
