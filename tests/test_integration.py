@@ -2,7 +2,8 @@
 ProtoKD and KD-Net students and an LCKD model (a few iterations) -> nnUNetv2_predict on single-modality files
 and on a subset of modalities.
 
-About six minutes on a 2-core CPU (the benchmark test included); the commands are the README's, with a short schedule.
+About fifteen minutes on a 2-core CPU (benchmark, mixed-precision, compile and ResEnc checks included); the commands
+are the README's, with a short schedule.
 """
 import json
 import os
