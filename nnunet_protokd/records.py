@@ -84,7 +84,9 @@ class RecordedSettings:
         checkpoint, name = (filename_or_checkpoint, "the checkpoint") if isinstance(filename_or_checkpoint, dict) \
             else (load_checkpoint_weights_only(filename_or_checkpoint, self.device), filename_or_checkpoint)
         self.check_checkpoint(checkpoint, name)
-        super().load_checkpoint(checkpoint)
+        # nnU-Net 2.8.1's load_checkpoint only works from a file name (given a dict, it fails with
+        # UnboundLocalError): pass on what we were given
+        super().load_checkpoint(filename_or_checkpoint)
 
     def check_checkpoint(self, checkpoint: dict, name: str) -> None:
         """Raises unless the checkpoint was trained with the settings this trainer resolved (subclasses add checks)."""
