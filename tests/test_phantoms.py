@@ -123,14 +123,14 @@ def test_modality_contrasts(default_cases):
         def mean(modality, region):
             return float(images[modality][region].mean())
 
-        # T1ce is where enhancing tumour stands out.
-        assert mean("t1ce", enhancing) > 1.3 * mean("t1ce", oedema), case_id
-        assert mean("t1ce", enhancing) > 1.3 * mean("t1ce", necrosis), case_id
+        # T1ce is where enhancing tumour stands out (seen through the annotation, whose boundaries stray into
+        # neighbouring compartments: the contrast of the tissue itself is test_realism_audit's)
+        assert mean("t1ce", enhancing) > 1.15 * mean("t1ce", oedema), case_id
+        assert mean("t1ce", enhancing) > 1.15 * mean("t1ce", necrosis), case_id
         # ...but not on plain T1, where it is roughly iso-intense to normal brain.
         t1ce_contrast = abs(mean("t1ce", enhancing) / mean("t1ce", normal) - 1)
         t1_contrast = abs(mean("t1", enhancing) / mean("t1", normal) - 1)
-        assert t1ce_contrast > 0.3 and t1_contrast < 0.3, case_id
-        assert t1_contrast < 0.5 * t1ce_contrast, case_id
+        assert t1ce_contrast > 0.15 and t1_contrast < 0.3, case_id
         # Necrosis is dark on T1; oedema is bright on FLAIR and T2.
         assert mean("t1", necrosis) < 0.8 * mean("t1", normal), case_id
         assert mean("flair", oedema) > 1.5 * mean("flair", normal), case_id
@@ -210,3 +210,33 @@ def test_bad_arguments_raise(tmp_path, kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         generate_brats_phantoms(str(tmp_path / "out"), **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+def test_realism_audit_weak_evidence_outside_main_modality_and_rater_disagreement():
+    """Each region boundary is strongest in the modality radiologists read it from and weak but non-zero in the
+    others; two annotations of one phantom disagree at boundaries about as BraTS raters do."""
+    from nnunet_protokd.phantoms import audit_phantoms
+    audit = audit_phantoms(num_cases=6)
+    main = {"whole tumour vs normal brain": ("t2", "flair"), "tumour core vs oedema": ("t1ce",),
+            "enhancing vs the other tumour": ("t1ce",)}
+    for boundary, per_modality in audit["cnr"].items():
+        strong = [per_modality[m] for m in main[boundary]]
+        weak = [v for m, v in per_modality.items() if m not in main[boundary]]
+        assert min(strong) > 2.5 and max(weak) < min(strong), (boundary, per_modality)
+        assert min(weak) > 0.2, (boundary, per_modality)  # never no evidence at all
+    dice = audit["inter_rater_dice"]
+    assert 0.8 < dice["whole tumour"] < 0.92
+    assert dice["enhancing tumour"] < dice["tumour core"] < dice["whole tumour"]
+
+
+def test_labels_are_an_annotation_not_the_tissue_map(tmp_path):
+    """The written label map differs from the image's compartments at boundaries only: Dice of whole tumour
+    against the noiseless map stays high but below 1."""
+    import nnunet_protokd.phantoms as phantoms
+    rng = np.random.default_rng(0)
+    _, tissue = phantoms._simulate_case(rng, SMALL_SHAPE, high_grade=True)
+    annotated = phantoms._annotate(rng, tissue)
+    truth, annotation = tissue >= phantoms._OEDEMA, annotated >= phantoms._OEDEMA
+    dice = 2 * (truth & annotation).sum() / (truth.sum() + annotation.sum())
+    assert 0.75 < dice < 0.99
+    assert np.all(annotated[tissue == 0] == 0)
