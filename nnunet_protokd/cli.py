@@ -6,6 +6,7 @@ import os
 import sys
 
 from nnunet_protokd.configurations import describe_method_settings
+from nnunet_protokd.experiment import METHOD_VARIANTS
 
 
 def add_config(args) -> int:
@@ -16,7 +17,7 @@ def add_config(args) -> int:
     with open(dataset_json_file) as f:
         dataset_json = json.load(f)
     schedule = {"num_epochs": args.epochs, "num_iterations_per_epoch": args.iterations_per_epoch,
-                "num_val_iterations_per_epoch": args.val_iterations_per_epoch}
+                "num_val_iterations_per_epoch": args.val_iterations_per_epoch, "seed": args.seed}
     checkpoint = args.teacher_checkpoint
     if checkpoint is not None and os.sep in checkpoint:  # a path (not a file name inside the teacher's fold_X)
         checkpoint = os.path.abspath(checkpoint)
@@ -161,7 +162,9 @@ def experiment_settings(args):
         configuration=args.configuration, modalities=tuple(args.modalities or ()), methods=tuple(args.methods),
         folds=tuple(args.folds), device=args.device or _default_device(), epochs=args.epochs,
         iterations_per_epoch=args.iterations_per_epoch, val_iterations_per_epoch=args.val_iterations_per_epoch,
-        final_validation=not args.no_final_validation, plans=args.plans, num_processes=args.num_processes)
+        final_validation=not args.no_final_validation, plans=args.plans, num_processes=args.num_processes,
+        variants=tuple(tuple(v.split(":", 1)) if ":" in v else (v, "") for v in args.variants or ()),
+        seed=args.seed, predict_in_process=args.predict_in_process)
 
 
 def experiment(args) -> int:
@@ -176,12 +179,29 @@ def experiment(args) -> int:
     return 0
 
 
+def evidence(args) -> int:
+    from nnunet_protokd.evidence import CPU_SCHEDULE, FULL_SCHEDULE, Evidence, EvidenceSettings
+    schedule = dict(FULL_SCHEDULE if args.schedule == "full" else CPU_SCHEDULE)
+    for key in ("configuration", "epochs", "iterations_per_epoch", "val_iterations_per_epoch"):
+        if getattr(args, key) is not None:
+            schedule[key] = getattr(args, key)
+    variants = tuple(tuple(v.split(":", 1)) if ":" in v else (v, "") for v in args.variants) \
+        if args.variants is not None else EvidenceSettings.variants
+    settings = EvidenceSettings(output_folder=args.output, seeds=tuple(args.seeds), modalities=tuple(args.modalities),
+                                variants=variants, device=args.device or _default_device(), **schedule)
+    runner = Evidence(settings)
+    report = runner.aggregate() if args.report_only else runner.run()
+    print(f"The evidence report is {report}")
+    return 0
+
+
 def demo(args) -> int:
     from nnunet_protokd.demo import run_demo
     modalities = ("T1", "T1ce", "T2", "FLAIR") if args.all_modalities else tuple(args.modalities)
     report_file = run_demo(args.output, args.seed, modalities, args.epochs, args.iterations_per_epoch,
                            args.device or _default_device(), tuple(args.methods))
-    print(f"\nThe report is {report_file} (figures beside it: dice.png, overlays.png)")
+    table_1 = os.path.join(os.path.abspath(args.output), f"seed_{args.seed}", "experiment", "report", "report.md")
+    print(f"\nThe report is {report_file} (figures beside it); the paper's Table 1 with HD95 and overlays: {table_1}")
     return 0
 
 
@@ -246,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="num_epochs for the plugin's trainers (>= 1)")
     p.add_argument("--iterations-per-epoch", type=int, default=None, help="training iterations per epoch (>= 1)")
     p.add_argument("--val-iterations-per-epoch", type=int, default=None, help="validation iterations per epoch (>= 1)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed the plugin's trainers when they start (initial weights, the main process's random "
+                        "numbers; nnU-Net seeds nothing)")
     p.add_argument("--no-final-validation", action="store_true",
                    help="the plugin's trainers skip nnU-Net's final validation (when evaluating on held-out cases)")
     p.add_argument("--teacher-trainer", default=None,
@@ -280,9 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=phantoms)
 
     p = commands.add_parser("demo", help="the whole protocol on built-in phantoms (CPU, under 20 minutes)",
-                            description="Phantoms in the BraTS 2018 layout -> conversion -> teacher, unimodal, "
-                                        "ProtoKD and KD-Net students -> predictions on held-out phantoms -> report. "
-                                        "Running it again continues where it stopped.")
+                            description="One seed of the evidence protocol: phantoms in the BraTS 2018 layout -> "
+                                        "conversion -> teacher, unimodal, ProtoKD and KD-Net students (2d, the "
+                                        "evidence run's schedule) -> predictions on held-out phantoms -> report, "
+                                        "with the committed evidence run's figures beside the demo's. Running it "
+                                        "again continues where it stopped.")
     p.add_argument("-o", "--output", default="demo_output", help="demo folder (default ./demo_output)")
     p.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
     p.add_argument("--modalities", nargs="+", default=["T1ce", "T1"], help="student modalities (default T1ce T1)")
@@ -290,10 +315,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["unimodal", "protokd", "kdnet"],
                    help="as for experiment; add lckd for LCKD and its 15-subset table (about 15 more minutes on "
                         "CPU, mostly its 15 predictions)")
-    p.add_argument("--epochs", type=int, default=6, help="epochs of every model (default 6)")
-    p.add_argument("--iterations-per-epoch", type=int, default=25, help="training iterations per epoch (default 25)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs of every model (default: the evidence run's, 15)")
+    p.add_argument("--iterations-per-epoch", type=int, default=None,
+                   help="training iterations per epoch (default: the evidence run's, 25)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.set_defaults(func=demo)
+
+    p = commands.add_parser("evidence", help="does distillation help? seeds x methods x ablations on phantoms, with "
+                                             "paired statistics, learning curves and teacher agreement; resumable",
+                            description="For each seed: phantoms -> conversion -> experiment (seeded trainers: "
+                                        "teacher, per modality the unimodal baseline, ProtoKD, KD-Net and the "
+                                        "variants, one schedule) -> predictions of held-out cases; then one report "
+                                        "pooling the seeds (report/evidence.md). Running it again continues where "
+                                        "it stopped.")
+    p.add_argument("-o", "--output", default="evidence_output", help="evidence folder (default ./evidence_output)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="phantom and training seeds (default 0 1 2)")
+    p.add_argument("--modalities", nargs="+", default=["T1", "T1ce"], help="student modalities (default T1 T1ce)")
+    p.add_argument("--variants", nargs="*", default=None, metavar="VARIANT:MODALITY",
+                   help="method variants to train beside the papers' settings (default: ProtoKD without L_kd, "
+                        "without L_proto and intra-class on T1; KD-Net with L_KL averaged on T1ce); "
+                        "none with an empty list")
+    p.add_argument("--schedule", choices=("cpu", "full"), default="cpu",
+                   help="cpu: 2d, 15 epochs x 25 iterations (about 90 min on 2 cores); full: 3d_fullres with "
+                        "nnU-Net's 1000 x 250 (a GPU)")
+    p.add_argument("-c", "--configuration", default=None, help="override the schedule's configuration")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--iterations-per-epoch", type=int, default=None)
+    p.add_argument("--val-iterations-per-epoch", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--report-only", action="store_true", help="pool the finished seeds into the report again")
+    p.set_defaults(func=evidence)
 
     p = commands.add_parser("experiment", help="the paper's Table-1 protocol on a converted dataset, resumable",
                             description="plan/preprocess -> teacher -> per modality the unimodal baseline and the "
@@ -313,6 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations-per-epoch", type=int, default=None)
     p.add_argument("--val-iterations-per-epoch", type=int, default=None)
     p.add_argument("--no-final-validation", action="store_true", help="skip nnU-Net's final validation")
+    p.add_argument("--variants", nargs="+", default=None, metavar="VARIANT:MODALITY",
+                   help="also train these method variants, each on its own configuration: "
+                        + ", ".join(f"{name} ({title})" for name, (_, _, title) in METHOD_VARIANTS.items()))
+    p.add_argument("--seed", type=int, default=None, help="seed of every training (a configuration of its own)")
+    p.add_argument("--predict-in-process", action="store_true",
+                   help="predict in this process without nnU-Net's worker processes (saves a start per model on a "
+                        "small machine)")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
     p.add_argument("-np", "--num-processes", type=int, default=2, help="preprocessing processes (default 2)")
     p.add_argument("-o", "--output", default=None, help="predictions and report (default protokd_experiment_<d>)")

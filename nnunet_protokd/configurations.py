@@ -143,6 +143,9 @@ SCHEDULE_SETTINGS = {
     "num_epochs": Setting(int, minimum=1, meaning="epochs (nnU-Net: 1000)"),
     "num_iterations_per_epoch": Setting(int, minimum=1, meaning="training iterations per epoch (nnU-Net: 250)"),
     "num_val_iterations_per_epoch": Setting(int, minimum=1, meaning="validation iterations per epoch (nnU-Net: 50)"),
+    # nnU-Net's training draws unseeded random numbers; a seed fixes the network's initial weights and the main
+    # process's random numbers (augmentation workers keep their own: runs are repeatable, not bit-identical)
+    "seed": Setting(int, minimum=0, meaning="seed of torch, numpy and random when the trainer starts (nnU-Net: none)"),
 }
 SCHEDULE_KEYS = tuple(SCHEDULE_SETTINGS)
 METHOD_DEFAULTS = {method: {name: setting.default for name, setting in settings.items()}
@@ -403,7 +406,8 @@ def add_config_command(plans: dict, configuration: str, method: str, values: dic
     if "modality" in own and "modality" not in parent:
         words += ["-m", own["modality"]]
     words += ["--name", configuration]
-    for key, option in zip(SCHEDULE_KEYS, ("--epochs", "--iterations-per-epoch", "--val-iterations-per-epoch")):
+    for key, option in zip(SCHEDULE_KEYS, ("--epochs", "--iterations-per-epoch", "--val-iterations-per-epoch",
+                                           "--seed")):
         if key in own and own[key] != parent.get(key):
             words += [option, str(own[key])]
     if own.get(FINAL_VALIDATION_KEY) is False and parent.get(FINAL_VALIDATION_KEY) is not False:

@@ -32,6 +32,21 @@ METHOD_TRAINERS = {"unimodal": "UnimodalTrainer", "protokd": "ProtoKDTrainer", "
 MULTI_MODALITY_METHODS = ("lckd",)
 DISTILLING_TRAINERS = (METHOD_TRAINERS["protokd"], METHOD_TRAINERS["kdnet"])  # they need their fold's teacher
 TEACHER_TRAINER = "ProtoKDTeacherTrainer"
+# a method with other settings, trained beside the paper's version on a configuration of its own
+# (<student configuration>-<suffix>): the ablations of the ProtoKD paper's Tables 2 and 3 and the KD-Net variants
+# that the evidence protocol measures against the paper's setting
+METHOD_VARIANTS = {
+    "protokd-no_kd": ("protokd", {"ProtoKDTrainer": {"alpha": 0.0}}, "ProtoKD without L_kd"),
+    "protokd-no_proto": ("protokd", {"ProtoKDTrainer": {"beta": 0.0}}, "ProtoKD without L_proto"),
+    "protokd-intra": ("protokd", {"ProtoKDTrainer": {"intra_class_only": True}}, "ProtoKD, intra-class L_proto"),
+    "kdnet-kl_mean": ("kdnet", {"KDNetTrainer": {"kl_reduction": "mean"}}, "KD-Net, L_KL averaged"),
+    "kdnet-no_kl": ("kdnet", {"KDNetTrainer": {"alpha": 0.0}}, "KD-Net without L_KL"),
+}
+
+
+def method_trainer(method: str) -> str:
+    """The trainer of a method or of a variant of one."""
+    return METHOD_TRAINERS[METHOD_VARIANTS[method][0] if method in METHOD_VARIANTS else method]
 
 
 class StepFailed(RuntimeError):
@@ -98,6 +113,11 @@ class ExperimentSettings:
     final_validation: bool = True
     plans: str = "nnUNetPlans"
     num_processes: int = 2
+    variants: tuple = ()  # (variant of METHOD_VARIANTS, modality) pairs trained beside `methods`
+    seed: int | None = None  # the trainers' seed (configurations.py: "seed")
+    # run each prediction step in this process, nnU-Net's predictor without worker processes: on a small machine
+    # starting nnUNetv2_predict costs about a minute, more than predicting a few small cases
+    predict_in_process: bool = False
     notes: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -109,10 +129,20 @@ class ExperimentSettings:
                      "--folds", *map(str, self.folds), "--device", self.device, "-np", str(self.num_processes),
                      "-o", self.output_folder]
         arguments += ["--modalities", *self.modalities] if self.modalities else []
+        arguments += ["--variants", *(f"{v}:{m}" for v, m in self.variants)] if self.variants else []
         for flag, value in (("--epochs", self.epochs), ("--iterations-per-epoch", self.iterations_per_epoch),
-                            ("--val-iterations-per-epoch", self.val_iterations_per_epoch)):
-            arguments += [flag, str(value)] if value else []
+                            ("--val-iterations-per-epoch", self.val_iterations_per_epoch), ("--seed", self.seed)):
+            arguments += [flag, str(value)] if value is not None else []
+        arguments += ["--predict-in-process"] if self.predict_in_process else []
         return arguments + ([] if self.final_validation else ["--no-final-validation"])
+
+
+def predict_in_this_process(arguments: list) -> None:
+    """`nnunet-protokd predict ARGUMENTS` (the input check, then nnU-Net's predictor) in this process, with no
+    worker processes (nnU-Net's -npp 0 -nps 0: its sequential path)."""
+    from nnunet_protokd.cli import main
+    if main(["predict", *arguments, "-npp", "0", "-nps", "0", "--disable_progress_bar"]) != 0:
+        raise StepFailed(f"nnunet-protokd predict {shlex.join(arguments)} failed (see the error above)")
 
 
 def _symlinks(folder: str, links: dict) -> None:
@@ -153,8 +183,14 @@ class Experiment:
         unknown = [m for m in s.methods if m not in METHOD_TRAINERS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; known: {sorted(METHOD_TRAINERS)}")
-        schedule = [(s.epochs, "ep"), (s.iterations_per_epoch, "it"), (s.val_iterations_per_epoch, "val")]
-        suffix = "_".join(f"{v}{unit}" for v, unit in schedule if v) + ("" if s.final_validation else "_nofv")
+        unknown = [f"{v}:{m}" for v, m in s.variants if v not in METHOD_VARIANTS or m not in self.modalities]
+        if unknown:
+            raise ValueError(f"unknown variants {unknown}: give VARIANT:MODALITY with a variant of "
+                             f"{sorted(METHOD_VARIANTS)} and a student modality of {list(self.modalities)}")
+        schedule = [(s.epochs, "ep"), (s.iterations_per_epoch, "it"), (s.val_iterations_per_epoch, "val"),
+                    (s.seed, "seed")]
+        suffix = "_".join(f"{v}{unit}" for v, unit in schedule if v is not None) + \
+            ("" if s.final_validation else "_nofv")
         # a schedule is its own configuration, so short runs never share a model folder with full ones
         self.teacher_configuration = f"{s.configuration}_{suffix.strip('_')}" if suffix else s.configuration
         self.student_methods = tuple(m for m in s.methods if m not in MULTI_MODALITY_METHODS)
@@ -167,8 +203,15 @@ class Experiment:
         self.run_command = subprocess.run  # how a step's command is run (tests record the commands instead)
 
     # ----- names and folders
-    def student_configuration(self, modality: str) -> str:
-        return f"{self.teacher_configuration}_{modality}"
+    def student_configuration(self, modality: str, method: str | None = None) -> str:
+        """`<teacher configuration>_<modality>`, and `...-<suffix>` for a variant of a method."""
+        base = f"{self.teacher_configuration}_{modality}"
+        return f"{base}-{method}" if method in METHOD_VARIANTS else base
+
+    def students(self) -> list:
+        """(method or variant, modality) of every single-modality student, modality by modality."""
+        return [(method, modality) for modality in self.modalities
+                for method in self.student_methods + tuple(v for v, m in self.settings.variants if m == modality)]
 
     def model_folder(self, trainer: str, configuration: str, fold) -> str:
         return os.path.join(self.results, f"{trainer}__{self.settings.plans}__{configuration}", f"fold_{fold}")
@@ -212,8 +255,8 @@ class Experiment:
                           note=f"nnU-Net's seeded 5-fold split of the preprocessed cases into {self.splits_file()}"))
         schedule = []
         for flag, value in (("--epochs", s.epochs), ("--iterations-per-epoch", s.iterations_per_epoch),
-                            ("--val-iterations-per-epoch", s.val_iterations_per_epoch)):
-            schedule += [flag, str(value)] if value else []
+                            ("--val-iterations-per-epoch", s.val_iterations_per_epoch), ("--seed", s.seed)):
+            schedule += [flag, str(value)] if value is not None else []
         schedule += [] if s.final_validation else ["--no-final-validation"]
         add_config = [_bin("nnunet-protokd"), "add-config", "-d", self.dataset_id, "-p", s.plans]
         configurations = []
@@ -222,6 +265,11 @@ class Experiment:
                                                                 self.teacher_configuration] + schedule))
         configurations += [(self.student_configuration(m), ["-c", self.teacher_configuration, "-m", m])
                            for m in self.modalities]
+        # a variant inherits the teacher configuration, the default teacher of the student it varies
+        configurations += [(self.student_configuration(m, v), [
+            "-c", self.teacher_configuration, "-m", m, "--name", self.student_configuration(m, v)] + [
+            word for trainer, values in METHOD_VARIANTS[v][1].items() for key, value in values.items()
+            for word in ("--set", f"{trainer}.{key}={value if isinstance(value, str) else json.dumps(value)}")]) for v, m in s.variants]
         configured = {}  # configuration -> marker of the step that added it
         for configuration, arguments in configurations:
             # add-config edits the one plans file: each waits for the one before, so that no edit is lost;
@@ -234,8 +282,8 @@ class Experiment:
         trainings = [(TEACHER_TRAINER, self.teacher_configuration, fold) for fold in s.folds]
         trainings += [(METHOD_TRAINERS["lckd"], self.teacher_configuration, fold)
                       for fold in s.folds if self.lckd_subsets]
-        trainings += [(METHOD_TRAINERS[method], self.student_configuration(modality), fold)
-                      for modality in self.modalities for method in self.student_methods for fold in s.folds]
+        trainings += [(method_trainer(method), self.student_configuration(modality, method), fold)
+                      for method, modality in self.students() for fold in s.folds]
         for trainer, configuration, fold in trainings:
             folder = self.model_folder(trainer, configuration, fold)
             # a distilling student of fold f starts after the teacher of fold f
@@ -260,8 +308,8 @@ class Experiment:
                 inputs=[self.final_checkpoint(METHOD_TRAINERS["lckd"], self.teacher_configuration, fold)
                         for fold in s.folds], outputs=lckd_folders))
         predictions = [("teacher", None, TEACHER_TRAINER, self.teacher_configuration)]
-        predictions += [(method, modality, METHOD_TRAINERS[method], self.student_configuration(modality))
-                        for modality in self.modalities for method in self.student_methods]
+        predictions += [(method, modality, method_trainer(method), self.student_configuration(modality, method))
+                        for method, modality in self.students()]
         predictions += [("lckd", subset, METHOD_TRAINERS["lckd"], self.lckd_configuration(subset))
                         for subset in self.lckd_subsets]
         input_sets = list(dict.fromkeys((None,) + self.modalities + tuple(self.lckd_subsets)))
@@ -290,11 +338,15 @@ class Experiment:
                 models = lckd_folders if method == "lckd" else \
                     [self.final_checkpoint(trainer, configuration, fold) for fold in fold_group]
                 prediction_folders.append(output)
+                # probabilities too: the report measures each student's agreement with the teacher (mean KL)
+                arguments = ["-i", inputs, "-o", output, "-d", self.dataset_id, "-c", configuration, "-tr", trainer,
+                             "-p", s.plans, "-f", *map(str, fold_group), "-device", s.device, "--save_probabilities"]
                 steps.append(Step(
                     _identifier("predict", trainer, configuration, where),
                     f"predict {trainer} {configuration} folds {' '.join(map(str, fold_group))}", "predict",
-                    [_bin("nnunet-protokd"), "predict", "-i", inputs, "-o", output, "-d", self.dataset_id, "-c",
-                     configuration, "-tr", trainer, "-p", s.plans, "-f", *map(str, fold_group), "-device", s.device],
+                    [_bin("nnunet-protokd"), "predict", *arguments],
+                    action=(lambda arguments=arguments: predict_in_this_process(arguments))
+                    if s.predict_in_process else None,
                     inputs=[inputs] + models, output_folders=[output],
                     done_check=lambda output=output, fold=fold_group[0]: self.predictions_ready(output, fold)))
         report_folder = os.path.join(s.output_folder, "report")
@@ -400,7 +452,9 @@ class Experiment:
                 "device": s.device, "hardware": {"machine": platform.machine(), "processor": platform.processor(),
                                                  "cpu_count": os.cpu_count(), "cuda": torch.cuda.get_device_name(0)
                                                  if torch.cuda.is_available() else None},
-                "seeds": "nnU-Net's training is not seeded (data augmentation draws its own random numbers)",
+                "seeds": "nnU-Net's training is not seeded (data augmentation draws its own random numbers)"
+                if s.seed is None else f"trainers seeded {s.seed} (initial weights, the main process); nnU-Net's "
+                                       f"augmentation workers draw their own random numbers",
                 "wall_time_seconds": self.wall_times(), **s.notes}
 
     def benchmark_file(self, step_name: str) -> str:
@@ -425,8 +479,7 @@ class Experiment:
     def prediction_sets(self) -> list:
         from nnunet_protokd.report import PredictionSet
         sets = [PredictionSet("teacher", None, self.prediction_folder("teacher", None))]
-        sets += [PredictionSet(m, modality, self.prediction_folder(m, modality))
-                 for modality in self.modalities for m in self.student_methods]
+        sets += [PredictionSet(m, modality, self.prediction_folder(m, modality)) for m, modality in self.students()]
         return sets + [PredictionSet("lckd", subset, self.prediction_folder("lckd", subset)) for subset in self.lckd_subsets]
 
     def images_folder(self) -> str:

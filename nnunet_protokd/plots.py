@@ -126,3 +126,69 @@ def plot_overlays(summary: dict, dataset_json: dict, images_folder: str, ground_
         figure.tight_layout()
         figure.savefig(path, dpi=90)
         plt.close(figure)
+
+
+def plot_learning_curves(curves: dict, path: str) -> None:
+    """One panel per modality (the teacher in each): nnU-Net's per-epoch pseudo Dice against training iterations,
+    mean over seeds with the seeds' range shaded; baseline, students and variants."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from nnunet_protokd.report import METHOD_TITLES
+
+    modalities = sorted({key.partition(":")[2] for key in curves if ":" in key})
+    with matplotlib.rc_context(matplotlib.rcParamsDefault):
+        figure, axes = plt.subplots(1, len(modalities), figsize=(6.5 * len(modalities), 4.5), sharey=True,
+                                    squeeze=False)
+        for axis, modality in zip(axes[0], modalities):
+            keys = ["teacher"] + [k for k in curves if k.partition(":")[2] == modality]
+            for index, key in enumerate(k for k in keys if k in curves):
+                curve, method = curves[key], key.partition(":")[0]
+                style = {"color": "k", "ls": "--"} if method == "teacher" else {"color": f"C{index}"}
+                axis.plot(curve["iterations"], curve["mean"], label=METHOD_TITLES.get(method, method), **style)
+                axis.fill_between(curve["iterations"], curve["low"], curve["high"], alpha=0.12,
+                                  color=style["color"])
+            axis.set_title(f"{modality} students")
+            axis.set_xlabel("training iterations")
+            axis.grid(True, alpha=0.3)
+            axis.legend(fontsize=8)
+        axes[0][0].set_ylabel("pseudo Dice (mean of regions; seeds: mean, range)")
+        figure.tight_layout()
+        figure.savefig(path, dpi=90)
+        plt.close(figure)
+
+
+def plot_paired_differences(comparisons: dict, path: str) -> None:
+    """Forest plot: each student's paired Dice difference to its baseline with the bootstrap 95 % CI, per region
+    and for the mean."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from nnunet_protokd.report import METHOD_TITLES
+
+    keys = list(comparisons)
+    panels = list(next(iter(comparisons.values()))) if keys else []
+    with matplotlib.rc_context(matplotlib.rcParamsDefault):
+        figure, axes = plt.subplots(1, max(1, len(panels)), figsize=(3.2 * max(1, len(panels)) + 2.5,
+                                                                     0.45 * len(keys) + 1.5),
+                                    sharey=True, squeeze=False)
+        labels = [f"{METHOD_TITLES.get(k.partition(':')[0], k.partition(':')[0])} ({k.partition(':')[2]})"
+                  for k in keys]
+        for axis, region in zip(axes[0], panels):
+            for row, key in enumerate(keys):
+                c = comparisons[key][region]
+                significant = c["wilcoxon_p"] is not None and c["wilcoxon_p"] < 0.05
+                axis.errorbar(c["mean_difference"], row, xerr=[[c["mean_difference"] - c["ci95"][0]],
+                                                               [c["ci95"][1] - c["mean_difference"]]],
+                              fmt="o", color="C3" if significant else "C0", capsize=3)
+            axis.axvline(0, color="k", lw=1)
+            axis.set_title(region)
+            axis.set_xlabel("Dice minus baseline")
+            axis.grid(True, axis="x", alpha=0.3)
+        axes[0][0].set_yticks(range(len(keys)), labels)
+        axes[0][0].invert_yaxis()
+        figure.suptitle("Paired difference to the unimodal baseline, bootstrap 95 % CI (red: Wilcoxon p < 0.05)",
+                        fontsize=10)
+        figure.tight_layout()
+        figure.savefig(path, dpi=90)
+        plt.close(figure)

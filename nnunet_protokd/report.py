@@ -19,10 +19,11 @@ from scipy import ndimage, stats
 
 from nnunet_protokd.brats import NNUNET_REGIONS
 from nnunet_protokd.configurations import LABEL_SEPARATOR
+from nnunet_protokd.experiment import METHOD_VARIANTS
 
 METHOD_ORDER = ("teacher", "unimodal", "protokd", "kdnet", "lckd")
 METHOD_TITLES = {"teacher": "Teacher (all modalities)", "unimodal": "Unimodal", "protokd": "ProtoKD",
-                 "kdnet": "KD-Net", "lckd": "LCKD"}
+                 "kdnet": "KD-Net", "lckd": "LCKD", **{name: title for name, (_, _, title) in METHOD_VARIANTS.items()}}
 REGION_ABBREVIATIONS = {"whole tumor": "WT", "tumor core": "TC", "enhancing tumor": "ET"}
 # HD95 of a case whose reference or prediction (not both) is empty, in the BraTS challenges' scoring
 BRATS_HD95_PENALTY_MM = 373.13
@@ -196,8 +197,10 @@ def ordered_results(summary: dict) -> list:
     Predictions from several modalities (LCKD's subsets) are left to `subset_results`."""
     def rank(item):
         result = item[1]
-        method = METHOD_ORDER.index(result["method"]) if result["method"] in METHOD_ORDER else len(METHOD_ORDER)
-        return (result["modality"] is not None, result["modality"] or "", method, result["method"])
+        base = METHOD_VARIANTS[result["method"]][0] if result["method"] in METHOD_VARIANTS else result["method"]
+        method = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
+        return (result["modality"] is not None, result["modality"] or "", method, result["method"] != base,
+                result["method"])
     return sorted(((key, result) for key, result in summary["results"].items()
                    if LABEL_SEPARATOR not in (result["modality"] or "")), key=rank)
 

@@ -26,9 +26,19 @@ def apply_schedule(trainer: nnUNetTrainer) -> None:
     """Epochs and iterations from the configuration's settings (see configurations.py), so that a short
     schedule is recorded in the model folder's plans.json instead of living in an environment variable."""
     for key, value in schedule_of(trainer.configuration_manager.configuration).items():
-        setattr(trainer, key, value)
+        if key == "seed":  # before nnU-Net builds the network (initialize): its initial weights are seeded
+            seed_everything(value)
+        else:
+            setattr(trainer, key, value)
     trainer.final_validation = configuration_settings(trainer.configuration_manager.configuration).get(
         FINAL_VALIDATION_KEY, True)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def final_validation_skipped(trainer: nnUNetTrainer) -> bool:

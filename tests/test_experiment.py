@@ -297,3 +297,27 @@ def test_cross_validation_folds_predict_into_folders_of_their_own_gathered_for_t
     assert str(gathered) in [s.folder for s in experiment.prediction_sets()]
     assert {p.name: p.read_text() for p in gathered.iterdir()} == {
         f"{case}.nii.gz": f"fold {fold}" for fold in (0, 1) for case in experiment.evaluation_cases(fold)}
+
+
+def test_variants_and_seed_train_on_configurations_of_their_own_with_recorded_settings(workspace):
+    """The evidence protocol's ablations: each variant is a configuration of its own (so no model folder is
+    shared with the paper's setting), its settings go through add-config --set, the seed into every schedule."""
+    experiment = Experiment(settings(workspace, modalities=("T1ce",), seed=3,
+                                     variants=(("protokd-no_kd", "T1ce"), ("kdnet-kl_mean", "T1ce"))))
+    commands = [" ".join(map(str, step.command)) for step in experiment.steps()]
+    assert any(c.endswith("add-config -d 777 -p nnUNetPlans -c 3d_fullres --name 3d_fullres_3ep_5it_3seed "
+                          "--epochs 3 --iterations-per-epoch 5 --seed 3") for c in commands)
+    assert any(c.endswith("add-config -d 777 -p nnUNetPlans -c 3d_fullres_3ep_5it_3seed -m T1ce --name "
+                          "3d_fullres_3ep_5it_3seed_T1ce-protokd-no_kd --set ProtoKDTrainer.alpha=0.0")
+               for c in commands)
+    trainings = [c.split("nnUNetv2_train ")[1].split(" -p")[0] for c in commands if "nnUNetv2_train " in c]
+    assert trainings[-2:] == ["777 3d_fullres_3ep_5it_3seed_T1ce-protokd-no_kd 0 -tr ProtoKDTrainer",
+                              "777 3d_fullres_3ep_5it_3seed_T1ce-kdnet-kl_mean 0 -tr KDNetTrainer"]
+    assert [(p.method, p.modality) for p in experiment.prediction_sets()][-2:] == [
+        ("protokd-no_kd", "T1ce"), ("kdnet-kl_mean", "T1ce")]
+    with pytest.raises(ValueError, match=r"unknown variants \['protokd-no_kd:FLAIR'\]"):
+        Experiment(settings(workspace, modalities=("T1ce",), variants=(("protokd-no_kd", "FLAIR"),)))
+    from nnunet_protokd.cli import build_parser, experiment_settings
+    original = settings(workspace, modalities=("T1ce",), seed=0, variants=(("protokd-intra", "T1ce"),),
+                        predict_in_process=True)
+    assert experiment_settings(build_parser().parse_args(["experiment", *original.arguments()])) == original

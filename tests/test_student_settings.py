@@ -49,11 +49,12 @@ def test_student_configuration_inherits_base_and_its_data(plans_file):
 
 def test_schedule_configuration_and_student_of_it(plans_file):
     add_configuration(str(plans_file), DATASET_JSON, "3d_fullres", name="3d_smoke",
-                      schedule={"num_epochs": 2, "num_iterations_per_epoch": 5, "num_val_iterations_per_epoch": None})
+                      schedule={"num_epochs": 2, "num_iterations_per_epoch": 5, "num_val_iterations_per_epoch": None,
+                                "seed": 4})
     name = add_configuration(str(plans_file), DATASET_JSON, "3d_smoke", modality="FLAIR")
     resolved = resolved_configuration(json.loads(plans_file.read_text()), name)
     # a nested dict is replaced, not merged, by nnU-Net's inheritance: the schedule must be carried over
-    assert resolved["protokd"] == {"num_epochs": 2, "num_iterations_per_epoch": 5, "modality": "FLAIR"}
+    assert resolved["protokd"] == {"num_epochs": 2, "num_iterations_per_epoch": 5, "seed": 4, "modality": "FLAIR"}
 
 
 def test_adding_is_idempotent_and_never_overwrites_silently(plans_file):
@@ -244,6 +245,7 @@ def test_the_ends_of_each_range_are_accepted(plans_file):
     ({"num_epochs": 0}, "num_epochs must be an integer >= 1, got 0"),
     ({"num_iterations_per_epoch": 2.5}, "num_iterations_per_epoch must be an integer >= 1, got 2.5"),
     ({"final_validation": "no"}, "final_validation must be true or false"),
+    ({"seed": -1}, "seed must be an integer >= 0, got -1"),
 ])
 def test_hand_edited_plans_are_checked_where_trainers_read_them(settings, message):
     """Trainers read their configuration through resolved_configuration before nnU-Net makes a model folder."""

@@ -1,0 +1,475 @@
+"""`nnunet-protokd evidence`: does distillation help an nnU-Net student? Measured with seeds and statistics.
+
+For each seed: phantoms of that seed (training and held-out cases) -> the BraTS converter -> `experiment` with
+the trainers seeded (teacher; per modality the unimodal baseline, ProtoKD and KD-Net; ProtoKD's ablations and the
+KD-Net variants on the modalities asked for; every model on one schedule) -> predictions of the held-out cases
+with probabilities. Then `aggregate` pools the seeds:
+
+- Dice WT/TC/ET and their mean per method and modality, and each student's paired difference to the unimodal
+  baseline over (seed, case) pairs, with a bootstrap 95 % CI, Wilcoxon and paired t-test p-values;
+- knowledge transfer measured directly: each student's agreement with the teacher on the held-out cases (Dice
+  between the two segmentations; mean Bernoulli KL(teacher || student) of their region probabilities over brain
+  voxels), paired against the baseline's agreement;
+- learning curves (nnU-Net's per-epoch pseudo Dice against iterations) and the plateau of the teacher and the
+  baselines (change of the pseudo Dice over the last fifth of training);
+- per-term gradient shares of the distilling students (training.py's probe), first and last epoch: the loss
+  balance, for the diagnosis of a method that does not help.
+
+Everything is resumable (phantoms, conversion and experiment skip what exists). `--schedule full` runs
+nnU-Net's own schedule (1000 epochs of 250 iterations) and 3d_fullres on a GPU with the same command.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from nnunet_protokd.configurations import LABEL_SEPARATOR
+from nnunet_protokd.experiment import Experiment, ExperimentSettings, METHOD_VARIANTS, TEACHER_TRAINER, \
+    method_trainer
+from nnunet_protokd.report import METHOD_TITLES, paired_comparison
+
+# the CPU schedule: 2d (nnU-Net plans batch 32 of whole 32x32 slices for these phantoms, about 0.17-0.23 s per
+# step here against about 0.5 s for a small 3d patch), 15 epochs of 25 iterations; the evidence report measures
+# whether the models reached a plateau (pseudo Dice over the last fifth of training against the fifth before)
+CPU_SCHEDULE = {"configuration": "2d", "epochs": 15, "iterations_per_epoch": 25, "val_iterations_per_epoch": 3}
+FULL_SCHEDULE = {"configuration": "3d_fullres", "epochs": None, "iterations_per_epoch": None,
+                 "val_iterations_per_epoch": None}
+# ProtoKD's ablations (the paper's Tables 2 and 3) on T1, its hardest case; KD-Net with its bottleneck KL averaged
+# instead of summed on T1ce (the diagnosis of its collapse)
+DEFAULT_VARIANTS = (("protokd-no_kd", "T1"), ("protokd-no_proto", "T1"), ("protokd-intra", "T1"),
+                    ("kdnet-kl_mean", "T1ce"))
+# probabilities are clipped here before the KL: a student certain where the teacher is not would give infinity
+PROBABILITY_FLOOR = 1e-4
+
+
+@dataclass
+class EvidenceSettings:
+    output_folder: str
+    seeds: tuple = (0, 1, 2)
+    modalities: tuple = ("T1", "T1ce")
+    methods: tuple = ("unimodal", "protokd", "kdnet")
+    variants: tuple = DEFAULT_VARIANTS
+    configuration: str = CPU_SCHEDULE["configuration"]
+    epochs: int | None = CPU_SCHEDULE["epochs"]
+    iterations_per_epoch: int | None = CPU_SCHEDULE["iterations_per_epoch"]
+    val_iterations_per_epoch: int | None = CPU_SCHEDULE["val_iterations_per_epoch"]
+    device: str = "cpu"
+    training_cases: dict = field(default_factory=lambda: {"num_hgg": 24, "num_lgg": 8})
+    held_out_cases: dict = field(default_factory=lambda: {"num_hgg": 15, "num_lgg": 5, "first_case_index": 500})
+    phantom_shape_zyx: tuple = (32, 48, 48)
+    first_dataset_id: int = 620  # seed s is dataset first_dataset_id + s
+    # an earlier evidence.json (the committed run, for the demo) whose figures the result sentence quotes beside ours
+    reference_evidence: str | None = None
+
+    def __post_init__(self):
+        self.output_folder = os.path.abspath(self.output_folder)
+
+
+class Evidence:
+    def __init__(self, settings: EvidenceSettings, log=print):
+        self.settings, self.log = settings, log
+        folders = {f"nnUNet_{kind}": os.path.join(settings.output_folder, f"nnUNet_{kind}")
+                   for kind in ("raw", "preprocessed", "results")}
+        os.environ.update(folders)  # nnU-Net reads them lazily; every command the experiments run inherits them
+        os.environ.setdefault("nnUNet_n_proc_DA", "2")
+        os.environ.setdefault("nnUNet_def_n_proc", "2")
+
+    def seed_folder(self, seed: int) -> str:
+        return os.path.join(self.settings.output_folder, f"seed_{seed}")
+
+    def experiment(self, seed: int) -> Experiment:
+        s = self.settings
+        return Experiment(ExperimentSettings(
+            dataset=str(s.first_dataset_id + seed), output_folder=os.path.join(self.seed_folder(seed), "experiment"),
+            configuration=s.configuration, modalities=tuple(s.modalities), methods=tuple(s.methods),
+            variants=tuple(s.variants), seed=seed, folds=(0,), device=s.device, epochs=s.epochs,
+            iterations_per_epoch=s.iterations_per_epoch, val_iterations_per_epoch=s.val_iterations_per_epoch,
+            final_validation=False, predict_in_process=True,
+            notes={"evidence": {"seed": seed, "phantom_shape_zyx": list(s.phantom_shape_zyx),
+                                "training_cases": s.training_cases, "held_out_cases": s.held_out_cases}}))
+
+    def prepare(self, seed: int) -> None:
+        """The seed's phantoms and their conversion (each skipped when it exists)."""
+        from nnunet_protokd.brats import convert_brats_dataset
+        from nnunet_protokd.phantoms import generate_brats_phantoms
+        s = self.settings
+        phantoms = {name: os.path.join(self.seed_folder(seed), "phantoms", name) for name in ("training", "held_out")}
+        for name, cases in (("training", s.training_cases), ("held_out", s.held_out_cases)):
+            if not os.path.isdir(phantoms[name]):
+                partial = phantoms[name] + ".partial"  # a phantom folder is complete or absent
+                if os.path.isdir(partial):
+                    import shutil
+                    shutil.rmtree(partial)
+                generate_brats_phantoms(partial, seed=seed, shape_zyx=tuple(s.phantom_shape_zyx), **cases)
+                os.replace(partial, phantoms[name])
+        raw = os.environ["nnUNet_raw"]
+        dataset_id = s.first_dataset_id + seed
+        if not (os.path.isdir(raw) and any(d.startswith(f"Dataset{dataset_id:03d}_") for d in os.listdir(raw))):
+            convert_brats_dataset(phantoms["training"], dataset_id, raw, test_folder=phantoms["held_out"],
+                                  dataset_name=f"PhantomSeed{seed}")
+
+    def run(self) -> str:
+        import time
+        start = time.time()
+        for seed in self.settings.seeds:
+            self.log(f"=== seed {seed} ({time.strftime('%H:%M:%S', time.gmtime(time.time() - start))})")
+            self.prepare(seed)
+            self.experiment(seed).run(log=self.log)
+        return self.aggregate(wall_time_seconds=round(time.time() - start))
+
+    # ----- pooling the seeds
+    def aggregate(self, wall_time_seconds: float | None = None, output_folder: str | None = None) -> str:
+        from nnunet_protokd.plots import plot_learning_curves, plot_paired_differences
+        output_folder = output_folder or os.path.join(self.settings.output_folder, "report")
+        os.makedirs(output_folder, exist_ok=True)
+        experiments = {seed: self.experiment(seed) for seed in self.settings.seeds}
+        summaries = {}
+        for seed, experiment in experiments.items():
+            with open(os.path.join(experiment.settings.output_folder, "report", "summary.json")) as f:
+                summaries[seed] = json.load(f)
+        regions = summaries[self.settings.seeds[0]]["regions"]
+        dice = pooled_dice(summaries, regions)
+        agreement = {seed: teacher_agreement(experiment, regions) for seed, experiment in experiments.items()}
+        curves = {seed: training_curves(experiment) for seed, experiment in experiments.items()}
+        evidence = {
+            "settings": {**asdict(self.settings), "wall_time_seconds": wall_time_seconds},
+            "regions": regions,
+            "dice": summarise_dice(dice, regions),
+            "comparisons": compare_with_baseline(dice, regions),
+            "teacher_agreement": summarise_agreement(agreement),
+            "learning_curves": pool_curves(curves),
+            "plateau": plateaus(curves),
+            "gradient_shares": gradient_shares(curves),
+        }
+        from nnunet_protokd.phantoms import audit_phantoms
+        evidence["phantom_audit"] = audit_phantoms(seed=self.settings.seeds[0],
+                                                   shape_zyx=tuple(self.settings.phantom_shape_zyx))
+        reference = None
+        if self.settings.reference_evidence and os.path.isfile(self.settings.reference_evidence):
+            with open(self.settings.reference_evidence) as f:
+                reference = json.load(f)
+        evidence["headline"] = headline(evidence, reference)
+        with open(os.path.join(output_folder, "evidence.json"), "w") as f:
+            json.dump(evidence, f, indent=1)
+        plot_learning_curves(evidence["learning_curves"], os.path.join(output_folder, "learning_curves.png"))
+        plot_paired_differences(evidence["comparisons"], os.path.join(output_folder, "paired_differences.png"))
+        write_evidence_markdown(evidence, os.path.join(output_folder, "evidence.md"))
+        self.log(evidence["headline"])
+        return os.path.join(output_folder, "evidence.md")
+
+
+def student_key(method: str, modality: str | None) -> str:
+    return method if modality is None else f"{method}:{modality}"
+
+
+def pooled_dice(summaries: dict, regions) -> dict:
+    """{key: {(seed, case): {region: Dice, "mean": mean over regions}}} over every seed's per-case results."""
+    pooled = {}
+    for seed, summary in summaries.items():
+        for key, result in summary["results"].items():
+            for case, metrics in result["per_case"].items():
+                values = {region: metrics[region]["dice"] for region in regions}
+                pooled.setdefault(key, {})[(seed, case)] = {**values, "mean": float(np.mean(list(values.values())))}
+    return pooled
+
+
+def summarise_dice(dice: dict, regions) -> dict:
+    """{key: {region or "mean": {"mean", "std", "n"}}} over (seed, case) pairs, and per seed."""
+    summary = {}
+    for key, per_pair in dice.items():
+        summary[key] = {}
+        for region in list(regions) + ["mean"]:
+            values = np.array([v[region] for v in per_pair.values()])
+            by_seed = {}
+            for (seed, _), v in per_pair.items():
+                by_seed.setdefault(seed, []).append(v[region])
+            summary[key][region] = {"mean": float(values.mean()), "std": float(values.std()), "n": int(len(values)),
+                                    "per_seed": {str(seed): float(np.mean(v)) for seed, v in by_seed.items()}}
+    return summary
+
+
+def baseline_key(key: str) -> str | None:
+    method, _, modality = key.partition(":")
+    if method in ("teacher", "unimodal") or not modality:
+        return None
+    return f"unimodal:{modality}"
+
+
+def compare_with_baseline(dice: dict, regions) -> dict:
+    """{student key: {region or "mean": paired_comparison over the (seed, case) pairs both have, with "per_seed":
+    the mean difference of each seed}}."""
+    comparisons = {}
+    for key, per_pair in dice.items():
+        baseline = dice.get(baseline_key(key) or "")
+        if baseline is None:
+            continue
+        pairs = sorted(set(per_pair) & set(baseline))
+        comparisons[key] = {}
+        for region in list(regions) + ["mean"]:
+            comparison = paired_comparison([per_pair[p][region] for p in pairs], [baseline[p][region] for p in pairs])
+            # the cases of one seed share a trained model: the per-seed means show the variation between training
+            # runs, which a test over (seed, case) pairs does not see
+            per_seed = {}
+            for seed, case in pairs:
+                per_seed.setdefault(str(seed), []).append(per_pair[(seed, case)][region] - baseline[(seed, case)][region])
+            comparisons[key][region] = {**comparison, "per_seed": {seed: float(np.mean(d)) for seed, d in per_seed.items()}}
+    return comparisons
+
+
+def bernoulli_kl(teacher: np.ndarray, student: np.ndarray) -> np.ndarray:
+    """Voxel-wise KL(teacher || student) of per-region sigmoid probabilities (or per-label softmax ones summed by
+    the caller), after clipping both to [PROBABILITY_FLOOR, 1 - PROBABILITY_FLOOR]."""
+    t = np.clip(teacher.astype(np.float64), PROBABILITY_FLOOR, 1 - PROBABILITY_FLOOR)
+    s = np.clip(student.astype(np.float64), PROBABILITY_FLOOR, 1 - PROBABILITY_FLOOR)
+    return t * np.log(t / s) + (1 - t) * np.log((1 - t) / (1 - s))
+
+
+def teacher_agreement(experiment: Experiment, regions) -> dict:
+    """{key: {case: {"dice": mean over regions of Dice(student, teacher), "kl": mean KL(teacher || student) over
+    brain voxels}}} on the held-out cases, from the saved segmentations and probabilities."""
+    from nnunetv2.evaluation.evaluate_predictions import region_or_label_to_mask
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunet_protokd.report import evaluation_regions
+    reader, ending = SimpleITKIO(), experiment.dataset_json["file_ending"]
+    region_labels = evaluation_regions(experiment.dataset_json)
+    region_based = "regions_class_order" in experiment.dataset_json
+    sets = experiment.prediction_sets()
+    teacher = next(p for p in sets if p.method == "teacher")
+    brain_folder = experiment.input_folder(None, 0)
+    agreement = {}
+    for case in experiment.evaluation_cases(0):
+        brain = reader.read_images([os.path.join(brain_folder, f"{case}_0000{ending}")])[0][0] != 0
+        teacher_seg = reader.read_seg(os.path.join(teacher.folder, case + ending))[0][0]
+        teacher_probabilities = np.load(os.path.join(teacher.folder, case + ".npz"))["probabilities"]
+        for prediction_set in sets:
+            if prediction_set.method == "teacher" or LABEL_SEPARATOR in (prediction_set.modality or ""):
+                continue
+            seg = reader.read_seg(os.path.join(prediction_set.folder, case + ending))[0][0]
+            probabilities = np.load(os.path.join(prediction_set.folder, case + ".npz"))["probabilities"]
+            dices = []
+            for _, labels in region_labels:
+                a, b = region_or_label_to_mask(teacher_seg, labels), region_or_label_to_mask(seg, labels)
+                total = a.sum() + b.sum()
+                dices.append(1.0 if total == 0 else 2 * float((a & b).sum()) / float(total))
+            if region_based:
+                kl = bernoulli_kl(teacher_probabilities, probabilities).sum(axis=0)
+            else:  # softmax over labels: the categorical KL
+                t = np.clip(teacher_probabilities.astype(np.float64), PROBABILITY_FLOOR, 1)
+                s = np.clip(probabilities.astype(np.float64), PROBABILITY_FLOOR, 1)
+                kl = (t * np.log(t / s)).sum(axis=0)
+            agreement.setdefault(prediction_set.key, {})[case] = {"dice": float(np.mean(dices)),
+                                                                  "kl": float(kl[brain].mean())}
+    return agreement
+
+
+def summarise_agreement(agreement: dict) -> dict:
+    """Per student: mean Dice to the teacher and mean KL over (seed, case), and the paired difference to the
+    baseline's agreement (a distilling student should agree more: higher Dice, lower KL)."""
+    pooled = {}
+    for seed, per_key in agreement.items():
+        for key, per_case in per_key.items():
+            for case, values in per_case.items():
+                pooled.setdefault(key, {})[(seed, case)] = values
+    summary = {}
+    for key, per_pair in pooled.items():
+        entry = {measure: float(np.mean([v[measure] for v in per_pair.values()])) for measure in ("dice", "kl")}
+        baseline = pooled.get(baseline_key(key) or "")
+        if baseline is not None:
+            pairs = sorted(set(per_pair) & set(baseline))
+            for measure in ("dice", "kl"):
+                entry[f"{measure}_vs_baseline"] = paired_comparison([per_pair[p][measure] for p in pairs],
+                                                                    [baseline[p][measure] for p in pairs])
+        summary[key] = entry
+    return summary
+
+
+def training_curves(experiment: Experiment) -> dict:
+    """{key: {"iterations": [...], "pseudo_dice": [...], "grad_norms": {term: [...]}}} from each model's
+    checkpoint_final.pth (nnU-Net's logger: mean_fg_dice is the epoch's pseudo Dice on validation patches)."""
+    import torch
+    curves = {}
+    models = [("teacher", None)] + experiment.students()
+    for method, modality in models:
+        trainer = TEACHER_TRAINER if method == "teacher" else method_trainer(method)
+        configuration = experiment.teacher_configuration if modality is None else \
+            experiment.student_configuration(modality, method)
+        checkpoint = torch.load(experiment.final_checkpoint(trainer, configuration, 0), map_location="cpu",
+                                weights_only=False)
+        logging = checkpoint["logging"]
+        iterations = checkpoint["init_args"].get("num_iterations_per_epoch") or \
+            experiment.settings.iterations_per_epoch or 250
+        epochs = len(logging["mean_fg_dice"])
+        curves[student_key(method, modality)] = {
+            "iterations": [(epoch + 1) * iterations for epoch in range(epochs)],
+            "pseudo_dice": [float(v) for v in logging["mean_fg_dice"]],
+            "grad_norms": {name[len("grad_norm_"):]: [float(v) for v in values]
+                           for name, values in logging.items() if name.startswith("grad_norm_") and values}}
+    return curves
+
+
+def pool_curves(curves: dict) -> dict:
+    """{key: {"iterations", "mean", "low", "high"}}: pseudo Dice per epoch, mean and range over seeds."""
+    pooled = {}
+    for per_key in curves.values():
+        for key, curve in per_key.items():
+            pooled.setdefault(key, []).append(curve)
+    result = {}
+    for key, seeds in pooled.items():
+        length = min(len(c["pseudo_dice"]) for c in seeds)
+        values = np.array([c["pseudo_dice"][:length] for c in seeds])
+        result[key] = {"iterations": seeds[0]["iterations"][:length], "mean": values.mean(0).tolist(),
+                       "low": values.min(0).tolist(), "high": values.max(0).tolist()}
+    return result
+
+
+def plateaus(curves: dict, fraction: float = 0.2) -> dict:
+    """Per model: mean pseudo Dice over the last `fraction` of the epochs and its change from the `fraction`
+    before (mean over seeds). A change near 0 (against the rise before it) is a plateau."""
+    result = {}
+    for key in next(iter(curves.values())):
+        last, change = [], []
+        for per_key in curves.values():
+            values = np.array(per_key[key]["pseudo_dice"])
+            window = max(1, int(round(fraction * len(values))))
+            last.append(values[-window:].mean())
+            change.append(values[-window:].mean() - values[-2 * window:-window].mean())
+        result[key] = {"last_fifth_pseudo_dice": float(np.mean(last)), "change_over_last_fifth": float(np.mean(change))}
+    return result
+
+
+def gradient_shares(curves: dict) -> dict:
+    """Per distilling student: each term's share of the summed gradient norms at the student's parameters, in the
+    first and the last epoch (mean over seeds)."""
+    result = {}
+    for key in next(iter(curves.values())):
+        per_seed = [per_key[key]["grad_norms"] for per_key in curves.values()]
+        if len(per_seed[0]) < 2:
+            continue
+        shares = {}
+        for when, index in (("first_epoch", 0), ("last_epoch", -1)):
+            totals = [sum(norms[t][index] for t in norms) or 1.0 for norms in per_seed]
+            shares[when] = {term: float(np.mean([norms[term][index] / total for norms, total in zip(per_seed, totals)]))
+                            for term in per_seed[0]}
+        result[key] = shares
+    return result
+
+
+def _title(key: str) -> str:
+    method, _, modality = key.partition(":")
+    return f"{METHOD_TITLES.get(method, method)}" + (f" ({modality})" if modality else "")
+
+
+def headline(evidence: dict, reference: dict | None = None) -> str:
+    """One sentence per method and modality: a significant change of mean Dice with its CI, or none at this
+    budget; with `reference` (an earlier evidence.json) its figures for the same student beside ours."""
+    sentences = []
+    for key, per_region in evidence["comparisons"].items():
+        method = key.partition(":")[0]
+        if method in METHOD_VARIANTS:
+            continue
+        c = per_region["mean"]
+        significant = c["wilcoxon_p"] is not None and c["wilcoxon_p"] < 0.05 and (c["ci95"][0] > 0 or c["ci95"][1] < 0)
+        verdict = ("better than" if c["mean_difference"] > 0 else "worse than") if significant \
+            else "no significant difference at this budget from"
+        per_seed = c.get("per_seed", {})
+        seeds = f"; per seed {', '.join(f'{d:+.3f}' for d in per_seed.values())}" if len(per_seed) > 1 else ""
+        sentence = (f"{_title(key)}: {verdict} the unimodal baseline, mean Dice {c['mean_difference']:+.3f} "
+                    f"[95 % CI {c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}], Wilcoxon p = {_p(c['wilcoxon_p'])}, "
+                    f"n = {c['n']} (seed, case) pairs{seeds}")
+        earlier = (reference or {}).get("comparisons", {}).get(key, {}).get("mean")
+        if earlier is not None:
+            run = reference["settings"]
+            sentence += (f" (the evidence run, seeds {', '.join(map(str, run['seeds']))}: "
+                         f"{_ci(earlier)}, p = {_p(earlier['wilcoxon_p'])}, n = {earlier['n']})")
+        sentences.append(sentence)
+    return "; ".join(sentences) + "."
+
+
+def _p(value) -> str:
+    return "n/a" if value is None else f"{value:.2g}"
+
+
+def _ci(c: dict) -> str:
+    return f"{c['mean_difference']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
+
+
+def write_evidence_markdown(evidence: dict, path: str) -> None:
+    regions, settings = evidence["regions"], evidence["settings"]
+    seeds = ", ".join(map(str, settings["seeds"]))
+    n_cases = settings["held_out_cases"]["num_hgg"] + settings["held_out_cases"]["num_lgg"]
+    schedule = ("nnU-Net's default" if not settings["epochs"] else
+                f"{settings['epochs']} epochs x {settings['iterations_per_epoch']} iterations")
+    lines = ["# Evidence: what distillation does for an nnU-Net student", "",
+             f"Seeds {seeds} (phantoms and trainers); {n_cases} held-out phantoms per seed, never seen in training; "
+             f"configuration {settings['configuration']}, {schedule} for every model, teacher included; device "
+             f"{settings['device']}" + (f"; wall time {settings['wall_time_seconds'] / 60:.0f} min"
+                                        if settings.get("wall_time_seconds") else "") + ".", "",
+             "**Result.** " + evidence["headline"], "",
+             "## Dice on the held-out cases (mean ± std over (seed, case) pairs; per-seed means in evidence.json)", "",
+             "| Modality | Method | " + " | ".join(regions) + " | Mean |", "|---|---|" + "---|" * (len(regions) + 1)]
+    for key, per_region in _ordered(evidence["dice"]):
+        method, _, modality = key.partition(":")
+        lines.append(f"| {modality or 'all'} | {METHOD_TITLES.get(method, method)} | " + " | ".join(
+            f"{per_region[r]['mean']:.3f} ± {per_region[r]['std']:.3f}" for r in list(regions) + ["mean"]) + " |")
+    lines += ["", "## Paired difference to the unimodal baseline (Dice; mean [bootstrap 95 % CI], Wilcoxon p, "
+                  "paired t p)", "",
+              "| Modality | Method | n | " + " | ".join(regions) + " | Mean | Wilcoxon p (mean) | t-test p (mean) |",
+              "|---|---|---|" + "---|" * (len(regions) + 3)]
+    for key, per_region in _ordered(evidence["comparisons"]):
+        method, _, modality = key.partition(":")
+        cells = [f"{_ci(per_region[r])} (p {_p(per_region[r]['wilcoxon_p'])})" for r in regions]
+        lines.append(f"| {modality} | {METHOD_TITLES.get(method, method)} | {per_region['mean']['n']} | "
+                     + " | ".join(cells) + f" | {_ci(per_region['mean'])} | {_p(per_region['mean']['wilcoxon_p'])} | "
+                     f"{_p(per_region['mean']['ttest_p'])} |")
+    lines += ["", "## Knowledge transfer: agreement with the teacher on the held-out cases", "",
+              "Dice between the student's and the teacher's segmentations (mean over regions) and the mean "
+              "KL(teacher || student) of their region probabilities over brain voxels; the differences are paired "
+              "against the unimodal baseline of the same modality (a student that distils agrees more: Dice up, "
+              "KL down).", "",
+              "| Modality | Method | Dice to teacher | vs baseline | KL to teacher | vs baseline (p) |",
+              "|---|---|---|---|---|---|"]
+    for key, entry in _ordered(evidence["teacher_agreement"]):
+        method, _, modality = key.partition(":")
+        dice_change = _ci(entry["dice_vs_baseline"]) if "dice_vs_baseline" in entry else "-"
+        kl_change = (f"{_ci(entry['kl_vs_baseline'])} ({_p(entry['kl_vs_baseline']['wilcoxon_p'])})"
+                     if "kl_vs_baseline" in entry else "-")
+        lines.append(f"| {modality} | {METHOD_TITLES.get(method, method)} | {entry['dice']:.3f} | {dice_change} | "
+                     f"{entry['kl']:.4f} | {kl_change} |")
+    lines += ["", "## Convergence: pseudo Dice (nnU-Net's, per epoch) over the last fifth of training and its change "
+                  "from the fifth before (mean over seeds)", "", "| Model | Pseudo Dice, last fifth | Change |",
+              "|---|---|---|"]
+    for key, entry in _ordered(evidence["plateau"]):
+        lines.append(f"| {_title(key)} | {entry['last_fifth_pseudo_dice']:.3f} | "
+                     f"{entry['change_over_last_fifth']:+.3f} |")
+    lines += ["", "![learning curves](learning_curves.png)", "", "![paired differences](paired_differences.png)", "",
+              "## Loss balance: each term's share of the gradient norm at the student's parameters", "",
+              "| Student | First epoch | Last epoch |", "|---|---|---|"]
+    for key, shares in _ordered(evidence["gradient_shares"]):
+        lines.append(f"| {_title(key)} | " + " | ".join(
+            ", ".join(f"{term} {share:.0%}" for term, share in shares[when].items())
+            for when in ("first_epoch", "last_epoch")) + " |")
+    audit = evidence["phantom_audit"]
+    lines += ["", f"## Phantom realism audit ({audit['cases']} high-grade cases of seed {audit['seed']}; "
+                  f"phantoms.py gives the MRI facts)", "", "Contrast-to-noise ratio of each region boundary:", "",
+              "| Boundary | " + " | ".join(next(iter(audit["cnr"].values()))) + " |",
+              "|---|" + "---|" * len(next(iter(audit["cnr"].values())))]
+    for boundary, per_modality in audit["cnr"].items():
+        lines.append(f"| {boundary} | " + " | ".join(f"{v:.2f}" for v in per_modality.values()) + " |")
+    lines += ["", "Agreement of two independent annotations of one phantom (Dice): " + ", ".join(
+        f"{region} {value:.2f}" for region, value in audit["inter_rater_dice"].items()) + ".", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _ordered(mapping: dict) -> list:
+    """Teacher first, then per modality the baseline, each method and its variants."""
+    from nnunet_protokd.report import METHOD_ORDER
+
+    def rank(item):
+        method, _, modality = item[0].partition(":")
+        base = METHOD_VARIANTS[method][0] if method in METHOD_VARIANTS else method
+        return (modality, METHOD_ORDER.index(base) if base in METHOD_ORDER else 99, method != base, method)
+    return sorted(mapping.items(), key=rank)
