@@ -67,3 +67,46 @@ def test_plateau_and_gradient_shares_from_learning_curves():
     assert set(shares) == {"protokd:T1"}
     assert shares["protokd:T1"]["first_epoch"] == {"seg_loss": 0.75, "kd_loss": 0.25}
     assert shares["protokd:T1"]["last_epoch"] == {"seg_loss": 0.5, "kd_loss": 0.5}
+
+
+def test_the_protocol_end_to_end_on_one_small_seed_and_resumed_without_training_again(tmp_path, monkeypatch):
+    """Phantoms -> conversion -> seeded teacher, baseline, ProtoKD and an ablation (2 epochs of 2 iterations) ->
+    held-out predictions with probabilities -> the pooled report, read from nnU-Net's own checkpoints and files."""
+    import json
+    from nnunet_protokd.evidence import Evidence, EvidenceSettings
+    for kind in ("raw", "preprocessed", "results"):  # Evidence sets them; restored after the test
+        monkeypatch.setenv(f"nnUNet_{kind}", str(tmp_path / "evidence" / f"nnUNet_{kind}"))
+    settings = EvidenceSettings(
+        output_folder=str(tmp_path / "evidence"), seeds=(5,), modalities=("T1ce",), methods=("unimodal", "protokd"),
+        variants=(("protokd-no_proto", "T1ce"),), epochs=2, iterations_per_epoch=2, val_iterations_per_epoch=1,
+        training_cases={"num_hgg": 4, "num_lgg": 2}, held_out_cases={"num_hgg": 2, "num_lgg": 1,
+                                                                     "first_case_index": 500},
+        phantom_shape_zyx=(24, 32, 32), first_dataset_id=700)
+    lines = []
+    report = Evidence(settings, log=lines.append).run()
+    evidence = json.loads((tmp_path / "evidence" / "report" / "evidence.json").read_text())
+    assert set(evidence["comparisons"]) == {"protokd:T1ce", "protokd-no_proto:T1ce"}
+    assert evidence["comparisons"]["protokd:T1ce"]["mean"]["n"] == 3
+    # agreement with the teacher from the saved probabilities: every student, a Dice and a finite, positive KL
+    agreement = evidence["teacher_agreement"]
+    assert set(agreement) == {"unimodal:T1ce", "protokd:T1ce", "protokd-no_proto:T1ce"}
+    assert all(0 <= a["dice"] <= 1 and 0 < a["kl"] < 10 for a in agreement.values())
+    assert "kl_vs_baseline" in agreement["protokd:T1ce"] and "kl_vs_baseline" not in agreement["unimodal:T1ce"]
+    assert evidence["learning_curves"]["teacher"]["iterations"] == [2, 4]
+    # the ablation's L_proto has weight 0: no gradient share; the paper's setting has one
+    shares = evidence["gradient_shares"]
+    assert shares["protokd-no_proto:T1ce"]["first_epoch"]["proto_loss"] == 0
+    assert shares["protokd:T1ce"]["first_epoch"]["proto_loss"] > 0
+    for figure in ("learning_curves.png", "paired_differences.png"):
+        assert (tmp_path / "evidence" / "report" / figure).stat().st_size > 10_000
+    text = open(report).read()
+    assert "ProtoKD (T1ce): " in text and "| T1ce | ProtoKD without L_proto | 3 |" in text
+    # the seed is recorded where the model is: the model folder's plans.json
+    plans = json.loads(next((tmp_path / "evidence" / "nnUNet_results").glob(
+        "*/ProtoKDTrainer__nnUNetPlans__*_T1ce/plans.json")).read_text())
+    assert any(c.get("protokd", {}).get("seed") == 5 for c in plans["configurations"].values())
+    # resumed: every step is found done, nothing is trained or predicted again
+    lines.clear()
+    Evidence(settings, log=lines.append).run()
+    steps = [line for line in lines if line.startswith("[") and (" train " in line or " predict " in line)]
+    assert len(steps) == 8 and all(": already done (" in line for line in steps), steps
