@@ -266,10 +266,13 @@ class Experiment:
         configurations += [(self.student_configuration(m), ["-c", self.teacher_configuration, "-m", m])
                            for m in self.modalities]
         # a variant inherits the teacher configuration, the default teacher of the student it varies
-        configurations += [(self.student_configuration(m, v), [
-            "-c", self.teacher_configuration, "-m", m, "--name", self.student_configuration(m, v)] + [
-            word for trainer, values in METHOD_VARIANTS[v][1].items() for key, value in values.items()
-            for word in ("--set", f"{trainer}.{key}={value if isinstance(value, str) else json.dumps(value)}")]) for v, m in s.variants]
+        for variant, modality in s.variants:
+            name = self.student_configuration(modality, variant)
+            arguments = ["-c", self.teacher_configuration, "-m", modality, "--name", name]
+            for trainer, values in METHOD_VARIANTS[variant][1].items():
+                for key, value in values.items():
+                    arguments += ["--set", f"{trainer}.{key}={value if isinstance(value, str) else json.dumps(value)}"]
+            configurations.append((name, arguments))
         configured = {}  # configuration -> marker of the step that added it
         for configuration, arguments in configurations:
             # add-config edits the one plans file: each waits for the one before, so that no edit is lost;
