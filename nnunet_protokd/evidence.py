@@ -37,10 +37,11 @@ from nnunet_protokd.report import METHOD_TITLES, paired_comparison
 CPU_SCHEDULE = {"configuration": "2d", "epochs": 15, "iterations_per_epoch": 25, "val_iterations_per_epoch": 3}
 FULL_SCHEDULE = {"configuration": "3d_fullres", "epochs": None, "iterations_per_epoch": None,
                  "val_iterations_per_epoch": None}
-# ProtoKD's ablations (the paper's Tables 2 and 3) on T1, its hardest case; KD-Net with its bottleneck KL averaged
-# instead of summed on T1ce (the diagnosis of its collapse)
+# ProtoKD's ablations (the paper's Tables 2 and 3) and its KD at temperature 1 on T1, its hardest case; KD-Net
+# with its bottleneck KL averaged instead of summed, and without its soft-label term, on T1ce (the diagnosis of
+# what harms it)
 DEFAULT_VARIANTS = (("protokd-no_kd", "T1"), ("protokd-no_proto", "T1"), ("protokd-intra", "T1"),
-                    ("kdnet-kl_mean", "T1ce"))
+                    ("kdnet-kl_mean", "T1ce"), ("protokd-temp1", "T1"), ("kdnet-no_kd", "T1ce"))
 # probabilities are clipped here before the KL: a student certain where the teacher is not would give infinity
 PROBABILITY_FLOOR = 1e-4
 
@@ -227,47 +228,65 @@ def bernoulli_kl(teacher: np.ndarray, student: np.ndarray) -> np.ndarray:
     return t * np.log(t / s) + (1 - t) * np.log((1 - t) / (1 - s))
 
 
+def mean_entropy(probabilities: np.ndarray, region_based: bool) -> np.ndarray:
+    """Voxel-wise entropy (nats) of a prediction: the binary entropy averaged over regions (sigmoid outputs) or
+    the categorical entropy over labels (softmax outputs). probabilities: (C, *S) -> (*S)."""
+    p = np.clip(probabilities.astype(np.float64), PROBABILITY_FLOOR, 1 - PROBABILITY_FLOOR)
+    if region_based:
+        return (-(p * np.log(p) + (1 - p) * np.log(1 - p))).mean(axis=0)
+    return -(p * np.log(p)).sum(axis=0)
+
+
 def teacher_agreement(experiment: Experiment, regions) -> dict:
-    """{key: {case: {"dice": mean over regions of Dice(student, teacher), "kl": mean KL(teacher || student) over
-    brain voxels}}} on the held-out cases, from the saved segmentations and probabilities."""
+    """{key: {case: measures}} on the held-out cases, from the saved segmentations and probabilities. Students:
+    "dice", the mean over regions of Dice(student, teacher), and "kl", the mean KL(teacher || student) over brain
+    voxels. Every model, the teacher too (calibration, for the diagnosis): "entropy", the mean entropy of its
+    probabilities over the reference tumour's voxels, and "volume_ratio": {region: predicted / reference volume}."""
     from nnunetv2.evaluation.evaluate_predictions import region_or_label_to_mask
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunet_protokd.report import evaluation_regions
     reader, ending = SimpleITKIO(), experiment.dataset_json["file_ending"]
     region_labels = evaluation_regions(experiment.dataset_json)
     region_based = "regions_class_order" in experiment.dataset_json
-    sets = experiment.prediction_sets()
+    sets = [p for p in experiment.prediction_sets() if LABEL_SEPARATOR not in (p.modality or "")]
     teacher = next(p for p in sets if p.method == "teacher")
-    brain_folder = experiment.input_folder(None, 0)
+    brain_folder, reference_folder = experiment.input_folder(None, 0), experiment.ground_truth_folder()
     agreement = {}
     for case in experiment.evaluation_cases(0):
         brain = reader.read_images([os.path.join(brain_folder, f"{case}_0000{ending}")])[0][0] != 0
+        reference = reader.read_seg(os.path.join(reference_folder, case + ending))[0][0]
         teacher_seg = reader.read_seg(os.path.join(teacher.folder, case + ending))[0][0]
         teacher_probabilities = np.load(os.path.join(teacher.folder, case + ".npz"))["probabilities"]
         for prediction_set in sets:
-            if prediction_set.method == "teacher" or LABEL_SEPARATOR in (prediction_set.modality or ""):
-                continue
             seg = reader.read_seg(os.path.join(prediction_set.folder, case + ending))[0][0]
             probabilities = np.load(os.path.join(prediction_set.folder, case + ".npz"))["probabilities"]
+            tumour = reference > 0
+            measures = {"entropy": float(mean_entropy(probabilities, region_based)[tumour].mean())
+                        if tumour.any() else 0.0, "volume_ratio": {}}
             dices = []
-            for _, labels in region_labels:
-                a, b = region_or_label_to_mask(teacher_seg, labels), region_or_label_to_mask(seg, labels)
-                total = a.sum() + b.sum()
-                dices.append(1.0 if total == 0 else 2 * float((a & b).sum()) / float(total))
-            if region_based:
-                kl = bernoulli_kl(teacher_probabilities, probabilities).sum(axis=0)
-            else:  # softmax over labels: the categorical KL
-                t = np.clip(teacher_probabilities.astype(np.float64), PROBABILITY_FLOOR, 1)
-                s = np.clip(probabilities.astype(np.float64), PROBABILITY_FLOOR, 1)
-                kl = (t * np.log(t / s)).sum(axis=0)
-            agreement.setdefault(prediction_set.key, {})[case] = {"dice": float(np.mean(dices)),
-                                                                  "kl": float(kl[brain].mean())}
+            for (name, labels), region in zip(region_labels, regions):
+                reference_mask, mask = region_or_label_to_mask(reference, labels), region_or_label_to_mask(seg, labels)
+                # +1 voxel each: a region absent from the reference does not divide by zero
+                measures["volume_ratio"][region] = float((mask.sum() + 1) / (reference_mask.sum() + 1))
+                a = region_or_label_to_mask(teacher_seg, labels)
+                total = a.sum() + mask.sum()
+                dices.append(1.0 if total == 0 else 2 * float((a & mask).sum()) / float(total))
+            if prediction_set.method != "teacher":
+                if region_based:
+                    kl = bernoulli_kl(teacher_probabilities, probabilities).sum(axis=0)
+                else:  # softmax over labels: the categorical KL
+                    t = np.clip(teacher_probabilities.astype(np.float64), PROBABILITY_FLOOR, 1)
+                    q = np.clip(probabilities.astype(np.float64), PROBABILITY_FLOOR, 1)
+                    kl = (t * np.log(t / q)).sum(axis=0)
+                measures.update(dice=float(np.mean(dices)), kl=float(kl[brain].mean()))
+            agreement.setdefault(prediction_set.key, {})[case] = measures
     return agreement
 
 
 def summarise_agreement(agreement: dict) -> dict:
-    """Per student: mean Dice to the teacher and mean KL over (seed, case), and the paired difference to the
-    baseline's agreement (a distilling student should agree more: higher Dice, lower KL)."""
+    """Per model: mean entropy and median volume ratios over (seed, case); per student also the mean Dice to the
+    teacher and mean KL, and their paired difference to the baseline's (a distilling student should agree more:
+    higher Dice, lower KL)."""
     pooled = {}
     for seed, per_key in agreement.items():
         for key, per_case in per_key.items():
@@ -275,7 +294,12 @@ def summarise_agreement(agreement: dict) -> dict:
                 pooled.setdefault(key, {})[(seed, case)] = values
     summary = {}
     for key, per_pair in pooled.items():
-        entry = {measure: float(np.mean([v[measure] for v in per_pair.values()])) for measure in ("dice", "kl")}
+        values = list(per_pair.values())
+        entry = {"entropy": float(np.mean([v["entropy"] for v in values])),
+                 "volume_ratio": {region: float(np.median([v["volume_ratio"][region] for v in values]))
+                                  for region in values[0]["volume_ratio"]}}
+        if key != "teacher":
+            entry.update({measure: float(np.mean([v[measure] for v in values])) for measure in ("dice", "kl")})
         baseline = pooled.get(baseline_key(key) or "")
         if baseline is not None:
             pairs = sorted(set(per_pair) & set(baseline))
@@ -433,11 +457,23 @@ def write_evidence_markdown(evidence: dict, path: str) -> None:
               "|---|---|---|---|---|---|"]
     for key, entry in _ordered(evidence["teacher_agreement"]):
         method, _, modality = key.partition(":")
+        if method == "teacher":
+            continue
         dice_change = _ci(entry["dice_vs_baseline"]) if "dice_vs_baseline" in entry else "-"
         kl_change = (f"{_ci(entry['kl_vs_baseline'])} ({_p(entry['kl_vs_baseline']['wilcoxon_p'])})"
                      if "kl_vs_baseline" in entry else "-")
         lines.append(f"| {modality} | {METHOD_TITLES.get(method, method)} | {entry['dice']:.3f} | {dice_change} | "
                      f"{entry['kl']:.4f} | {kl_change} |")
+    lines += ["", "## Calibration: how sure each model is, and how much it segments", "",
+              "Mean entropy (nats) of the region probabilities over the reference tumour's voxels (higher: less "
+              "certain), and the median over cases of predicted / reference volume per region (1: as much as the "
+              "annotation; > 1: over-segmentation).", "",
+              "| Modality | Method | Entropy in tumour | " + " | ".join(f"{r} volume ratio" for r in regions) + " |",
+              "|---|---|---|" + "---|" * len(regions)]
+    for key, entry in _ordered(evidence["teacher_agreement"]):
+        method, _, modality = key.partition(":")
+        lines.append(f"| {modality or 'all'} | {METHOD_TITLES.get(method, method)} | {entry['entropy']:.3f} | "
+                     + " | ".join(f"{entry['volume_ratio'][r]:.2f}" for r in regions) + " |")
     lines += ["", "## Convergence: pseudo Dice (nnU-Net's, per epoch) over the last fifth of training and its change "
                   "from the fifth before (mean over seeds)", "", "| Model | Pseudo Dice, last fifth | Change |",
               "|---|---|---|"]

@@ -39,8 +39,12 @@ METHOD_VARIANTS = {
     "protokd-no_kd": ("protokd", {"ProtoKDTrainer": {"alpha": 0.0}}, "ProtoKD without L_kd"),
     "protokd-no_proto": ("protokd", {"ProtoKDTrainer": {"beta": 0.0}}, "ProtoKD without L_proto"),
     "protokd-intra": ("protokd", {"ProtoKDTrainer": {"intra_class_only": True}}, "ProtoKD, intra-class L_proto"),
+    # temperature 1: for a voxel the student cannot resolve, the KD optimum is calibrated instead of T times
+    # sharper than the evidence the student has (see docs/evidence/README.md)
+    "protokd-temp1": ("protokd", {"ProtoKDTrainer": {"temperature": 1.0}}, "ProtoKD, KD at T = 1"),
     "kdnet-kl_mean": ("kdnet", {"KDNetTrainer": {"kl_reduction": "mean"}}, "KD-Net, L_KL averaged"),
     "kdnet-no_kl": ("kdnet", {"KDNetTrainer": {"alpha": 0.0}}, "KD-Net without L_KL"),
+    "kdnet-no_kd": ("kdnet", {"KDNetTrainer": {"lambda": 0.0}}, "KD-Net without L_KD"),
 }
 
 

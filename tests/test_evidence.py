@@ -87,10 +87,14 @@ def test_the_protocol_end_to_end_on_one_small_seed_and_resumed_without_training_
     evidence = json.loads((tmp_path / "evidence" / "report" / "evidence.json").read_text())
     assert set(evidence["comparisons"]) == {"protokd:T1ce", "protokd-no_proto:T1ce"}
     assert evidence["comparisons"]["protokd:T1ce"]["mean"]["n"] == 3
-    # agreement with the teacher from the saved probabilities: every student, a Dice and a finite, positive KL
+    # agreement with the teacher from the saved probabilities: every student, a Dice and a finite, positive KL;
+    # calibration of every model, the teacher too
     agreement = evidence["teacher_agreement"]
-    assert set(agreement) == {"unimodal:T1ce", "protokd:T1ce", "protokd-no_proto:T1ce"}
-    assert all(0 <= a["dice"] <= 1 and 0 < a["kl"] < 10 for a in agreement.values())
+    assert set(agreement) == {"teacher", "unimodal:T1ce", "protokd:T1ce", "protokd-no_proto:T1ce"}
+    students = [a for key, a in agreement.items() if key != "teacher"]
+    assert all(0 <= a["dice"] <= 1 and 0 < a["kl"] < 10 for a in students) and "kl" not in agreement["teacher"]
+    assert all(0 < a["entropy"] < np.log(2) and set(a["volume_ratio"]) == {"WT", "TC", "ET"}
+               for a in agreement.values())
     assert "kl_vs_baseline" in agreement["protokd:T1ce"] and "kl_vs_baseline" not in agreement["unimodal:T1ce"]
     assert evidence["learning_curves"]["teacher"]["iterations"] == [2, 4]
     # the ablation's L_proto has weight 0: no gradient share; the paper's setting has one
