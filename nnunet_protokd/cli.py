@@ -333,8 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modalities", nargs="+", default=["T1", "T1ce"], help="student modalities (default T1 T1ce)")
     p.add_argument("--variants", nargs="*", default=None, metavar="VARIANT:MODALITY",
                    help="method variants to train beside the papers' settings (default: ProtoKD without L_kd, "
-                        "without L_proto, intra-class and KD at T = 1 on T1; KD-Net with L_KL averaged, without L_KD on T1ce); "
-                        "none with an empty list")
+                        "without L_proto, intra-class and KD at T = 1 on T1; KD-Net with L_KL averaged and without "
+                        "L_KD on T1ce); none with an empty list")
     p.add_argument("--schedule", choices=("cpu", "full"), default="cpu",
                    help="cpu: 2d, 15 epochs x 25 iterations (about 90 min on 2 cores); full: 3d_fullres with "
                         "nnU-Net's 1000 x 250 (a GPU)")

@@ -215,8 +215,10 @@ def compare_with_baseline(dice: dict, regions) -> dict:
             # runs, which a test over (seed, case) pairs does not see
             per_seed = {}
             for seed, case in pairs:
-                per_seed.setdefault(str(seed), []).append(per_pair[(seed, case)][region] - baseline[(seed, case)][region])
-            comparisons[key][region] = {**comparison, "per_seed": {seed: float(np.mean(d)) for seed, d in per_seed.items()}}
+                difference = per_pair[(seed, case)][region] - baseline[(seed, case)][region]
+                per_seed.setdefault(str(seed), []).append(difference)
+            comparisons[key][region] = {**comparison,
+                                        "per_seed": {seed: float(np.mean(d)) for seed, d in per_seed.items()}}
     return comparisons
 
 
