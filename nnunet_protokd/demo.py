@@ -19,7 +19,7 @@ COMMITTED_EVIDENCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspat
                                   "evidence.json")
 
 
-def run_demo(output_folder: str, seed: int = 0, modalities=("T1ce", "T1"), epochs: int | None = None,
+def run_demo(output_folder: str, seed: int = 0, modalities=("T1ce",), epochs: int | None = None,
              iterations_per_epoch: int | None = None, device: str = "cpu", methods=("unimodal", "protokd", "kdnet"),
              log=print) -> str:
     settings = EvidenceSettings(

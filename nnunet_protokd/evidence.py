@@ -250,7 +250,9 @@ def teacher_agreement(experiment: Experiment, regions) -> dict:
     reader, ending = SimpleITKIO(), experiment.dataset_json["file_ending"]
     region_labels = evaluation_regions(experiment.dataset_json)
     region_based = "regions_class_order" in experiment.dataset_json
-    sets = [p for p in experiment.prediction_sets() if LABEL_SEPARATOR not in (p.modality or "")]
+    # a variant trained on only some seeds (a diagnosis added later) has no predictions in the others
+    sets = [p for p in experiment.prediction_sets()
+            if LABEL_SEPARATOR not in (p.modality or "") and os.path.isdir(p.folder)]
     teacher = next(p for p in sets if p.method == "teacher")
     brain_folder, reference_folder = experiment.input_folder(None, 0), experiment.ground_truth_folder()
     agreement = {}
@@ -322,8 +324,10 @@ def training_curves(experiment: Experiment) -> dict:
         trainer = TEACHER_TRAINER if method == "teacher" else method_trainer(method)
         configuration = experiment.teacher_configuration if modality is None else \
             experiment.student_configuration(modality, method)
-        checkpoint = torch.load(experiment.final_checkpoint(trainer, configuration, 0), map_location="cpu",
-                                weights_only=False)
+        checkpoint_file = experiment.final_checkpoint(trainer, configuration, 0)
+        if not os.path.isfile(checkpoint_file):  # a variant not trained on this seed
+            continue
+        checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
         logging = checkpoint["logging"]
         iterations = checkpoint["init_args"].get("num_iterations_per_epoch") or \
             experiment.settings.iterations_per_epoch or 250
@@ -351,13 +355,18 @@ def pool_curves(curves: dict) -> dict:
     return result
 
 
+def _keys(curves: dict) -> list:
+    """Every model of any seed, in the order they first appear."""
+    return list(dict.fromkeys(key for per_key in curves.values() for key in per_key))
+
+
 def plateaus(curves: dict, fraction: float = 0.2) -> dict:
     """Per model: mean pseudo Dice over the last `fraction` of the epochs and its change from the `fraction`
     before (mean over seeds). A change near 0 (against the rise before it) is a plateau."""
     result = {}
-    for key in next(iter(curves.values())):
+    for key in _keys(curves):
         last, change = [], []
-        for per_key in curves.values():
+        for per_key in (c for c in curves.values() if key in c):
             values = np.array(per_key[key]["pseudo_dice"])
             window = max(1, int(round(fraction * len(values))))
             last.append(values[-window:].mean())
@@ -370,8 +379,8 @@ def gradient_shares(curves: dict) -> dict:
     """Per distilling student: each term's share of the summed gradient norms at the student's parameters, in the
     first and the last epoch (mean over seeds)."""
     result = {}
-    for key in next(iter(curves.values())):
-        per_seed = [per_key[key]["grad_norms"] for per_key in curves.values()]
+    for key in _keys(curves):
+        per_seed = [per_key[key]["grad_norms"] for per_key in curves.values() if key in per_key]
         if len(per_seed[0]) < 2:
             continue
         shares = {}
