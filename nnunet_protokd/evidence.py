@@ -443,6 +443,7 @@ def write_evidence_markdown(evidence: dict, path: str) -> None:
              f"{settings['device']}" + (f"; wall time {settings['wall_time_seconds'] / 60:.0f} min"
                                         if settings.get("wall_time_seconds") else "") + ".", "",
              "**Result.** " + evidence["headline"], "",
+             *headline_table(evidence), "",
              "## Dice on the held-out cases (mean ± std over (seed, case) pairs; per-seed means in evidence.json)", "",
              "| Modality | Method | " + " | ".join(regions) + " | Mean |", "|---|---|" + "---|" * (len(regions) + 1)]
     for key, per_region in _ordered(evidence["dice"]):
@@ -509,6 +510,25 @@ def write_evidence_markdown(evidence: dict, path: str) -> None:
         f"{region} {value:.2f}" for region, value in audit["inter_rater_dice"].items()) + ".", ""]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def headline_table(evidence: dict) -> list:
+    """Markdown lines: per model, mean Dice (mean of the regions), its paired difference to the baseline and the
+    agreement with the teacher (KL change against the baseline's: negative = moved towards the teacher)."""
+    lines = ["| Modality | Method | n | Mean Dice | vs baseline [95 % CI] | Wilcoxon p | per seed | "
+             "KL to teacher | vs baseline [95 % CI] |", "|---|---|---|---|---|---|---|---|---|"]
+    for key, per_region in _ordered(evidence["dice"]):
+        method, _, modality = key.partition(":")
+        comparison = evidence["comparisons"].get(key, {}).get("mean")
+        agreement = evidence["teacher_agreement"].get(key, {})
+        cells = [modality or "all", METHOD_TITLES.get(method, method), str(per_region["mean"]["n"]),
+                 f"{per_region['mean']['mean']:.3f}"]
+        cells += [_ci(comparison), _p(comparison["wilcoxon_p"]),
+                  ", ".join(f"{d:+.3f}" for d in comparison.get("per_seed", {}).values())] if comparison else ["-"] * 3
+        cells += [f"{agreement['kl']:.3f}" if "kl" in agreement else "-",
+                  _ci(agreement["kl_vs_baseline"]) if "kl_vs_baseline" in agreement else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _ordered(mapping: dict) -> list:
