@@ -406,9 +406,12 @@ def headline(evidence: dict, reference: dict | None = None) -> str:
         if method in METHOD_VARIANTS:
             continue
         c = per_region["mean"]
-        significant = c["wilcoxon_p"] is not None and c["wilcoxon_p"] < 0.05 and (c["ci95"][0] > 0 or c["ci95"][1] < 0)
-        verdict = ("better than" if c["mean_difference"] > 0 else "worse than") if significant \
-            else "no significant difference at this budget from"
+        # significant only when the rank test and the bootstrap CI of the mean agree
+        test_says, interval_says = c["wilcoxon_p"] is not None and c["wilcoxon_p"] < 0.05, \
+            c["ci95"][0] > 0 or c["ci95"][1] < 0
+        verdict = ("better than" if c["mean_difference"] > 0 else "worse than") if test_says and interval_says \
+            else "no significant difference at this budget" + (" (the CI of the mean includes 0)" if test_says else "") \
+            + " from"
         per_seed = c.get("per_seed", {})
         seeds = f"; per seed {', '.join(f'{d:+.3f}' for d in per_seed.values())}" if len(per_seed) > 1 else ""
         sentence = (f"{_title(key)}: {verdict} the unimodal baseline, mean Dice {c['mean_difference']:+.3f} "
