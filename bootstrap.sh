@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything on a fresh machine with only Python 3, then runs one job:
 #   ./bootstrap.sh demo [demo args]     the main job on built-in phantoms (nnunet-protokd demo)
-#   ./bootstrap.sh test [pytest args]   the test suite (CPU, 20-30 minutes on 2 cores)
+#   ./bootstrap.sh test [pytest args]   the test suite (CPU, 25-35 minutes on 2 cores)
 #   ./bootstrap.sh install              only the set-up
 # The set-up: a virtual environment in .venv (override with PROTOKD_VENV), this project installed into it in
 # editable mode with nnU-Net v2, PyTorch and Snakemake (the extra [cluster], which the workflow tests need), and
