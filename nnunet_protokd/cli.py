@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "without L_proto, intra-class and KD at T = 1 on T1; KD-Net with L_KL averaged and without "
                         "L_KD on T1ce); none with an empty list")
     p.add_argument("--schedule", choices=("cpu", "full"), default="cpu",
-                   help="cpu: 2d, 15 epochs x 25 iterations (about 90 min on 2 cores); full: 3d_fullres with "
+                   help="cpu: 2d, 15 epochs x 25 iterations (about 2 hours on 2 cores with every variant); full: "
+                        "3d_fullres with "
                         "nnU-Net's 1000 x 250 (a GPU)")
     p.add_argument("-c", "--configuration", default=None, help="override the schedule's configuration")
     p.add_argument("--epochs", type=int, default=None)
