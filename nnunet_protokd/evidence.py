@@ -129,7 +129,12 @@ class Evidence:
         experiments = {seed: self.experiment(seed) for seed in self.settings.seeds}
         summaries = {}
         for seed, experiment in experiments.items():
-            with open(os.path.join(experiment.settings.output_folder, "report", "summary.json")) as f:
+            summary_file = os.path.join(experiment.settings.output_folder, "report", "summary.json")
+            if not os.path.isfile(summary_file):
+                from nnunet_protokd.errors import UserError
+                raise UserError(f"seed {seed} has no report yet ({summary_file} is missing): run the evidence "
+                                f"command without --report-only to finish it")
+            with open(summary_file) as f:
                 summaries[seed] = json.load(f)
         regions = summaries[self.settings.seeds[0]]["regions"]
         dice = pooled_dice(summaries, regions)
