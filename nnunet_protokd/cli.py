@@ -155,6 +155,11 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def variant_pairs(words) -> tuple:
+    """VARIANT:MODALITY words as (variant, modality) pairs; a word without a modality gets "" (refused later)."""
+    return tuple(tuple(word.split(":", 1)) if ":" in word else (word, "") for word in words)
+
+
 def experiment_settings(args):
     from nnunet_protokd.experiment import ExperimentSettings
     return ExperimentSettings(
@@ -163,7 +168,7 @@ def experiment_settings(args):
         folds=tuple(args.folds), device=args.device or _default_device(), epochs=args.epochs,
         iterations_per_epoch=args.iterations_per_epoch, val_iterations_per_epoch=args.val_iterations_per_epoch,
         final_validation=not args.no_final_validation, plans=args.plans, num_processes=args.num_processes,
-        variants=tuple(tuple(v.split(":", 1)) if ":" in v else (v, "") for v in args.variants or ()),
+        variants=variant_pairs(args.variants or ()),
         seed=args.seed, predict_in_process=args.predict_in_process)
 
 
@@ -185,7 +190,7 @@ def evidence(args) -> int:
     for key in ("configuration", "epochs", "iterations_per_epoch", "val_iterations_per_epoch"):
         if getattr(args, key) is not None:
             schedule[key] = getattr(args, key)
-    variants = tuple(tuple(v.split(":", 1)) if ":" in v else (v, "") for v in args.variants) \
+    variants = variant_pairs(args.variants) \
         if args.variants is not None else EvidenceSettings.variants
     settings = EvidenceSettings(output_folder=args.output, seeds=tuple(args.seeds), modalities=tuple(args.modalities),
                                 variants=variants, device=args.device or _default_device(), **schedule)
