@@ -185,13 +185,13 @@ def experiment(args) -> int:
 
 
 def evidence(args) -> int:
-    from nnunet_protokd.evidence import CPU_SCHEDULE, FULL_SCHEDULE, Evidence, EvidenceSettings
+    from nnunet_protokd.evidence import CPU_SCHEDULE, FULL_SCHEDULE, Evidence, EvidenceSettings, requested_variants
     schedule = dict(FULL_SCHEDULE if args.schedule == "full" else CPU_SCHEDULE)
     for key in ("configuration", "epochs", "iterations_per_epoch", "val_iterations_per_epoch"):
         if getattr(args, key) is not None:
             schedule[key] = getattr(args, key)
-    variants = variant_pairs(args.variants) \
-        if args.variants is not None else EvidenceSettings.variants
+    variants = requested_variants(variant_pairs(args.variants) if args.variants is not None else None,
+                                  args.diagnosis, tuple(args.modalities))
     settings = EvidenceSettings(output_folder=args.output, seeds=tuple(args.seeds), modalities=tuple(args.modalities),
                                 variants=variants, device=args.device or _default_device(), **schedule)
     runner = Evidence(settings)
@@ -338,12 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="phantom and training seeds (default 0 1 2)")
     p.add_argument("--modalities", nargs="+", default=["T1", "T1ce"], help="student modalities (default T1 T1ce)")
     p.add_argument("--variants", nargs="*", default=None, metavar="VARIANT:MODALITY",
-                   help="method variants to train beside the papers' settings (default: ProtoKD without L_kd, "
-                        "without L_proto, intra-class and KD at T = 1 on T1; KD-Net with L_KL averaged and without "
-                        "L_KD on T1ce); none with an empty list")
+                   help="method variants to train beside the papers' settings (default: ProtoKD's ablations on "
+                        "T1: without L_kd, without L_proto, intra-class only); none with an empty list")
+    p.add_argument("--diagnosis", action="store_true",
+                   help="also train the diagnosis variants: ProtoKD with KD at T = 1 on T1; KD-Net with L_KL "
+                        "averaged and without L_KD on T1ce (about 30 min more on 2 cores; on an earlier run's folder "
+                        "only these are trained)")
     p.add_argument("--schedule", choices=("cpu", "full"), default="cpu",
-                   help="cpu: 2d, 15 epochs x 25 iterations (about 2 hours on 2 cores with every variant); full: "
-                        "3d_fullres with "
+                   help="cpu: 2d, 15 epochs x 25 iterations (about 90 minutes on 2 cores); full: 3d_fullres with "
                         "nnU-Net's 1000 x 250 (a GPU)")
     p.add_argument("-c", "--configuration", default=None, help="override the schedule's configuration")
     p.add_argument("--epochs", type=int, default=None)

@@ -37,11 +37,22 @@ from nnunet_protokd.report import METHOD_TITLES, paired_comparison
 CPU_SCHEDULE = {"configuration": "2d", "epochs": 15, "iterations_per_epoch": 25, "val_iterations_per_epoch": 3}
 FULL_SCHEDULE = {"configuration": "3d_fullres", "epochs": None, "iterations_per_epoch": None,
                  "val_iterations_per_epoch": None}
-# ProtoKD's ablations (the paper's Tables 2 and 3) and its KD at temperature 1 on T1, its hardest case; KD-Net
-# with its bottleneck KL averaged instead of summed, and without its soft-label term, on T1ce (the diagnosis of
-# what harms it)
-DEFAULT_VARIANTS = (("protokd-no_kd", "T1"), ("protokd-no_proto", "T1"), ("protokd-intra", "T1"),
-                    ("kdnet-kl_mean", "T1ce"), ("protokd-temp1", "T1"), ("kdnet-no_kd", "T1ce"))
+# ProtoKD's ablations on T1, its hardest case (the paper's Tables 2 and 3): trained by default
+DEFAULT_VARIANTS = (("protokd-no_kd", "T1"), ("protokd-no_proto", "T1"), ("protokd-intra", "T1"))
+# the diagnosis of what harms the students (`--diagnosis`): ProtoKD's pixel-wise KD at temperature 1 on T1;
+# KD-Net with its bottleneck KL averaged instead of summed, and without its soft-label term, on T1ce
+DIAGNOSIS_VARIANTS = (("protokd-temp1", "T1"), ("kdnet-kl_mean", "T1ce"), ("kdnet-no_kd", "T1ce"))
+
+
+def requested_variants(variants: tuple | None, diagnosis: bool, modalities: tuple) -> tuple:
+    """The variants an evidence run trains: those asked for (the ablations when None), plus with `diagnosis` the
+    diagnosis variants of the modalities asked for."""
+    chosen = tuple(DEFAULT_VARIANTS if variants is None else variants)
+    if diagnosis:
+        chosen += tuple(v for v in DIAGNOSIS_VARIANTS if v not in chosen and v[1] in modalities)
+    return chosen
+
+
 # probabilities are clipped here before the KL: a student certain where the teacher is not would give infinity
 PROBABILITY_FLOOR = 1e-4
 
@@ -75,7 +86,11 @@ class Evidence:
         folders = {f"nnUNet_{kind}": os.path.join(settings.output_folder, f"nnUNet_{kind}")
                    for kind in ("raw", "preprocessed", "results")}
         os.environ.update(folders)  # nnU-Net reads them lazily; every command the experiments run inherits them
-        os.environ.setdefault("nnUNet_n_proc_DA", "2")
+        if settings.device == "cpu":
+            # measured on 2 cores (2d, 25 iterations of batch 32): 6.3 s per epoch with augmentation in the
+            # training process against 7.0 s with 2 workers, which only compete with it for the cores; on a GPU
+            # nnU-Net's own default applies
+            os.environ.setdefault("nnUNet_n_proc_DA", "0")
         os.environ.setdefault("nnUNet_def_n_proc", "2")
 
     def seed_folder(self, seed: int) -> str:
@@ -141,7 +156,8 @@ class Evidence:
         agreement = {seed: teacher_agreement(experiment, regions) for seed, experiment in experiments.items()}
         curves = {seed: training_curves(experiment) for seed, experiment in experiments.items()}
         evidence = {
-            "settings": {**asdict(self.settings), "wall_time_seconds": wall_time_seconds},
+            "settings": {**asdict(self.settings), "wall_time_seconds": wall_time_seconds,
+                         "runs": self.run_history(output_folder, wall_time_seconds)},
             "regions": regions,
             "dice": summarise_dice(dice, regions),
             "comparisons": compare_with_baseline(dice, regions),
@@ -165,6 +181,26 @@ class Evidence:
         write_evidence_markdown(evidence, os.path.join(output_folder, "evidence.md"))
         self.log(evidence["headline"])
         return os.path.join(output_folder, "evidence.md")
+
+    def run_history(self, output_folder: str, wall_time_seconds: float | None) -> list:
+        """The invocations that trained this folder, oldest first (from the previous report), plus this one.
+
+        A second invocation (say `--diagnosis` on a finished run) trains only what is missing: its wall time alone
+        would misreport the run's cost."""
+        previous = os.path.join(output_folder, "evidence.json")
+        runs = []
+        if os.path.isfile(previous):
+            with open(previous) as f:
+                settings = json.load(f)["settings"]
+            runs = settings.get("runs") or ([{"variants": settings["variants"], "seeds": settings["seeds"],
+                                              "wall_time_seconds": settings["wall_time_seconds"]}]
+                                            if settings.get("wall_time_seconds") else [])
+        if wall_time_seconds is not None:
+            import time
+            runs.append({"variants": [list(v) for v in self.settings.variants], "seeds": list(self.settings.seeds),
+                         "wall_time_seconds": wall_time_seconds,
+                         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        return runs
 
 
 def student_key(method: str, modality: str | None) -> str:
@@ -439,6 +475,18 @@ def _ci(c: dict) -> str:
     return f"{c['mean_difference']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
 
 
+def _wall_times(settings: dict) -> str:
+    """'; wall time 88 min, then 31 min (training the variants a, b)': each invocation that trained this folder."""
+    runs = settings.get("runs") or []
+    if not runs:
+        return ""
+    parts = [f"{runs[0]['wall_time_seconds'] / 60:.0f} min"]
+    for before, run in zip(runs, runs[1:]):
+        added = [f"{v}:{m}" for v, m in run["variants"] if [v, m] not in [list(x) for x in before["variants"]]]
+        parts.append(f"{run['wall_time_seconds'] / 60:.0f} min" + (f" (adding {', '.join(added)})" if added else ""))
+    return "; wall time " + ", then ".join(parts)
+
+
 def write_evidence_markdown(evidence: dict, path: str) -> None:
     regions, settings = evidence["regions"], evidence["settings"]
     seeds = ", ".join(map(str, settings["seeds"]))
@@ -448,8 +496,7 @@ def write_evidence_markdown(evidence: dict, path: str) -> None:
     lines = ["# Evidence: what distillation does for an nnU-Net student", "",
              f"Seeds {seeds} (phantoms and trainers); {n_cases} held-out phantoms per seed, never seen in training; "
              f"configuration {settings['configuration']}, {schedule} for every model, teacher included; device "
-             f"{settings['device']}" + (f"; wall time {settings['wall_time_seconds'] / 60:.0f} min"
-                                        if settings.get("wall_time_seconds") else "") + ".", "",
+             f"{settings['device']}" + _wall_times(settings) + ".", "",
              "**Result.** " + evidence["headline"], "",
              *headline_table(evidence), "",
              "## Dice on the held-out cases (mean ± std over (seed, case) pairs; per-seed means in evidence.json)", "",

@@ -70,6 +70,15 @@ def test_plateau_and_gradient_shares_from_learning_curves():
     assert shares["protokd:T1"]["last_epoch"] == {"seg_loss": 0.5, "kd_loss": 0.5}
 
 
+def test_diagnosis_adds_its_variants_for_the_modalities_asked_for_only():
+    from nnunet_protokd.evidence import DEFAULT_VARIANTS, DIAGNOSIS_VARIANTS, requested_variants
+    assert requested_variants(None, False, ("T1", "T1ce")) == DEFAULT_VARIANTS
+    assert requested_variants(None, True, ("T1", "T1ce")) == DEFAULT_VARIANTS + DIAGNOSIS_VARIANTS
+    assert requested_variants((), True, ("T1",)) == tuple(v for v in DIAGNOSIS_VARIANTS if v[1] == "T1") != ()
+    assert requested_variants((("kdnet-kl_mean", "T1ce"),), True, ("T1ce",)) == (
+        ("kdnet-kl_mean", "T1ce"), ("kdnet-no_kd", "T1ce"))
+
+
 def test_the_protocol_end_to_end_on_one_small_seed_and_resumed_without_training_again(tmp_path, monkeypatch):
     """Phantoms -> conversion -> seeded teacher, baseline, ProtoKD and an ablation (2 epochs of 2 iterations) ->
     held-out predictions with probabilities -> the pooled report, read from nnU-Net's own checkpoints and files."""
@@ -115,3 +124,7 @@ def test_the_protocol_end_to_end_on_one_small_seed_and_resumed_without_training_
     Evidence(settings, log=lines.append).run()
     steps = [line for line in lines if line.startswith("[") and (" train " in line or " predict " in line)]
     assert len(steps) == 8 and all(": already done (" in line for line in steps), steps
+    # the report keeps each invocation's wall time: the second one alone would misreport the run's cost
+    runs = json.loads((tmp_path / "evidence" / "report" / "evidence.json").read_text())["settings"]["runs"]
+    assert len(runs) == 2 and runs[1]["wall_time_seconds"] < runs[0]["wall_time_seconds"]
+    assert "; wall time " in open(report).read() and ", then " in open(report).read()
