@@ -79,6 +79,17 @@ def test_diagnosis_adds_its_variants_for_the_modalities_asked_for_only():
         ("kdnet-kl_mean", "T1ce"), ("kdnet-no_kd", "T1ce"))
 
 
+def test_on_cpu_training_augments_in_process_while_planning_keeps_nnunet_s_workers(monkeypatch):
+    """nnU-Net's planner sets torch's thread count from nnUNet_n_proc_DA and fails at 0: only trainings get 0."""
+    import subprocess
+    from nnunet_protokd.evidence import train_with_augmentation_in_process
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda command, env=None: calls.append((command[0], env)))
+    train_with_augmentation_in_process(["/venv/bin/nnUNetv2_train", "620", "2d", "0"])
+    train_with_augmentation_in_process(["/venv/bin/nnUNetv2_plan_and_preprocess", "-d", "620"])
+    assert calls[0][1]["nnUNet_n_proc_DA"] == "0" and calls[1][1] is None
+
+
 def test_the_protocol_end_to_end_on_one_small_seed_and_resumed_without_training_again(tmp_path, monkeypatch):
     """Phantoms -> conversion -> seeded teacher, baseline, ProtoKD and an ablation (2 epochs of 2 iterations) ->
     held-out predictions with probabilities -> the pooled report, read from nnU-Net's own checkpoints and files."""
