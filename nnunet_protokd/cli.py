@@ -341,9 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="method variants to train beside the papers' settings (default: ProtoKD's ablations on "
                         "T1: without L_kd, without L_proto, intra-class only); none with an empty list")
     p.add_argument("--diagnosis", action="store_true",
-                   help="also train the diagnosis variants: ProtoKD with KD at T = 1 on T1; KD-Net with L_KL "
-                        "averaged and without L_KD on T1ce (about 30 min more on 2 cores; on an earlier run's folder "
-                        "only these are trained)")
+                   help="also train the diagnosis variants: ProtoKD with KD at T = 1 and ProtoKDTrainer without "
+                        "either distillation term (the control) on T1; KD-Net with L_KL averaged and without L_KD on "
+                        "T1ce (about 35 min more on 2 cores; on an earlier run's folder only these are trained)")
     p.add_argument("--schedule", choices=("cpu", "full"), default="cpu",
                    help="cpu: 2d, 15 epochs x 25 iterations (about 90 minutes on 2 cores); full: 3d_fullres with "
                         "nnU-Net's 1000 x 250 (a GPU)")

@@ -42,6 +42,10 @@ METHOD_VARIANTS = {
     # temperature 1: for a voxel the student cannot resolve, the KD optimum is calibrated instead of T times
     # sharper than the evidence the student has (see docs/evidence/README.md)
     "protokd-temp1": ("protokd", {"ProtoKDTrainer": {"temperature": 1.0}}, "ProtoKD, KD at T = 1"),
+    # the control for the ablations: ProtoKDTrainer with both distillation terms at weight 0 should be the
+    # unimodal baseline; a difference would come from the trainer, not from distillation
+    "protokd-seg_only": ("protokd", {"ProtoKDTrainer": {"alpha": 0.0, "beta": 0.0}},
+                         "ProtoKDTrainer, L_seg only (control)"),
     "kdnet-kl_mean": ("kdnet", {"KDNetTrainer": {"kl_reduction": "mean"}}, "KD-Net, L_KL averaged"),
     "kdnet-no_kl": ("kdnet", {"KDNetTrainer": {"alpha": 0.0}}, "KD-Net without L_KL"),
     "kdnet-no_kd": ("kdnet", {"KDNetTrainer": {"lambda": 0.0}}, "KD-Net without L_KD"),

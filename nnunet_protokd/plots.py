@@ -164,7 +164,7 @@ def plot_paired_differences(comparisons: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from nnunet_protokd.report import METHOD_TITLES
+    from nnunet_protokd.report import METHOD_TITLES, significant
 
     keys = list(comparisons)
     panels = list(next(iter(comparisons.values()))) if keys else []
@@ -177,17 +177,16 @@ def plot_paired_differences(comparisons: dict, path: str) -> None:
         for axis, region in zip(axes[0], panels):
             for row, key in enumerate(keys):
                 c = comparisons[key][region]
-                significant = c["wilcoxon_p"] is not None and c["wilcoxon_p"] < 0.05
                 axis.errorbar(c["mean_difference"], row, xerr=[[c["mean_difference"] - c["ci95"][0]],
                                                                [c["ci95"][1] - c["mean_difference"]]],
-                              fmt="o", color="C3" if significant else "C0", capsize=3)
+                              fmt="o", color="C3" if significant(c) else "C0", capsize=3)
             axis.axvline(0, color="k", lw=1)
             axis.set_title(region)
             axis.set_xlabel("Dice minus baseline")
             axis.grid(True, axis="x", alpha=0.3)
         axes[0][0].set_yticks(range(len(keys)), labels)
         axes[0][0].invert_yaxis()
-        figure.suptitle("Paired difference to the unimodal baseline, bootstrap 95 % CI (red: Wilcoxon p < 0.05)",
+        figure.suptitle("Paired difference to the unimodal baseline, bootstrap 95 % CI (red: Wilcoxon p < 0.05 and the CI excludes 0)",
                         fontsize=10)
         figure.tight_layout()
         figure.savefig(path, dpi=90)

@@ -128,6 +128,14 @@ def summarise(per_case: dict, regions) -> dict:
     return summary
 
 
+def significant(comparison: dict) -> bool:
+    """A paired comparison counts as a difference only when the rank test (Wilcoxon p < 0.05) and the bootstrap
+    95 % CI of the mean (excluding 0) agree: with the (seed, case) pairs of a few trained models, either alone
+    overstates the evidence."""
+    return comparison["wilcoxon_p"] is not None and comparison["wilcoxon_p"] < 0.05 and \
+        (comparison["ci95"][0] > 0 or comparison["ci95"][1] < 0)
+
+
 def paired_comparison(student: list, baseline: list, seed: int = 0) -> dict:
     """Student minus baseline over paired cases: mean, bootstrap 95 % CI, Wilcoxon and paired t-test p."""
     student, baseline = np.asarray(student, float), np.asarray(baseline, float)

@@ -70,6 +70,15 @@ def test_plateau_and_gradient_shares_from_learning_curves():
     assert shares["protokd:T1"]["last_epoch"] == {"seg_loss": 0.5, "kd_loss": 0.5}
 
 
+def test_a_difference_is_significant_only_when_the_rank_test_and_the_interval_agree():
+    from nnunet_protokd.report import significant
+    assert significant({"wilcoxon_p": 0.01, "ci95": [0.01, 0.03]})
+    assert significant({"wilcoxon_p": 0.01, "ci95": [-0.03, -0.01]})
+    assert not significant({"wilcoxon_p": 0.01, "ci95": [-0.01, 0.03]})  # the CI includes 0
+    assert not significant({"wilcoxon_p": 0.2, "ci95": [0.01, 0.03]})
+    assert not significant({"wilcoxon_p": None, "ci95": [0.01, 0.03]})  # no test (too few pairs)
+
+
 def test_diagnosis_adds_its_variants_for_the_modalities_asked_for_only():
     from nnunet_protokd.evidence import DEFAULT_VARIANTS, DIAGNOSIS_VARIANTS, requested_variants
     assert requested_variants(None, False, ("T1", "T1ce")) == DEFAULT_VARIANTS
