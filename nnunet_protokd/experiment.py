@@ -42,8 +42,9 @@ METHOD_VARIANTS = {
     # temperature 1: for a voxel the student cannot resolve, the KD optimum is calibrated instead of T times
     # sharper than the evidence the student has (see docs/evidence/README.md)
     "protokd-temp1": ("protokd", {"ProtoKDTrainer": {"temperature": 1.0}}, "ProtoKD, KD at T = 1"),
-    # the control for the ablations: ProtoKDTrainer with both distillation terms at weight 0 should be the
-    # unimodal baseline; a difference would come from the trainer, not from distillation
+    # the control for the ablations: ProtoKDTrainer with both distillation terms at weight 0 trains on L_seg like
+    # the unimodal baseline, as another training run (other initial weights, other augmentation draws); its
+    # distance from the baseline is the scale of run-to-run variation, not distillation
     "protokd-seg_only": ("protokd", {"ProtoKDTrainer": {"alpha": 0.0, "beta": 0.0}},
                          "ProtoKDTrainer, L_seg only (control)"),
     "kdnet-kl_mean": ("kdnet", {"KDNetTrainer": {"kl_reduction": "mean"}}, "KD-Net, L_KL averaged"),

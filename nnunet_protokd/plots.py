@@ -186,8 +186,8 @@ def plot_paired_differences(comparisons: dict, path: str) -> None:
             axis.grid(True, axis="x", alpha=0.3)
         axes[0][0].set_yticks(range(len(keys)), labels)
         axes[0][0].invert_yaxis()
-        figure.suptitle("Paired difference to the unimodal baseline, bootstrap 95 % CI (red: Wilcoxon p < 0.05 and the CI excludes 0)",
-                        fontsize=10)
+        figure.suptitle("Paired difference to the unimodal baseline, bootstrap 95 % CI "
+                        "(red: Wilcoxon p < 0.05 and the CI excludes 0)", fontsize=10)
         figure.tight_layout()
         figure.savefig(path, dpi=90)
         plt.close(figure)
