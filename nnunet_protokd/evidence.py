@@ -29,7 +29,7 @@ import numpy as np
 from nnunet_protokd.configurations import LABEL_SEPARATOR
 from nnunet_protokd.experiment import Experiment, ExperimentSettings, METHOD_VARIANTS, TEACHER_TRAINER, \
     method_trainer
-from nnunet_protokd.report import METHOD_TITLES, paired_comparison, significant
+from nnunet_protokd.report import METHOD_TITLES, paired_comparison, rank_test_rejects, significant
 
 # the CPU schedule: 2d (nnU-Net plans batch 32 of whole 32x32 slices for these phantoms; an epoch of 25 steps took
 # 6-8.5 s on 2 cores against about 0.5 s per step for a small 3d patch), 15 epochs of 25 iterations: 3 seeds of
@@ -459,7 +459,7 @@ def headline(evidence: dict, reference: dict | None = None) -> str:
         if method in METHOD_VARIANTS:
             continue
         c = per_region["mean"]
-        test_says = c["wilcoxon_p"] is not None and c["wilcoxon_p"] < 0.05
+        test_says = rank_test_rejects(c)
         verdict = ("better than" if c["mean_difference"] > 0 else "worse than") if significant(c) \
             else "no significant difference at this budget" + (" (the CI of the mean includes 0)" if test_says else "") \
             + " from"
