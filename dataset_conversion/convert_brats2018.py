@@ -11,8 +11,8 @@ import argparse
 import os
 import sys
 
-from nnunet_protokd.brats import convert_brats_dataset
 from nnunet_protokd.cli import run_reporting_errors
+from nnunet_protokd.data.brats import convert_brats_dataset
 
 
 def main(argv=None) -> int:

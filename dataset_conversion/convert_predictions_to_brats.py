@@ -9,7 +9,7 @@ copy of it as convert_predictions_to_brats.py, for sites without the plugin (nnu
 """
 import sys
 
-from nnunet_protokd.brats_labels import main
+from nnunet_protokd.data.brats_labels import main
 
 if __name__ == "__main__":
     sys.exit(main())

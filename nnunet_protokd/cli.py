@@ -2,41 +2,57 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
-from nnunet_protokd.configurations import describe_method_settings
-from nnunet_protokd.experiment import METHOD_VARIANTS
+import nnunetv2.paths as nnunet_paths  # read at call time: tests and commands set them late
+import torch
+
+from nnunet_protokd import trainer_path
+from nnunet_protokd.channels import ChannelSubset
+from nnunet_protokd.data.phantoms import generate_brats_phantoms
+from nnunet_protokd.deploy.export import export_student
+from nnunet_protokd.deploy.prediction import check_and_predict
+from nnunet_protokd.errors import ConfigurationError, is_user_error
+from nnunet_protokd.evaluation.metrics import BRATS_HD95_PENALTY_MM
+from nnunet_protokd.evaluation.report import PredictionSet, build_report
+from nnunet_protokd.lckd.subsets import every_channel_subset, subset_configuration_name, write_subset_model_folder
+from nnunet_protokd.methods import VARIANTS, ModelKey
+from nnunet_protokd.plans import add_configuration, dataset_name, load_preprocessed, preprocessed_files
+from nnunet_protokd.protocol.benchmark import format_table, run_benchmark
+from nnunet_protokd.protocol.demo import run_demo
+from nnunet_protokd.protocol.evidence import CPU_SCHEDULE, FULL_SCHEDULE, Evidence, EvidenceSettings, requested_variants
+from nnunet_protokd.protocol.experiment import Experiment, ExperimentSettings, StepFailed
+from nnunet_protokd.protocol.workflow import write_workflow
+from nnunet_protokd.settings import (
+    SCHEDULE_FLAGS,
+    SCHEDULE_SETTINGS,
+    describe_method_settings,
+    parse_setting_assignments,
+)
+from nnunet_protokd.training.teacher import locate_teacher
 
 
 def add_config(args) -> int:
-    import json
-    from nnunetv2.paths import nnUNet_results
-    from nnunet_protokd.configurations import add_configuration, preprocessed_files
     plans_file, dataset_json_file = preprocessed_files(args.dataset, args.plans)
     with open(dataset_json_file) as f:
         dataset_json = json.load(f)
-    schedule = {"num_epochs": args.epochs, "num_iterations_per_epoch": args.iterations_per_epoch,
-                "num_val_iterations_per_epoch": args.val_iterations_per_epoch, "seed": args.seed}
+    schedule = {**schedule_of(args), "seed": args.seed}
     checkpoint = args.teacher_checkpoint
     if checkpoint is not None and os.sep in checkpoint:  # a path (not a file name inside the teacher's fold_X)
         checkpoint = os.path.abspath(checkpoint)
     teacher = {"trainer": args.teacher_trainer, "configuration": args.teacher_configuration,
                "plans": args.teacher_plans, "checkpoint": checkpoint}
     name = add_configuration(plans_file, dataset_json, args.configuration, args.modality, args.name, schedule,
-                             args.overwrite, teacher, parse_method_settings(args.set),
-                             False if args.no_final_validation else None, nnUNet_results)
+                             args.overwrite, teacher, parse_setting_assignments(args.set),
+                             False if args.no_final_validation else None, nnunet_paths.nnUNet_results)
     print(f"configuration {name} (inherits {args.configuration}) is in {plans_file}")
     return 0
 
 
 def lckd_subset(args) -> int:
-    import json
-    from nnunetv2.paths import nnUNet_results
-    from nnunet_protokd.configurations import ConfigurationError, dataset_name, preprocessed_files
-    from nnunet_protokd.lckd import every_channel_subset, subset_configuration_name, write_subset_model_folder
-    from nnunet_protokd.modality import ChannelSubset
-    if not nnUNet_results:
+    if not nnunet_paths.nnUNet_results:
         raise ConfigurationError("set the environment variable nnUNet_results (see README)")
     with open(preprocessed_files(args.dataset, args.plans)[1]) as f:
         dataset_json = json.load(f)
@@ -44,7 +60,7 @@ def lckd_subset(args) -> int:
         raise ConfigurationError("give either -m MODALITY [MODALITY ...] or --all")
     subsets = every_channel_subset(dataset_json) if args.all else \
         [ChannelSubset.of_names(dataset_json, args.modalities)]
-    results = os.path.join(str(nnUNet_results), dataset_name(args.dataset))
+    results = os.path.join(str(nnunet_paths.nnUNet_results), dataset_name(args.dataset))
     for subset in subsets:
         folder = write_subset_model_folder(results, args.trainer, args.plans, args.configuration, subset,
                                            args.overwrite)
@@ -58,11 +74,7 @@ def lckd_subset(args) -> int:
 def predict(args) -> int:
     """Checks the input folder against the model folder, then runs nnU-Net's nnUNetv2_predict with the same
     arguments (all of them: this command's own are nnUNetv2_predict's)."""
-    from nnunet_protokd.prediction import check_input_folder, model_folder_dataset_json, run_nnunet_predict
-    _, dataset_json = model_folder_dataset_json(args.d, args.tr, args.p, args.c)
-    cases = check_input_folder(args.i, dataset_json)
-    print(f"{len(cases)} case(s) in {args.i}, each with exactly the files this model reads")
-    run_nnunet_predict(args.argv[args.argv.index("predict") + 1:])
+    check_and_predict(args.d, args.tr, args.p, args.c, args.i, args.nnunet_arguments)
     return 0
 
 
@@ -92,27 +104,19 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--not_on_device", action="store_true")
 
 
-def parse_method_settings(assignments) -> dict:
-    """["ProtoKDTrainer.beta=0", "LCKDTrainer.fusion=mean", ...] -> {"ProtoKDTrainer": {"beta": 0}, ...}; values are
-    JSON (numbers, true/false), anything else is text (configurations.py checks each setting's type and choices)."""
-    import json
-    from nnunet_protokd.configurations import ConfigurationError
-    methods = {}
-    for assignment in assignments or []:
-        key, sep, text = assignment.partition("=")
-        method, dot, setting = key.partition(".")
-        if not (sep and dot and method and setting):
-            raise ConfigurationError(f"--set expects TRAINER.SETTING=VALUE, got {assignment!r}")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = text
-        methods.setdefault(method, {})[setting] = value
-    return methods
+def schedule_of(args) -> dict:
+    """The schedule flags of a command ({"num_epochs": ..., ...}; None where not given)."""
+    return {key: getattr(args, flag[2:].replace("-", "_")) for key, flag in SCHEDULE_FLAGS.items() if key != "seed"}
+
+
+def add_schedule_arguments(p: argparse.ArgumentParser, what: str = "") -> None:
+    """--epochs, --iterations-per-epoch, --val-iterations-per-epoch (settings.SCHEDULE_FLAGS)."""
+    for key, flag in SCHEDULE_FLAGS.items():
+        if key != "seed":
+            p.add_argument(flag, type=int, default=None, help=f"{SCHEDULE_SETTINGS[key].meaning}{what} (>= 1)")
 
 
 def phantoms(args) -> int:
-    from nnunet_protokd.phantoms import generate_brats_phantoms
     cases = generate_brats_phantoms(args.output_folder, args.hgg, args.lgg, args.seed, tuple(reversed(args.shape)),
                                     tuple(args.spacing), not args.no_seg, args.naming, args.first_case_index)
     print(f"wrote {len(cases)} phantom cases to {args.output_folder}")
@@ -121,11 +125,10 @@ def phantoms(args) -> int:
 
 def parse_prediction_sets(specifications) -> list:
     """["teacher=DIR", "protokd:T1ce=DIR", ...] -> PredictionSets."""
-    from nnunet_protokd.report import PredictionSet
     sets = []
     for specification in specifications:
         key, sep, folder = specification.partition("=")
-        method, _, modality = key.partition(":")
+        method, modality = ModelKey.parse(key)
         if not sep or not method or not folder:
             raise ValueError(f"--prediction expects METHOD[:MODALITY]=FOLDER, got {specification!r}")
         if not os.path.isdir(folder):
@@ -135,15 +138,12 @@ def parse_prediction_sets(specifications) -> list:
 
 
 def report(args) -> int:
-    import json
-    from nnunet_protokd.report import build_report
     with open(args.dataset_json) as f:
         dataset_json = json.load(f)
     run_info = None
     if args.run_info:
         with open(args.run_info) as f:
             run_info = json.load(f)
-    from nnunet_protokd.report import BRATS_HD95_PENALTY_MM
     build_report(args.ground_truth, dataset_json, parse_prediction_sets(args.prediction), args.output,
                  args.images, run_info, args.seed, None if args.hd95_exclude_one_empty else BRATS_HD95_PENALTY_MM)
     print(f"report: {os.path.join(args.output, 'report.md')}")
@@ -151,7 +151,6 @@ def report(args) -> int:
 
 
 def _default_device() -> str:
-    import torch
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -161,7 +160,6 @@ def variant_pairs(words) -> tuple:
 
 
 def experiment_settings(args):
-    from nnunet_protokd.experiment import ExperimentSettings
     return ExperimentSettings(
         dataset=args.dataset, output_folder=args.output or f"protokd_experiment_{args.dataset}",
         configuration=args.configuration, modalities=tuple(args.modalities or ()), methods=tuple(args.methods),
@@ -173,9 +171,7 @@ def experiment_settings(args):
 
 
 def experiment(args) -> int:
-    from nnunet_protokd.experiment import Experiment
     if args.workflow:
-        from nnunet_protokd.workflow import write_workflow
         write_workflow(experiment_settings(args), args.workflow)
     elif args.step:
         Experiment(experiment_settings(args)).run_step(args.step)
@@ -185,7 +181,6 @@ def experiment(args) -> int:
 
 
 def evidence(args) -> int:
-    from nnunet_protokd.evidence import CPU_SCHEDULE, FULL_SCHEDULE, Evidence, EvidenceSettings, requested_variants
     schedule = dict(FULL_SCHEDULE if args.schedule == "full" else CPU_SCHEDULE)
     for key in ("configuration", "epochs", "iterations_per_epoch", "val_iterations_per_epoch"):
         if getattr(args, key) is not None:
@@ -201,7 +196,6 @@ def evidence(args) -> int:
 
 
 def demo(args) -> int:
-    from nnunet_protokd.demo import run_demo
     modalities = ("T1", "T1ce", "T2", "FLAIR") if args.all_modalities else tuple(args.modalities)
     report_file = run_demo(args.output, args.seed, modalities, args.epochs, args.iterations_per_epoch,
                            args.device or _default_device(), tuple(args.methods))
@@ -211,16 +205,11 @@ def demo(args) -> int:
 
 
 def benchmark(args) -> int:
-    import json
-    from nnunet_protokd.benchmark import format_table, run_benchmark
-    from nnunet_protokd.configurations import load_preprocessed
     teacher_checkpoint = args.teacher_checkpoint
     if teacher_checkpoint is None:  # the teacher a fold-0 student of this configuration would train with
-        from nnunetv2.paths import nnUNet_results
-        from nnunet_protokd.teacher import locate_teacher
         plans, dataset_json = load_preprocessed(args.dataset, args.plans)
         teacher_checkpoint = locate_teacher(plans, args.configuration, 0, dataset_json,
-                                            nnUNet_results.get()).checkpoint_path
+                                            nnunet_paths.nnUNet_results.get()).checkpoint_path
     report = run_benchmark(args.dataset, args.configuration, teacher_checkpoint, args.device or _default_device(),
                            args.steps, args.warmup, args.plans, args.inference_cases, args.precision, args.compile,
                            args.trainers, args.memory_limit_gb)
@@ -233,7 +222,6 @@ def benchmark(args) -> int:
 
 
 def export(args) -> int:
-    from nnunet_protokd.export import export_student
     exported = export_student(args.dataset, args.configuration, args.trainer, args.folds, args.output, args.plans,
                               tuple(args.checkpoints), args.overwrite)
     print(f"wrote {exported.zip_file}: model folder {exported.model_folder} with model_card.md\n"
@@ -242,7 +230,6 @@ def export(args) -> int:
 
 
 def register_trainers(args) -> int:
-    from nnunet_protokd import trainer_path
     if args.remove:
         print("removed " + trainer_path.pth_file() if trainer_path.unregister() else "nothing to remove")
         return 0
@@ -268,9 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--modality", default=None, help="student modality: a channel name of the dataset (T1ce, ...)")
     p.add_argument("--name", default=None, help="configuration name (default <configuration>_<modality>)")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
-    p.add_argument("--epochs", type=int, default=None, help="num_epochs for the plugin's trainers (>= 1)")
-    p.add_argument("--iterations-per-epoch", type=int, default=None, help="training iterations per epoch (>= 1)")
-    p.add_argument("--val-iterations-per-epoch", type=int, default=None, help="validation iterations per epoch (>= 1)")
+    add_schedule_arguments(p, " for the plugin's trainers")
     p.add_argument("--seed", type=int, default=None,
                    help="seed the plugin's trainers when they start (initial weights, the main process's random "
                         "numbers; nnU-Net seeds nothing)")
@@ -348,9 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu: 2d, 15 epochs x 25 iterations (about 90 minutes on 2 cores); full: 3d_fullres with "
                         "nnU-Net's 1000 x 250 (a GPU)")
     p.add_argument("-c", "--configuration", default=None, help="override the schedule's configuration")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--iterations-per-epoch", type=int, default=None)
-    p.add_argument("--val-iterations-per-epoch", type=int, default=None)
+    add_schedule_arguments(p, ", overriding the schedule's")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--report-only", action="store_true", help="pool the finished seeds into the report again")
     p.set_defaults(func=evidence)
@@ -369,13 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", nargs="+", default=[0], type=lambda f: f if f == "all" else int(f),
                    help="folds (default 0)")
     p.add_argument("--device", default=None, help="passed to nnU-Net's -device (default: cuda if available)")
-    p.add_argument("--epochs", type=int, default=None, help="a shorter schedule (a configuration of its own)")
-    p.add_argument("--iterations-per-epoch", type=int, default=None)
-    p.add_argument("--val-iterations-per-epoch", type=int, default=None)
+    add_schedule_arguments(p, ": a shorter schedule, a configuration of its own")
     p.add_argument("--no-final-validation", action="store_true", help="skip nnU-Net's final validation")
     p.add_argument("--variants", nargs="+", default=None, metavar="VARIANT:MODALITY",
                    help="also train these method variants, each on its own configuration: "
-                        + ", ".join(f"{name} ({title})" for name, (_, _, title) in METHOD_VARIANTS.items()))
+                        + ", ".join(f"{variant.name} ({variant.title})" for variant in VARIANTS.values()))
     p.add_argument("--seed", type=int, default=None, help="seed of every training (a configuration of its own)")
     p.add_argument("--predict-in-process", action="store_true",
                    help="predict in this process without nnU-Net's worker processes (saves a start per model on a "
@@ -500,11 +481,11 @@ def run_reporting_errors(command, args) -> int:
     """Runs a command; bad input (a UserError: ConversionError, ConfigurationError, TeacherError, ...; or another
     ValueError) or a failed experiment step becomes one `error: ...` message and exit status 1 instead of a
     traceback."""
-    from nnunet_protokd.errors import USER_ERRORS
-    from nnunet_protokd.experiment import StepFailed
     try:
         return command(args)
-    except (*USER_ERRORS, ValueError, StepFailed) as exc:
+    except Exception as exc:
+        if not (is_user_error(exc) or isinstance(exc, (ValueError, StepFailed))):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
@@ -512,7 +493,8 @@ def run_reporting_errors(command, args) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
-    args.argv = argv  # `predict` passes its arguments on to nnUNetv2_predict as given
+    if args.command == "predict":  # its arguments are nnUNetv2_predict's, passed on as given
+        args.nnunet_arguments = argv[argv.index("predict") + 1:]
     return run_reporting_errors(args.func, args)
 
 

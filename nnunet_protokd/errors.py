@@ -9,17 +9,25 @@ from __future__ import annotations
 import os
 import sys
 
-from nnunet_protokd.brats_labels import ConversionError
-
 
 class UserError(Exception):
     """Bad input or an unusable setting, fully described by its message (which names the case, file or setting
     and what is wrong): shown to the user as one `error:` line, without a traceback."""
 
 
-# ConversionError is one too, but derives from ValueError only: brats_labels.py also runs without the plugin,
-# inside exported models
-USER_ERRORS = (UserError, ConversionError)
+class ConfigurationError(UserError, ValueError):
+    """A plans configuration or setting that cannot serve the requested student or teacher."""
+
+
+class TeacherError(UserError, RuntimeError):
+    """No usable teacher for this student; the message says which and why."""
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """A UserError, or an exception whose class says it is one (`user_error = True`): data/brats_labels.py's
+    ConversionError does, because that module also runs without the plugin, inside exported models, and so
+    cannot derive from UserError."""
+    return isinstance(exc, UserError) or getattr(type(exc), "user_error", False) is True
 
 
 def show_user_errors_in_nnunet_commands() -> None:
@@ -33,7 +41,7 @@ def show_user_errors_in_nnunet_commands() -> None:
     previous = sys.excepthook
 
     def hook(exc_type, exc, traceback):
-        if issubclass(exc_type, USER_ERRORS):
+        if is_user_error(exc):
             print(f"error: {exc}", file=sys.stderr)
         else:
             previous(exc_type, exc, traceback)

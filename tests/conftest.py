@@ -32,7 +32,7 @@ def run(command: list, env: dict = None, timeout: int = 600, expect_success: boo
 
 @pytest.fixture(scope="session")
 def phantom_folder(tmp_path_factory) -> Path:
-    from nnunet_protokd.phantoms import generate_brats_phantoms
+    from nnunet_protokd.data.phantoms import generate_brats_phantoms
     folder = tmp_path_factory.mktemp("phantoms") / "MICCAI_BraTS_2018_Data_Training"
     generate_brats_phantoms(str(folder), num_hgg=3, num_lgg=2, seed=7, shape_zyx=(24, 32, 32))
     return folder

@@ -10,11 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import BIN, REPO, run
-from nnunet_protokd.brats import (BRATS2023, ConversionError, brats_to_nnunet_labels, convert_brats_dataset,
-                                  convert_predictions_to_brats, nnunet_to_brats_labels)
-from nnunet_protokd.phantoms import generate_brats_phantoms
+
+from nnunet_protokd.data.brats import (
+    BRATS2023,
+    ConversionError,
+    brats_to_nnunet_labels,
+    convert_brats_dataset,
+    convert_predictions_to_brats,
+    nnunet_to_brats_labels,
+)
+from nnunet_protokd.data.phantoms import generate_brats_phantoms
 
 CONVERT = REPO / "dataset_conversion" / "convert_brats2018.py"
 FIRST_CASE = "Brats18_PHANTOM_HGG_000"
@@ -342,7 +348,7 @@ def test_conversion_errors_are_one_line_user_errors_inside_nnunet_commands(tmp_p
     nnU-Net's commands shows it as one line, like every UserError."""
     probe = tmp_path / "nnUNetv2_probe.py"  # named like nnU-Net's commands, where the hook is active
     probe.write_text("from nnunet_protokd.errors import show_user_errors_in_nnunet_commands\n"
-                     "from nnunet_protokd.brats import convert_predictions_to_brats\n"
+                     "from nnunet_protokd.data.brats import convert_predictions_to_brats\n"
                      "show_user_errors_in_nnunet_commands()\n"
                      f"convert_predictions_to_brats({str(tmp_path / 'nowhere')!r}, {str(tmp_path / 'out')!r})\n")
     result = run([BIN / "python", probe], dict(os.environ, PYTHONPATH=str(REPO)), expect_success=False)

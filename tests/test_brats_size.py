@@ -14,7 +14,6 @@ one-iteration UnimodalTrainer and `nnUNetv2_predict` of one full-size case from 
 """
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -23,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import BIN, REPO, nnunet_environment, run
-from nnunet_protokd.phantoms import generate_brats_phantoms
+
+from nnunet_protokd.data.phantoms import generate_brats_phantoms
 
 pytestmark = pytest.mark.slow
 DATASET = "Dataset501_BraTS2018"

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import BIN, REPO, nnunet_environment, run
+
 import nnunet_protokd
 
 DATASET = "Dataset501_BraTS2018"
@@ -80,14 +80,16 @@ def members(zip_file) -> dict:
 
 def load_checkpoint_bytes(data: bytes) -> dict:
     import io
-    from nnunet_protokd.teacher import load_checkpoint_weights_only
+
+    from nnunet_protokd.io import load_checkpoint_weights_only
     return load_checkpoint_weights_only(io.BytesIO(data))
 
 
 def test_export_writes_a_plain_nnunet_model_folder_with_its_card(workspace, exported):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunet_protokd.teacher import sha256_of
+
+    from nnunet_protokd.io import sha256_of
     files = members(exported["ProtoKDTrainer"])
     folder = f"{DATASET}/{EXPORTED['ProtoKDTrainer']}/"
     assert {folder + f for f in ("plans.json", "dataset.json", "fold_0/checkpoint_final.pth", "model_card.md",
@@ -212,7 +214,7 @@ def test_nnunet_alone_installs_the_zips_and_predicts_what_the_plugin_predicts(wo
     # BraTS labels with the script shipped in the model folder, in the same plugin-free environment
     script = installed / EXPORTED["ProtoKDTrainer"] / "convert_predictions_to_brats.py"
     run([bin_folder / "python", script, clinic / "ProtoKD", clinic / "brats"], env, cwd=clinic)
-    from nnunet_protokd.brats import nnunet_to_brats_labels
+    from nnunet_protokd.data.brats import nnunet_to_brats_labels
     brats = labels_of(clinic / "brats")
     for case in plain:
         assert np.array_equal(brats[case], nnunet_to_brats_labels(plain[case]))

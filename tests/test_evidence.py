@@ -2,8 +2,14 @@
 import numpy as np
 import pytest
 
-from nnunet_protokd.evidence import bernoulli_kl, compare_with_baseline, gradient_shares, headline, plateaus, \
-    pooled_dice
+from nnunet_protokd.protocol.evidence import (
+    bernoulli_kl,
+    compare_with_baseline,
+    gradient_shares,
+    headline,
+    plateaus,
+    pooled_dice,
+)
 
 REGIONS = ["WT", "TC", "ET"]
 
@@ -71,7 +77,7 @@ def test_plateau_and_gradient_shares_from_learning_curves():
 
 
 def test_a_difference_is_significant_only_when_the_rank_test_and_the_interval_agree():
-    from nnunet_protokd.report import significant
+    from nnunet_protokd.evaluation.statistics import significant
     assert significant({"wilcoxon_p": 0.01, "ci95": [0.01, 0.03]})
     assert significant({"wilcoxon_p": 0.01, "ci95": [-0.03, -0.01]})
     assert not significant({"wilcoxon_p": 0.01, "ci95": [-0.01, 0.03]})  # the CI includes 0
@@ -80,7 +86,7 @@ def test_a_difference_is_significant_only_when_the_rank_test_and_the_interval_ag
 
 
 def test_diagnosis_adds_its_variants_for_the_modalities_asked_for_only():
-    from nnunet_protokd.evidence import DEFAULT_VARIANTS, DIAGNOSIS_VARIANTS, requested_variants
+    from nnunet_protokd.protocol.evidence import DEFAULT_VARIANTS, DIAGNOSIS_VARIANTS, requested_variants
     assert requested_variants(None, False, ("T1", "T1ce")) == DEFAULT_VARIANTS
     assert requested_variants(None, True, ("T1", "T1ce")) == DEFAULT_VARIANTS + DIAGNOSIS_VARIANTS
     assert requested_variants((), True, ("T1",)) == tuple(v for v in DIAGNOSIS_VARIANTS if v[1] == "T1") != ()
@@ -91,7 +97,8 @@ def test_diagnosis_adds_its_variants_for_the_modalities_asked_for_only():
 def test_on_cpu_training_augments_in_process_while_planning_keeps_nnunet_s_workers(monkeypatch):
     """nnU-Net's planner sets torch's thread count from nnUNet_n_proc_DA and fails at 0: only trainings get 0."""
     import subprocess
-    from nnunet_protokd.evidence import train_with_augmentation_in_process
+
+    from nnunet_protokd.protocol.evidence import train_with_augmentation_in_process
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda command, env=None: calls.append((command[0], env)))
     train_with_augmentation_in_process(["/venv/bin/nnUNetv2_train", "620", "2d", "0"])
@@ -103,7 +110,8 @@ def test_the_protocol_end_to_end_on_one_small_seed_and_resumed_without_training_
     """Phantoms -> conversion -> seeded teacher, baseline, ProtoKD and an ablation (2 epochs of 2 iterations) ->
     held-out predictions with probabilities -> the pooled report, read from nnU-Net's own checkpoints and files."""
     import json
-    from nnunet_protokd.evidence import Evidence, EvidenceSettings
+
+    from nnunet_protokd.protocol.evidence import Evidence, EvidenceSettings
     for kind in ("raw", "preprocessed", "results"):  # Evidence sets them; restored after the test
         monkeypatch.setenv(f"nnUNet_{kind}", str(tmp_path / "evidence" / f"nnUNet_{kind}"))
     settings = EvidenceSettings(

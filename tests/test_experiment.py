@@ -7,10 +7,10 @@ import subprocess
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import BIN, nnunet_environment, run
-from nnunet_protokd.brats import NNUNET_REGIONS
-from nnunet_protokd.experiment import Experiment, ExperimentSettings
+
+from nnunet_protokd.data.brats import NNUNET_REGIONS
+from nnunet_protokd.protocol.experiment import Experiment, ExperimentSettings
 
 DATASET = "Dataset777_Tiny"
 CHANNELS = {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"}
@@ -99,7 +99,7 @@ def fake_nnunet(workspace, commands):
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "checkpoint_final.pth").write_bytes(b"trained")
         if "lckd-subset" in command:  # a model folder per subset
-            from nnunet_protokd.lckd import all_subsets
+            from nnunet_protokd.lckd.subsets import all_subsets
             names = list(CHANNELS.values())
             for subset in all_subsets(4):
                 label = "+".join(names[c] for c in subset)
@@ -192,7 +192,7 @@ def test_lckd_is_trained_once_and_predicts_from_every_subset(workspace):
 def test_a_label_based_conversion_runs_the_protocol_and_is_scored_as_brats_regions(workspace):
     """`convert_brats2018.py --labels` (the ProtoKD authors' four disjoint labels, softmax): the same steps and a
     report on WT/TC/ET, as for the region dataset."""
-    from nnunet_protokd.brats import NNUNET_LABELS
+    from nnunet_protokd.data.brats import NNUNET_LABELS
     raw = workspace / "nnUNet_raw" / DATASET
     dataset_json = json.loads((raw / "dataset.json").read_text())
     del dataset_json["regions_class_order"]
@@ -268,6 +268,7 @@ def test_settings_survive_the_command_line_that_runs_one_step(workspace):
 
 def test_workflow_without_snakemake_is_one_line_saying_what_to_install(workspace, monkeypatch, capsys):
     import importlib.util
+
     from nnunet_protokd.cli import main
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

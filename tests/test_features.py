@@ -3,7 +3,7 @@ import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
-from nnunet_protokd.features import FeatureCapture
+from nnunet_protokd.training.features import FeatureCapture
 
 
 def plain_unet(deep_supervision=True):

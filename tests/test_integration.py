@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import BIN, REPO, nnunet_environment, run
-from nnunet_protokd.phantoms import generate_brats_phantoms
+
+from nnunet_protokd.data.phantoms import generate_brats_phantoms
 
 DATASET = "Dataset501_BraTS2018"
 TEACHER = "ProtoKDTeacherTrainer__nnUNetPlans__3d_smoke"
@@ -176,8 +176,8 @@ def test_single_channel_preprocessing_matches_training_on_skull_stripped_data(wo
 
 @pytest.mark.parametrize("model", DISTILLED)
 def test_distilled_student_logs_every_loss_term_and_records_its_teacher(workspace, model):
-    from nnunet_protokd.configurations import METHOD_DEFAULTS
-    from nnunet_protokd.teacher import load_checkpoint_weights_only, sha256_of
+    from nnunet_protokd.io import load_checkpoint_weights_only, sha256_of
+    from nnunet_protokd.settings import METHOD_DEFAULTS
     results = workspace / "nnUNet_results" / DATASET
     fold = results / model / "fold_0"
     teacher_checkpoint = results / TEACHER / "fold_0" / "checkpoint_final.pth"
@@ -203,7 +203,7 @@ def test_distilled_student_logs_every_loss_term_and_records_its_teacher(workspac
 
 @pytest.mark.parametrize("model", DISTILLED)
 def test_distilled_checkpoint_holds_the_student_only(workspace, model):
-    from nnunet_protokd.teacher import load_checkpoint_weights_only
+    from nnunet_protokd.io import load_checkpoint_weights_only
     results = workspace / "nnUNet_results" / DATASET
     distilled = load_checkpoint_weights_only(str(results / model / "fold_0" / "checkpoint_final.pth"))
     unimodal = load_checkpoint_weights_only(str(results / STUDENT / "fold_0" / "checkpoint_final.pth"))
@@ -236,8 +236,9 @@ def test_protokd_without_a_teacher_for_its_fold_stops_before_writing(workspace):
 
 
 def test_resuming_with_a_changed_teacher_is_refused(workspace):
-    from nnunet_protokd.teacher import load_checkpoint_weights_only
     import torch
+
+    from nnunet_protokd.io import load_checkpoint_weights_only
     teacher_checkpoint = workspace / "nnUNet_results" / DATASET / TEACHER / "fold_0" / "checkpoint_final.pth"
     original = teacher_checkpoint.read_bytes()
     changed = load_checkpoint_weights_only(str(teacher_checkpoint))
@@ -289,8 +290,8 @@ def test_lckd_elects_on_held_out_training_cases_and_validates_every_subset(works
         assert set(election["teachers"].values()) <= {"T1", "T1ce", "T2", "FLAIR", None}
     log = next(fold.glob("training_log_*.txt")).read_text()
     assert "teacher election (epoch 0): Dice alone" in log
-    from nnunet_protokd.configurations import METHOD_DEFAULTS
-    from nnunet_protokd.teacher import load_checkpoint_weights_only
+    from nnunet_protokd.io import load_checkpoint_weights_only
+    from nnunet_protokd.settings import METHOD_DEFAULTS
     checkpoint = load_checkpoint_weights_only(str(fold / "checkpoint_final.pth"))
     logged = checkpoint["logging"]
     assert logged["kd_loss"][0] > 0 and all(np.isfinite(logged["seg_loss"]))  # distilled in the every-modality epoch
@@ -439,7 +440,7 @@ print(json.dumps(agreement))
 def test_every_lckd_subset_model_folder_predicts_what_final_validation_predicted(workspace):
     """All 15 subset folders (`lckd-subset --all`) through nnU-Net's predictor (what nnUNetv2_predict runs), each
     from only its modalities' raw files: the same segmentation as the trained model's validation of that subset."""
-    from nnunet_protokd.lckd import every_channel_subset
+    from nnunet_protokd.lckd.subsets import every_channel_subset
     env = nnunet_environment(workspace)
     run([BIN / "nnunet-protokd", "lckd-subset", "-d", "501", "-c", "3d_lckd", "--all"], env)
     results = workspace / "nnUNet_results" / DATASET

@@ -7,15 +7,14 @@ import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-from nnunet_protokd.configurations import ConfigurationError
-from nnunet_protokd.features import FeatureCapture
-from nnunet_protokd.lckd import (FixedSubsetNetwork, ModalityFusionUNet, all_subsets, build_fusion_network,
-                                 elect_teachers, every_channel_subset, random_available, single_modality_dice,
-                                 split_election_cases, write_subset_model_folder)
-from nnunet_protokd.losses import cross_modal_kd_loss
-from nnunet_protokd.modality import ChannelSubset, with_input_channel_check
+from nnunet_protokd.channels import ChannelSubset, with_input_channel_check
+from nnunet_protokd.errors import ConfigurationError
+from nnunet_protokd.lckd.election import elect_teachers, random_available, single_modality_dice, split_election_cases
+from nnunet_protokd.lckd.network import FixedSubsetNetwork, ModalityFusionUNet, build_fusion_network
+from nnunet_protokd.lckd.subsets import all_subsets, every_channel_subset, write_subset_model_folder
+from nnunet_protokd.training.features import FeatureCapture
+from nnunet_protokd.training.losses import cross_modal_kd_loss
 from tests.test_student_settings import DATASET_JSON, make_plans
-
 
 FUSIONS = ("slots", "mean")
 

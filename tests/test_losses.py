@@ -5,9 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_protokd.losses import (bottleneck_kl_loss, class_prototypes, disjoint_region_classes,
-                                   ground_truth_class_masks, pixelwise_kd_loss, prototype_kd_loss,
-                                   prototype_similarity_maps, soft_label_kd_loss)
+from nnunet_protokd.training.losses import (
+    bottleneck_kl_loss,
+    class_prototypes,
+    disjoint_region_classes,
+    ground_truth_class_masks,
+    pixelwise_kd_loss,
+    prototype_kd_loss,
+    prototype_similarity_maps,
+    soft_label_kd_loss,
+)
 
 SHAPES = [(2, 3, (5, 6)), (3, 4, (4, 5, 6)), (1, 2, (3, 3, 3))]  # (N, K, spatial)
 

@@ -8,8 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nnunet_protokd.losses import (bottleneck_kl_loss, cross_modal_kd_loss, ground_truth_class_masks,
-                                   pixelwise_kd_loss, prototype_kd_loss, soft_label_kd_loss)
+from nnunet_protokd.training.losses import (
+    bottleneck_kl_loss,
+    cross_modal_kd_loss,
+    ground_truth_class_masks,
+    pixelwise_kd_loss,
+    prototype_kd_loss,
+    soft_label_kd_loss,
+)
 
 BRATS_PATCH = (112, 160, 128)
 BATCH = 2

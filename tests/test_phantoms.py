@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_protokd.phantoms import MODALITIES, generate_brats_phantoms
+from nnunet_protokd.data.phantoms import MODALITIES, generate_brats_phantoms
 
 SMALL_SHAPE = (16, 24, 24)
 SUFFIX_2023 = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}
@@ -215,7 +215,7 @@ def test_bad_arguments_raise(tmp_path, kwargs, argument):
 def test_realism_audit_weak_evidence_outside_main_modality_and_rater_disagreement():
     """Each region boundary is strongest in the modality radiologists read it from and weak but non-zero in the
     others; two annotations of one phantom disagree at boundaries about as BraTS raters do."""
-    from nnunet_protokd.phantoms import audit_phantoms
+    from nnunet_protokd.data.phantoms import audit_phantoms
     audit = audit_phantoms(num_cases=6)
     main = {"whole tumour vs normal brain": ("t2", "flair"), "tumour core vs oedema": ("t1ce",),
             "enhancing vs the other tumour": ("t1ce",)}
@@ -232,7 +232,7 @@ def test_realism_audit_weak_evidence_outside_main_modality_and_rater_disagreemen
 def test_labels_are_an_annotation_not_the_tissue_map(tmp_path):
     """The written label map differs from the image's compartments at boundaries only: Dice of whole tumour
     against the noiseless map stays high but below 1."""
-    import nnunet_protokd.phantoms as phantoms
+    import nnunet_protokd.data.phantoms as phantoms
     rng = np.random.default_rng(0)
     _, tissue = phantoms._simulate_case(rng, SMALL_SHAPE, high_grade=True)
     annotated = phantoms._annotate(rng, tissue)

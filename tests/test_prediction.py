@@ -6,9 +6,9 @@ import re
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import BIN, nnunet_environment, run
-from nnunet_protokd.prediction import PredictionInputError, check_input_folder
+
+from nnunet_protokd.deploy.prediction import PredictionInputError, check_input_folder
 
 STUDENT = {"channel_names": {"0": "T1ce"}, "file_ending": ".nii.gz"}  # a student's model folder dataset.json
 SUBSET = {"channel_names": {"0": "T1ce", "1": "FLAIR"}, "file_ending": ".nii.gz"}  # an LCKD subset model's

@@ -4,11 +4,14 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import BIN, run
 from scipy import stats
 
-from conftest import BIN, run
-from nnunet_protokd.brats import NNUNET_REGIONS
-from nnunet_protokd.report import PredictionSet, build_report, evaluation_regions, hd95, paired_comparison
+from nnunet_protokd.data.brats import NNUNET_REGIONS
+from nnunet_protokd.data.regions import evaluation_regions
+from nnunet_protokd.evaluation.metrics import hd95
+from nnunet_protokd.evaluation.report import PredictionSet, build_report
+from nnunet_protokd.evaluation.statistics import paired_comparison
 
 DATASET_JSON = {"channel_names": {"0": "T1", "1": "T1ce"}, "labels": NNUNET_REGIONS,
                 "regions_class_order": [1, 2, 3], "file_ending": ".nii.gz"}

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_protokd.configurations import ConfigurationError, add_configuration, resolved_configuration
-from nnunet_protokd.modality import StudentModality, with_input_channel_check
+from nnunet_protokd.channels import StudentModality, with_input_channel_check
+from nnunet_protokd.errors import ConfigurationError
+from nnunet_protokd.plans import add_configuration, resolved_configuration
 
 DATASET_JSON = {"channel_names": {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"},
                 "labels": {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3]},
@@ -253,7 +254,7 @@ def test_hand_edited_plans_are_checked_where_trainers_read_them(settings, messag
     plans["configurations"]["edited"] = {"inherits_from": "3d_fullres", "protokd": settings}
     with pytest.raises(ConfigurationError, match=f"configuration 'edited': {message}"):
         resolved_configuration(plans, "edited")
-    from nnunet_protokd.configurations import method_settings
+    from nnunet_protokd.plans import method_settings
     with pytest.raises(ConfigurationError, match="KDNetTrainer.lambda must be a number in"):
         method_settings({"protokd": {"KDNetTrainer": {"lambda": -1}}}, "KDNetTrainer")
 

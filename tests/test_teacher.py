@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_protokd.teacher import TeacherError, locate_teacher
+from nnunet_protokd.errors import TeacherError
+from nnunet_protokd.training.teacher import locate_teacher
 
 DATASET = "Dataset501_BraTS2018"
 CHANNELS = {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"}
@@ -214,8 +215,9 @@ def test_kdnet_needs_the_students_architecture_but_protokd_does_not(tmp_path, mo
 
 
 def test_out_of_range_settings_stop_a_student_before_its_model_folder_exists(tmp_path, monkeypatch):
-    from nnunet_protokd.configurations import ConfigurationError
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from nnunet_protokd.errors import ConfigurationError
     monkeypatch.setenv("nnUNet_results", str(tmp_path))
     write_teacher(tmp_path)
     for trainer, configuration, settings in (

@@ -2,11 +2,11 @@
 import os
 
 import pytest
-
 from conftest import BIN, REPO, run
-from nnunet_protokd.configurations import ConfigurationError
-from nnunet_protokd.trainer_path import ENV_VARIABLE, register
 from test_student_settings import DATASET_JSON, make_plans
+
+from nnunet_protokd.errors import ConfigurationError
+from nnunet_protokd.trainer_path import ENV_VARIABLE, register
 
 FIND = ("from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find;"
         "print(*[f'{c.__module__}.{c.__name__}<{c.__mro__[1].__module__}' "
@@ -19,10 +19,10 @@ def test_nnunet_finds_the_trainers_with_no_environment_variable_set():
     assert result.returncode == 0, ("nnU-Net did not find the trainers; was `nnunet-protokd register-trainers` "
                                     "run in this environment (bootstrap.sh does it)?\n" + result.stderr[-2000:])
     # modules named after the files in trainers/, which nnU-Net imports from that folder
-    assert result.stdout.splitlines()[-1].split() == ["ProtoKDTeacherTrainer.ProtoKDTeacherTrainer<nnunet_protokd.training",
-                                     "UnimodalTrainer.UnimodalTrainer<nnunet_protokd.training",
-                                     "ProtoKDTrainer.ProtoKDTrainer<nnunet_protokd.distillation",
-                                     "KDNetTrainer.KDNetTrainer<nnunet_protokd.distillation"]
+    assert result.stdout.splitlines()[-1].split() == ["ProtoKDTeacherTrainer.ProtoKDTeacherTrainer<nnunet_protokd.training.base",
+                                     "UnimodalTrainer.UnimodalTrainer<nnunet_protokd.training.base",
+                                     "ProtoKDTrainer.ProtoKDTrainer<nnunet_protokd.training.distillation",
+                                     "KDNetTrainer.KDNetTrainer<nnunet_protokd.training.distillation"]
     assert f"Searching in: {REPO / 'trainers'}" in result.stdout + result.stderr
 
 
@@ -50,8 +50,8 @@ def student_plans():
 ])
 def test_trainers_refuse_the_wrong_kind_of_configuration_before_writing(tmp_path, monkeypatch, trainer_name,
                                                                         configuration, message):
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     import torch
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
     trainer_class = recursive_find_trainer_class_by_name(trainer_name)
     with pytest.raises(ConfigurationError, match=message):

@@ -1,6 +1,5 @@
 """The shared training step's safeguards: non-finite loss terms stop training (every DDP rank together), and each
 term's pull on the student is measured as a gradient norm."""
-import os
 import socket
 from types import SimpleNamespace
 
@@ -9,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nnunet_protokd.training import NonFiniteLossError, stop_if_non_finite, term_gradient_norms
+from nnunet_protokd.training.base import NonFiniteLossError, stop_if_non_finite, term_gradient_norms
 
 NAMES = ("loss", "seg_loss", "kd_loss", "proto_loss")
 

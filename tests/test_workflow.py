@@ -11,7 +11,6 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-
 from conftest import BIN, REPO, nnunet_environment, run
 from test_experiment import workspace  # noqa: F401  (a raw dataset with a held-out set, nothing trained)
 
@@ -54,7 +53,7 @@ def planned_jobs(dry_run_output: str) -> dict:
 def experiment_of(root: Path):
     """The Experiment that `experiment` builds from the same arguments."""
     from nnunet_protokd.cli import build_parser, experiment_settings
-    from nnunet_protokd.experiment import Experiment
+    from nnunet_protokd.protocol.experiment import Experiment
     folders = {k: str(root / k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
     with mock.patch.dict(os.environ, folders):
         return Experiment(experiment_settings(build_parser().parse_args(

@@ -1,6 +1,6 @@
-from nnunet_protokd.distillation import DistillationTrainer
-from nnunet_protokd.losses import bottleneck_kl_loss, soft_label_kd_loss
-from nnunet_protokd.teacher import TeacherError
+from nnunet_protokd.training.distillation import DistillationTrainer
+from nnunet_protokd.training.losses import bottleneck_kl_loss, soft_label_kd_loss
+from nnunet_protokd.training.teacher import TeacherError
 
 
 class KDNetTrainer(DistillationTrainer):

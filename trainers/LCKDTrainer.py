@@ -5,19 +5,26 @@ import numpy as np
 import torch
 from torch import distributed as dist
 
-from nnunet_protokd.features import FeatureCapture, unwrap
-from nnunet_protokd.lckd import (ModalityFusionUNet, build_fusion_network, elect_teachers, election_batches, random_available,
-                                 single_modality_dice, split_election_cases, validate_subsets)
-from nnunet_protokd.losses import cross_modal_kd_loss
-from nnunet_protokd.records import RecordedSettings
-from nnunet_protokd.report import evaluation_regions
-from nnunet_protokd.training import MultiModalityTrainer, step_autocast
+from nnunet_protokd.lckd.election import (
+    elect_teachers,
+    election_batches,
+    election_tasks,
+    random_available,
+    single_modality_dice,
+    split_election_cases,
+)
+from nnunet_protokd.lckd.network import ModalityFusionUNet, build_fusion_network
+from nnunet_protokd.lckd.subsets import validate_subsets
+from nnunet_protokd.training.base import MultiModalityTrainer, step_autocast
+from nnunet_protokd.training.features import FeatureCapture, unwrap
+from nnunet_protokd.training.losses import cross_modal_kd_loss
+from nnunet_protokd.training.records import RecordedSettings
 
 
 class LCKDTrainer(RecordedSettings, MultiModalityTrainer):
     """LCKD (Wang et al., MICCAI 2023): one network for any non-empty subset of the modalities.
 
-    Network: nnunet_protokd.lckd.ModalityFusionUNet (shared encoder per modality; setting `fusion`: one slot per
+    Network: nnunet_protokd.lckd.network.ModalityFusionUNet (shared encoder per modality; setting `fusion`: one slot per
     modality at every level, as the authors, or the mean). Schedule: nnU-Net's epochs; the first
     `full_modality_fraction` of them with every modality, the rest with random subsets (`subset_sampling`: 1 to
     M-1 modalities per batch, as the authors, or one of the 2^M - 1 subsets per item). Every `election_interval`
@@ -86,8 +93,7 @@ class LCKDTrainer(RecordedSettings, MultiModalityTrainer):
     def run_election(self):
         network = unwrap(self.network)
         network.eval()
-        tasks = None if self.label_manager.has_regions else [labels for _, labels in evaluation_regions(self.dataset_json)]
-        names = [name for name, _ in evaluation_regions(self.dataset_json)]
+        names, tasks = election_tasks(self.dataset_json, self.label_manager.has_regions)
         with torch.no_grad(), step_autocast(self):
             def full_resolution_logits(data, available):
                 output = network(data.to(self.device), available)

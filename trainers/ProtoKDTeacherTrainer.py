@@ -1,4 +1,4 @@
-from nnunet_protokd.training import MultiModalityTrainer
+from nnunet_protokd.training.base import MultiModalityTrainer
 
 
 class ProtoKDTeacherTrainer(MultiModalityTrainer):

@@ -1,8 +1,12 @@
 from functools import cached_property
 
-from nnunet_protokd.distillation import DistillationTrainer
-from nnunet_protokd.losses import (disjoint_region_classes, ground_truth_class_masks, pixelwise_kd_loss,
-                                   prototype_kd_loss)
+from nnunet_protokd.training.distillation import DistillationTrainer
+from nnunet_protokd.training.losses import (
+    disjoint_region_classes,
+    ground_truth_class_masks,
+    pixelwise_kd_loss,
+    prototype_kd_loss,
+)
 
 
 class ProtoKDTrainer(DistillationTrainer):

@@ -1,4 +1,4 @@
-from nnunet_protokd.training import SingleModalityTrainer
+from nnunet_protokd.training.base import SingleModalityTrainer
 
 
 class UnimodalTrainer(SingleModalityTrainer):

@@ -17,17 +17,28 @@ import sys
 import tempfile
 import time
 
+import nnunetv2.paths as nnunet_paths  # read at call time: tests and commands set them late
 import numpy as np
 import torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_protokd.configurations import load_preprocessed
+from nnunet_protokd.channels import StudentModality
+from nnunet_protokd.methods import BASELINE, METHODS, TEACHER
+from nnunet_protokd.plans import load_preprocessed
+from nnunet_protokd.training.base import build_checked_network, seed_everything
 
-# LCKDTrainer trains on the student configuration's multi-channel base and is measured in both of its stages:
-# every modality (the first epochs), and random subsets with cross-modal KD from two teachers (T1ce for TC/ET
-# and FLAIR for WT, as the phantoms elect them; channels 1 and M-1 in general)
-TRAINERS = ("UnimodalTrainer", "ProtoKDTrainer", "KDNetTrainer", "LCKDTrainer", "LCKDTrainer:subsets",
-            "ProtoKDTeacherTrainer")
-MULTI_MODALITY_TRAINERS = ("LCKDTrainer", "ProtoKDTeacherTrainer")  # train on the student configuration's base
+# every trainer of the registry and the teacher's. A method with one model on every channel (LCKD) trains on the
+# student configuration's multi-channel base and is measured in both of its stages: every modality (the first
+# epochs), and random subsets with cross-modal KD from two teachers (T1ce for TC/ET and FLAIR for WT, as the
+# phantoms elect them; channels 1 and M-1 in general)
+TRAINERS = tuple(trainer for method in METHODS.values()
+                 for trainer in ((method.trainer, f"{method.trainer}:subsets") if method.every_channel
+                                 else (method.trainer,))) + (TEACHER.trainer,)
+EVERY_CHANNEL_TRAINERS = tuple(method.trainer for method in (*METHODS.values(), TEACHER) if method.every_channel)
 
 
 def _trainer(name: str, plans: dict, configuration: str, dataset_json: dict, device: str, teacher_checkpoint: str,
@@ -39,7 +50,6 @@ def _trainer(name: str, plans: dict, configuration: str, dataset_json: dict, dev
     nnU-Net's CUDA autocast (on CUDA nnU-Net's float16 autocast always applies). compile_network: "nnunet"
     (nnU-Net's decision: on for CUDA), "on" (forced, also on CPU; student and teacher) or "off"; LCKDTrainer
     always decides for itself (off)."""
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     settings = plans["configurations"][configuration].setdefault("protokd", {})
     settings["teacher"] = {**settings.get("teacher", {}), "checkpoint": teacher_checkpoint}
     plans["continue_training"] = False
@@ -77,17 +87,9 @@ def _statistics(seconds: list) -> dict:
     return {"median_s": float(median), "iqr_s": float(q3 - q1), "n": len(seconds)}
 
 
-def _seed_everything(seed: int = 0) -> None:
-    """The same batches and initial weights in every run (nnU-Net's loader draws with numpy and random)."""
-    import random
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def worker(mode: str, args: dict) -> dict:
     """Runs in its own process: one trainer's steps, the teacher's forward, or the inference comparison."""
-    _seed_everything()
+    seed_everything(0)  # the same batches and initial weights in every run
     if args.get("memory_limit_gb"):  # fail with an allocation error instead of driving the machine out of memory
         limit = int(args["memory_limit_gb"] * 2 ** 30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -98,7 +100,7 @@ def worker(mode: str, args: dict) -> dict:
         return _inference(plans, dataset_json, args)
     name, _, stage = mode.partition(":")
     configuration = args["configuration"]
-    if name in MULTI_MODALITY_TRAINERS:
+    if name in EVERY_CHANNEL_TRAINERS:
         configuration = plans["configurations"][configuration]["inherits_from"]
     trainer = _trainer("ProtoKDTrainer" if mode == "teacher" else name, plans, configuration, dataset_json,
                        device, args["teacher_checkpoint"], args.get("precision", "float32"),
@@ -131,13 +133,6 @@ def worker(mode: str, args: dict) -> dict:
 def _inference(plans: dict, dataset_json: dict, args: dict) -> dict:
     """Sliding-window prediction of a few preprocessed cases (student channel) by the student's network and by
     a plain nnU-Net network with the same weights, alternating to share the machine's state fairly."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunet_protokd.modality import StudentModality
-    from nnunet_protokd.training import build_checked_network
-    from nnunetv2.paths import nnUNet_preprocessed
     configuration = args["configuration"]
     modality = StudentModality.of_configuration(plans, configuration, dataset_json)
     plans_manager = PlansManager(modality.single_channel_plans(plans))
@@ -146,7 +141,7 @@ def _inference(plans: dict, dataset_json: dict, args: dict) -> dict:
     student = build_checked_network(plans_manager, configuration_manager, 1, heads, False)
     plain = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, 1, heads, False)
     plain.load_state_dict(student.state_dict())
-    folder = os.path.join(str(nnUNet_preprocessed), plans["dataset_name"], configuration_manager.data_identifier)
+    folder = os.path.join(str(nnunet_paths.nnUNet_preprocessed), plans["dataset_name"], configuration_manager.data_identifier)
     dataset_class = modality.dataset_class(infer_dataset_class(folder))
     identifiers = dataset_class.get_identifiers(folder)[:args["inference_cases"]]
     dataset = dataset_class(folder, identifiers)
@@ -173,9 +168,9 @@ def _inference(plans: dict, dataset_json: dict, args: dict) -> dict:
 def cache_batches(dataset: str, plans_name: str, configuration: str, device: str, teacher_checkpoint: str,
                   count: int, path: str) -> None:
     """`count` batches from nnU-Net's training data loader (single-threaded, so the cache itself is cheap)."""
-    _seed_everything()
+    seed_everything(0)  # the same batches and initial weights in every run
     plans, dataset_json = load_preprocessed(dataset, plans_name)
-    trainer = _trainer("UnimodalTrainer", plans, configuration, dataset_json, device, teacher_checkpoint)
+    trainer = _trainer(BASELINE.trainer, plans, configuration, dataset_json, device, teacher_checkpoint)
     loader, _ = trainer.get_dataloaders()
     batches = [next(loader) for _ in range(count)]
     torch.save([{"data": b["data"], "target": b["target"]} for b in batches], path)
@@ -200,16 +195,16 @@ def run_benchmark(dataset: str, configuration: str, teacher_checkpoint: str, dev
                 "inference_cases": inference_cases, "precision": precision, "compile": compile_network,
                 "memory_limit_gb": memory_limit_gb}
         log(f"caching {steps + warmup} batches from nnU-Net's data loader")
-        _in_process(["cache", json.dumps({**args, "count": steps + warmup})], env)
+        _in_subprocess(["cache", json.dumps({**args, "count": steps + warmup})], env)
         results = {}
         for mode in tuple(trainers) + ("teacher", "inference"):
             log(f"measuring {mode}")
             try:
-                results[mode] = _in_process(["worker", mode, json.dumps(args)], env)
+                results[mode] = _in_subprocess(["worker", mode, json.dumps(args)], env)
             except RuntimeError as exc:  # e.g. did not fit in memory: a result, and the others still run
                 results[mode] = {"error": str(exc).strip().splitlines()[-1]}
                 log(f"{mode} failed: {results[mode]['error']}")
-    base = results.get("UnimodalTrainer")
+    base = results.get(BASELINE.trainer)
     for mode in trainers:
         if base and "error" not in base and "error" not in results[mode]:
             results[mode]["step_ratio"] = results[mode]["median_s"] / base["median_s"]
@@ -222,8 +217,10 @@ def run_benchmark(dataset: str, configuration: str, teacher_checkpoint: str, dev
             "torch": torch.__version__, "results": results}
 
 
-def _in_process(arguments: list, env: dict) -> dict:
-    completed = subprocess.run([sys.executable, "-m", "nnunet_protokd.benchmark", *arguments], env=env,
+def _in_subprocess(arguments: list, env: dict) -> dict:
+    """Runs this module with `arguments` in a new Python process (a trainer's own peak memory, a clean state) and
+    returns the JSON it prints last."""
+    completed = subprocess.run([sys.executable, "-m", "nnunet_protokd.protocol.benchmark", *arguments], env=env,
                                capture_output=True, text=True)
     if completed.returncode != 0:
         raise RuntimeError(f"benchmark process {arguments[:2]} failed:\n{completed.stderr[-3000:]}")

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nnunet_protokd.errors import UserError
-from nnunet_protokd.configurations import (LABEL_SEPARATOR, SETTINGS_KEY, ConfigurationError, channel_index,
-                                           configuration_settings, resolved_configuration)
+from nnunet_protokd.errors import ConfigurationError, UserError
+from nnunet_protokd.methods import MODALITY_SEPARATOR
+from nnunet_protokd.plans import channel_index, configuration_settings, resolved_configuration
+from nnunet_protokd.settings import SETTINGS_KEY
 
 # keys of a plans configuration that hold one entry per input channel
 PER_CHANNEL_CONFIGURATION_KEYS = ("normalization_schemes", "use_mask_for_norm")
@@ -43,8 +44,8 @@ class ChannelSubset:
     @property
     def label(self) -> str:
         """e.g. "T1ce+FLAIR": part of configuration names and report keys (`of_names` reads it back when split
-        at LABEL_SEPARATOR)."""
-        return LABEL_SEPARATOR.join(self.names)
+        at MODALITY_SEPARATOR)."""
+        return MODALITY_SEPARATOR.join(self.names)
 
     def select(self, data, channel_axis: int = 1):
         """These channels of a batch (N, C, ...) or, with channel_axis=0, of a case (C, ...); the channel axis
@@ -119,8 +120,10 @@ class StudentModality:
     channel_index: int
 
     @classmethod
-    def of_configuration(cls, plans: dict, configuration: str, dataset_json: dict) -> "StudentModality":
-        settings = configuration_settings(resolved_configuration(plans, configuration))
+    def of_configuration(cls, plans: dict, configuration: str, dataset_json: dict,
+                         resolved: dict | None = None) -> "StudentModality":
+        """The student modality a configuration names (`resolved`: the configuration already resolved)."""
+        settings = configuration_settings(resolved or resolved_configuration(plans, configuration))
         if "modality" not in settings:
             raise ConfigurationError(
                 f"configuration {configuration!r} names no student modality. Add a student configuration with "

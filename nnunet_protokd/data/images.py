@@ -6,7 +6,9 @@ nnU-Net as a plausible image instead of being reported.
 """
 from __future__ import annotations
 
+import nibabel
 import numpy as np
+import SimpleITK as sitk
 
 NIFTI_ENDINGS = (".nii", ".nii.gz")
 
@@ -14,9 +16,7 @@ NIFTI_ENDINGS = (".nii", ".nii.gz")
 def read_voxels(path: str) -> np.ndarray:
     """The voxels of an image file as stored (NIfTI: nibabel, with its scaling; other formats: SimpleITK)."""
     if path.endswith(NIFTI_ENDINGS):
-        import nibabel
         return np.asarray(nibabel.load(path).dataobj)
-    import SimpleITK as sitk
     return sitk.GetArrayFromImage(sitk.ReadImage(path))
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 
 import numpy as np
 import torch
@@ -11,12 +12,12 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 from torch import distributed as dist
 
-from nnunet_protokd.features import unwrap
-from nnunet_protokd.configurations import (FINAL_VALIDATION_KEY, ConfigurationError, configuration_settings,
-                                           resolved_configuration, schedule_of)
-from nnunet_protokd.errors import show_user_errors_in_nnunet_commands
-from nnunet_protokd.modality import StudentModality, with_input_channel_check
-from nnunet_protokd.plots import plot_loss_terms
+from nnunet_protokd.channels import StudentModality, with_input_channel_check
+from nnunet_protokd.errors import ConfigurationError, show_user_errors_in_nnunet_commands
+from nnunet_protokd.plans import configuration_settings, resolved_configuration, schedule_of
+from nnunet_protokd.settings import FINAL_VALIDATION_KEY
+from nnunet_protokd.training.features import unwrap
+from nnunet_protokd.training.progress import plot_loss_terms
 
 # nnUNetv2_train/-predict import this module through our trainers: our input errors then print as one line there
 show_user_errors_in_nnunet_commands()
@@ -35,7 +36,7 @@ def apply_schedule(trainer: nnUNetTrainer) -> None:
 
 
 def seed_everything(seed: int) -> None:
-    import random
+    """torch, numpy and random (nnU-Net's data loader draws with numpy and random)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -164,6 +165,14 @@ class LossTermTraining:
     logged_terms: tuple = ("seg_loss",)
     cpu_autocast_dtype = None  # see step_autocast
     _gradient_norms = None
+    _resolved_configuration = None
+
+    def resolved_configuration(self, plans: dict, configuration: str) -> dict:
+        """The trainer's configuration resolved once (plans.resolved_configuration: its inheritance applied and
+        its settings checked), before nnU-Net's __init__; every check and setting of the trainer reads it."""
+        if self._resolved_configuration is None:
+            self._resolved_configuration = resolved_configuration(plans, configuration)
+        return self._resolved_configuration
 
     def weighted_loss_terms(self, data: torch.Tensor, target) -> dict:
         raise NotImplementedError
@@ -238,8 +247,7 @@ class MultiModalityTrainer(LossTermTraining, nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         # checked before nnU-Net creates the model folder, so that a wrong call leaves nothing behind
-        resolved = resolved_configuration(plans, configuration)
-        modality = configuration_settings(resolved).get("modality")
+        modality = configuration_settings(self.resolved_configuration(plans, configuration)).get("modality")
         if modality is not None:
             raise ConfigurationError(f"{self.__class__.__name__} trains on all channels, but configuration "
                                      f"{configuration!r} is a {modality} student configuration; use its base "
@@ -267,7 +275,8 @@ class SingleModalityTrainer(LossTermTraining, nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        modality = StudentModality.of_configuration(plans, configuration, dataset_json)
+        modality = StudentModality.of_configuration(plans, configuration, dataset_json,
+                                                    self.resolved_configuration(plans, configuration))
         # the model folder then holds single-channel plans.json/dataset.json, which is what prediction reads
         super().__init__(modality.single_channel_plans(plans), configuration, fold,
                          modality.single_channel_dataset_json(dataset_json), device)

@@ -24,38 +24,29 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from nnunet_protokd.configurations import LABEL_SEPARATOR
+import nnunetv2.paths as nnunet_paths  # read at call time: tests and commands set them late
+import torch
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.utilities.crossval_split import generate_crossval_split
 
-METHOD_TRAINERS = {"unimodal": "UnimodalTrainer", "protokd": "ProtoKDTrainer", "kdnet": "KDNetTrainer",
-                   "lckd": "LCKDTrainer"}
-# methods that train one model on every channel instead of one student per modality
-MULTI_MODALITY_METHODS = ("lckd",)
-DISTILLING_TRAINERS = (METHOD_TRAINERS["protokd"], METHOD_TRAINERS["kdnet"])  # they need their fold's teacher
-TEACHER_TRAINER = "ProtoKDTeacherTrainer"
-# a method with other settings, trained beside the paper's version on a configuration of its own
-# (<student configuration>-<suffix>): the ablations of the ProtoKD paper's Tables 2 and 3 and the KD-Net variants
-# that the evidence protocol measures against the paper's setting
-METHOD_VARIANTS = {
-    "protokd-no_kd": ("protokd", {"ProtoKDTrainer": {"alpha": 0.0}}, "ProtoKD without L_kd"),
-    "protokd-no_proto": ("protokd", {"ProtoKDTrainer": {"beta": 0.0}}, "ProtoKD without L_proto"),
-    "protokd-intra": ("protokd", {"ProtoKDTrainer": {"intra_class_only": True}}, "ProtoKD, intra-class L_proto"),
-    # temperature 1: for a voxel the student cannot resolve, the KD optimum is calibrated instead of T times
-    # sharper than the evidence the student has (see docs/evidence/README.md)
-    "protokd-temp1": ("protokd", {"ProtoKDTrainer": {"temperature": 1.0}}, "ProtoKD, KD at T = 1"),
-    # the control for the ablations: ProtoKDTrainer with both distillation terms at weight 0 trains on L_seg like
-    # the unimodal baseline, as another training run (other initial weights, other augmentation draws); its
-    # distance from the baseline is the scale of run-to-run variation, not distillation
-    "protokd-seg_only": ("protokd", {"ProtoKDTrainer": {"alpha": 0.0, "beta": 0.0}},
-                         "ProtoKDTrainer, L_seg only (control)"),
-    "kdnet-kl_mean": ("kdnet", {"KDNetTrainer": {"kl_reduction": "mean"}}, "KD-Net, L_KL averaged"),
-    "kdnet-no_kl": ("kdnet", {"KDNetTrainer": {"alpha": 0.0}}, "KD-Net without L_KL"),
-    "kdnet-no_kd": ("kdnet", {"KDNetTrainer": {"lambda": 0.0}}, "KD-Net without L_KD"),
-}
+from nnunet_protokd.channels import ChannelSubset
+from nnunet_protokd.deploy.prediction import check_and_predict
+from nnunet_protokd.evaluation.report import PredictionSet, build_report
+from nnunet_protokd.io import write_json_atomically
+from nnunet_protokd.lckd.subsets import every_channel_subset, subset_configuration_name
+from nnunet_protokd.methods import (
+    METHODS,
+    MODALITY_SEPARATOR,
+    TEACHER,
+    VARIANTS,
+    distilling_trainers,
+    every_channel_methods,
+    method_trainer,
+)
+from nnunet_protokd.plans import dataset_name
+from nnunet_protokd.settings import schedule_arguments, setting_assignment
 
-
-def method_trainer(method: str) -> str:
-    """The trainer of a method or of a variant of one."""
-    return METHOD_TRAINERS[METHOD_VARIANTS[method][0] if method in METHOD_VARIANTS else method]
+LCKD = METHODS["lckd"]  # trained once on every channel, predicted from every subset of them
 
 
 class StepFailed(RuntimeError):
@@ -122,7 +113,7 @@ class ExperimentSettings:
     final_validation: bool = True
     plans: str = "nnUNetPlans"
     num_processes: int = 2
-    variants: tuple = ()  # (variant of METHOD_VARIANTS, modality) pairs trained beside `methods`
+    variants: tuple = ()  # (variant of methods.VARIANTS, modality) pairs trained beside `methods`
     seed: int | None = None  # the trainers' seed (configurations.py: "seed")
     # run each prediction step in this process, nnU-Net's predictor without worker processes: on a small machine
     # starting nnUNetv2_predict costs about a minute, more than predicting a few small cases
@@ -132,6 +123,11 @@ class ExperimentSettings:
     def __post_init__(self):
         self.output_folder = os.path.abspath(self.output_folder)
 
+    def schedule(self) -> dict:
+        """The schedule settings of every training ({"num_epochs": ..., ...}; None: nnU-Net's own)."""
+        return {"num_epochs": self.epochs, "num_iterations_per_epoch": self.iterations_per_epoch,
+                "num_val_iterations_per_epoch": self.val_iterations_per_epoch, "seed": self.seed}
+
     def arguments(self) -> list:
         """The `nnunet-protokd experiment` arguments that recreate these settings (notes aside)."""
         arguments = ["-d", self.dataset, "-c", self.configuration, "-p", self.plans, "--methods", *self.methods,
@@ -139,19 +135,17 @@ class ExperimentSettings:
                      "-o", self.output_folder]
         arguments += ["--modalities", *self.modalities] if self.modalities else []
         arguments += ["--variants", *(f"{v}:{m}" for v, m in self.variants)] if self.variants else []
-        for flag, value in (("--epochs", self.epochs), ("--iterations-per-epoch", self.iterations_per_epoch),
-                            ("--val-iterations-per-epoch", self.val_iterations_per_epoch), ("--seed", self.seed)):
-            arguments += [flag, str(value)] if value is not None else []
+        arguments += schedule_arguments(self.schedule())
         arguments += ["--predict-in-process"] if self.predict_in_process else []
         return arguments + ([] if self.final_validation else ["--no-final-validation"])
 
 
-def predict_in_this_process(arguments: list) -> None:
+def predict_in_this_process(dataset: str, trainer: str, plans: str, configuration: str, input_folder: str,
+                            arguments: list) -> None:
     """`nnunet-protokd predict ARGUMENTS` (the input check, then nnU-Net's predictor) in this process, with no
     worker processes (nnU-Net's -npp 0 -nps 0: its sequential path)."""
-    from nnunet_protokd.cli import main
-    if main(["predict", *arguments, "-npp", "0", "-nps", "0", "--disable_progress_bar"]) != 0:
-        raise StepFailed(f"nnunet-protokd predict {shlex.join(arguments)} failed (see the error above)")
+    check_and_predict(dataset, trainer, plans, configuration, input_folder,
+                      [*arguments, "-npp", "0", "-nps", "0", "--disable_progress_bar"])
 
 
 def _symlinks(folder: str, links: dict) -> None:
@@ -170,8 +164,8 @@ def _bin(name: str) -> str:
 
 class Experiment:
     def __init__(self, settings: ExperimentSettings):
-        from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw, nnUNet_results
-        from nnunet_protokd.configurations import dataset_name
+        nnUNet_raw, nnUNet_preprocessed, nnUNet_results = (nnunet_paths.nnUNet_raw, nnunet_paths.nnUNet_preprocessed,
+                                                           nnunet_paths.nnUNet_results)
         for variable, value in (("nnUNet_raw", nnUNet_raw), ("nnUNet_preprocessed", nnUNet_preprocessed),
                                 ("nnUNet_results", nnUNet_results)):
             if not value:
@@ -189,24 +183,24 @@ class Experiment:
         if unknown:
             raise ValueError(f"modalities {unknown} are not channels of {self.dataset_name}: {channel_names}")
         self.modalities = tuple(s.modalities) or tuple(channel_names)
-        unknown = [m for m in s.methods if m not in METHOD_TRAINERS]
+        unknown = [m for m in s.methods if m not in METHODS]
         if unknown:
-            raise ValueError(f"unknown methods {unknown}; known: {sorted(METHOD_TRAINERS)}")
-        unknown = [f"{v}:{m}" for v, m in s.variants if v not in METHOD_VARIANTS or m not in self.modalities]
+            raise ValueError(f"unknown methods {unknown}; known: {sorted(METHODS)}")
+        unknown = [f"{v}:{m}" for v, m in s.variants if v not in VARIANTS or m not in self.modalities]
         if unknown:
             raise ValueError(f"unknown variants {unknown}: give VARIANT:MODALITY with a variant of "
-                             f"{sorted(METHOD_VARIANTS)} and a student modality of {list(self.modalities)}")
-        schedule = [(s.epochs, "ep"), (s.iterations_per_epoch, "it"), (s.val_iterations_per_epoch, "val"),
-                    (s.seed, "seed")]
-        suffix = "_".join(f"{v}{unit}" for v, unit in schedule if v is not None) + \
+                             f"{sorted(VARIANTS)} and a student modality of {list(self.modalities)}")
+        units = {"num_epochs": "ep", "num_iterations_per_epoch": "it", "num_val_iterations_per_epoch": "val",
+                 "seed": "seed"}
+        suffix = "_".join(f"{v}{units[key]}" for key, v in s.schedule().items() if v is not None) + \
             ("" if s.final_validation else "_nofv")
-        # a schedule is its own configuration, so short runs never share a model folder with full ones
-        self.teacher_configuration = f"{s.configuration}_{suffix.strip('_')}" if suffix else s.configuration
-        self.student_methods = tuple(m for m in s.methods if m not in MULTI_MODALITY_METHODS)
+        # a schedule is its own configuration, so short runs never share a model folder with full ones; the
+        # teacher and every student inherit it
+        self.schedule_configuration = f"{s.configuration}_{suffix.strip('_')}" if suffix else s.configuration
+        self.student_methods = tuple(m for m in s.methods if m not in every_channel_methods())
         # LCKD predicts from every non-empty subset of the channels, singles first ("T1ce", ..., "T1+T1ce+T2+FLAIR")
-        from nnunet_protokd.lckd import every_channel_subset
         self.lckd_subsets = [subset.label for subset in every_channel_subset(self.dataset_json)] \
-            if "lckd" in s.methods else []
+            if LCKD.name in s.methods else []
         self.evaluate_on_test_set = os.path.isdir(os.path.join(self.raw, "labelsTs"))
         self.timings: dict = {}
         self.run_command = subprocess.run  # how a step's command is run (tests record the commands instead)
@@ -214,8 +208,8 @@ class Experiment:
     # ----- names and folders
     def student_configuration(self, modality: str, method: str | None = None) -> str:
         """`<teacher configuration>_<modality>`, and `...-<suffix>` for a variant of a method."""
-        base = f"{self.teacher_configuration}_{modality}"
-        return f"{base}-{method}" if method in METHOD_VARIANTS else base
+        base = f"{self.schedule_configuration}_{modality}"
+        return f"{base}-{method}" if method in VARIANTS else base
 
     def students(self) -> list:
         """(method or variant, modality) of every single-modality student, modality by modality."""
@@ -262,25 +256,21 @@ class Experiment:
         steps.append(Step("splits", "cross-validation splits", "small", self.step_command("splits"),
                           after=[plans_file], outputs=[self.splits_file()], action=self.write_splits,
                           note=f"nnU-Net's seeded 5-fold split of the preprocessed cases into {self.splits_file()}"))
-        schedule = []
-        for flag, value in (("--epochs", s.epochs), ("--iterations-per-epoch", s.iterations_per_epoch),
-                            ("--val-iterations-per-epoch", s.val_iterations_per_epoch), ("--seed", s.seed)):
-            schedule += [flag, str(value)] if value is not None else []
-        schedule += [] if s.final_validation else ["--no-final-validation"]
+        schedule = schedule_arguments(s.schedule()) + ([] if s.final_validation else ["--no-final-validation"])
         add_config = [_bin("nnunet-protokd"), "add-config", "-d", self.dataset_id, "-p", s.plans]
         configurations = []
-        if self.teacher_configuration != s.configuration:
-            configurations.append((self.teacher_configuration, ["-c", s.configuration, "--name",
-                                                                self.teacher_configuration] + schedule))
-        configurations += [(self.student_configuration(m), ["-c", self.teacher_configuration, "-m", m])
+        if self.schedule_configuration != s.configuration:
+            configurations.append((self.schedule_configuration, ["-c", s.configuration, "--name",
+                                                                self.schedule_configuration] + schedule))
+        configurations += [(self.student_configuration(m), ["-c", self.schedule_configuration, "-m", m])
                            for m in self.modalities]
         # a variant inherits the teacher configuration, the default teacher of the student it varies
         for variant, modality in s.variants:
             name = self.student_configuration(modality, variant)
-            arguments = ["-c", self.teacher_configuration, "-m", modality, "--name", name]
-            for trainer, values in METHOD_VARIANTS[variant][1].items():
+            arguments = ["-c", self.schedule_configuration, "-m", modality, "--name", name]
+            for trainer, values in VARIANTS[variant].settings.items():
                 for key, value in values.items():
-                    arguments += ["--set", f"{trainer}.{key}={value if isinstance(value, str) else json.dumps(value)}"]
+                    arguments += ["--set", setting_assignment(trainer, key, value)]
             configurations.append((name, arguments))
         configured = {}  # configuration -> marker of the step that added it
         for configuration, arguments in configurations:
@@ -291,16 +281,16 @@ class Experiment:
             steps.append(Step(_identifier("configure", configuration), f"configuration {configuration}",
                               "small", add_config + arguments, after=[plans_file] + previous,
                               outputs=[configured[configuration]], markers=True, done_check=lambda: False))
-        trainings = [(TEACHER_TRAINER, self.teacher_configuration, fold) for fold in s.folds]
-        trainings += [(METHOD_TRAINERS["lckd"], self.teacher_configuration, fold)
+        trainings = [(TEACHER.trainer, self.schedule_configuration, fold) for fold in s.folds]
+        trainings += [(LCKD.trainer, self.schedule_configuration, fold)
                       for fold in s.folds if self.lckd_subsets]
         trainings += [(method_trainer(method), self.student_configuration(modality, method), fold)
                       for method, modality in self.students() for fold in s.folds]
         for trainer, configuration, fold in trainings:
             folder = self.model_folder(trainer, configuration, fold)
             # a distilling student of fold f starts after the teacher of fold f
-            teacher = [self.final_checkpoint(TEACHER_TRAINER, self.teacher_configuration, fold)] \
-                if trainer in DISTILLING_TRAINERS else []
+            teacher = [self.final_checkpoint(TEACHER.trainer, self.schedule_configuration, fold)] \
+                if trainer in distilling_trainers() else []
             steps.append(Step(
                 _identifier("train", trainer, configuration, "fold", fold),
                 f"train {trainer} {configuration} fold {fold}", "train",
@@ -311,18 +301,18 @@ class Experiment:
                 outputs=[os.path.join(folder, "checkpoint_final.pth")],
                 continue_from=os.path.join(folder, "checkpoint_latest.pth")))
         lckd_folders = [os.path.join(os.path.dirname(self.model_folder(
-            METHOD_TRAINERS["lckd"], self.lckd_configuration(subset), 0)), "dataset.json")
+            LCKD.trainer, self.lckd_configuration(subset), 0)), "dataset.json")
             for subset in self.lckd_subsets]
         if self.lckd_subsets:
             steps.append(Step("lckd_subsets", "LCKD model folders for every subset of modalities", "small", [
-                _bin("nnunet-protokd"), "lckd-subset", "-d", self.dataset_id, "-c", self.teacher_configuration,
+                _bin("nnunet-protokd"), "lckd-subset", "-d", self.dataset_id, "-c", self.schedule_configuration,
                 "--all", "-p", s.plans],
-                inputs=[self.final_checkpoint(METHOD_TRAINERS["lckd"], self.teacher_configuration, fold)
+                inputs=[self.final_checkpoint(LCKD.trainer, self.schedule_configuration, fold)
                         for fold in s.folds], outputs=lckd_folders))
-        predictions = [("teacher", None, TEACHER_TRAINER, self.teacher_configuration)]
+        predictions = [(TEACHER.name, None, TEACHER.trainer, self.schedule_configuration)]
         predictions += [(method, modality, method_trainer(method), self.student_configuration(modality, method))
                         for method, modality in self.students()]
-        predictions += [("lckd", subset, METHOD_TRAINERS["lckd"], self.lckd_configuration(subset))
+        predictions += [(LCKD.name, subset, LCKD.trainer, self.lckd_configuration(subset))
                         for subset in self.lckd_subsets]
         input_sets = list(dict.fromkeys((None,) + self.modalities + tuple(self.lckd_subsets)))
         # held-out test cases: every fold's model predicts them (nnU-Net ensembles the folds); otherwise each
@@ -332,7 +322,7 @@ class Experiment:
             where = "test" if self.evaluate_on_test_set else f"fold_{fold_group[0]}"
             for modality in input_sets:
                 files = "every channel file" if modality is None else \
-                    f"the {' and '.join(modality.split(LABEL_SEPARATOR))} file(s) (as <case>_0000, ...)"
+                    f"the {' and '.join(modality.split(MODALITY_SEPARATOR))} file(s) (as <case>_0000, ...)"
                 name = _identifier("inputs", modality or "all_channels", where)
                 steps.append(Step(
                     name, f"prediction inputs {modality or 'all channels'}"
@@ -347,7 +337,7 @@ class Experiment:
             for method, modality, trainer, configuration in predictions:
                 inputs = self.input_folder(modality, fold_group[0])
                 output = self.prediction_folder(method, modality, fold_group[0])
-                models = lckd_folders if method == "lckd" else \
+                models = lckd_folders if method == LCKD.name else \
                     [self.final_checkpoint(trainer, configuration, fold) for fold in fold_group]
                 prediction_folders.append(output)
                 # probabilities too: the report measures each student's agreement with the teacher (mean KL)
@@ -357,7 +347,9 @@ class Experiment:
                     _identifier("predict", trainer, configuration, where),
                     f"predict {trainer} {configuration} folds {' '.join(map(str, fold_group))}", "predict",
                     [_bin("nnunet-protokd"), "predict", *arguments],
-                    action=(lambda arguments=arguments: predict_in_this_process(arguments))
+                    action=(lambda arguments=arguments, trainer=trainer, configuration=configuration, inputs=inputs:
+                            predict_in_this_process(self.dataset_id, trainer, s.plans, configuration, inputs,
+                                                    arguments))
                     if s.predict_in_process else None,
                     inputs=[inputs] + models, output_folders=[output],
                     done_check=lambda output=output, fold=fold_group[0]: self.predictions_ready(output, fold)))
@@ -390,20 +382,14 @@ class Experiment:
 
     def write_splits(self) -> None:
         """nnU-Net's own split (nnUNetTrainer.do_split: 5 folds seeded 12345 over the sorted case identifiers)."""
-        from batchgenerators.utilities.file_and_folder_operations import save_json
-        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-        from nnunetv2.utilities.crossval_split import generate_crossval_split
         if os.path.isfile(self.splits_file()):
             return
         folder = os.path.join(self.preprocessed, f"{self.settings.plans}_{self.settings.configuration}")
         identifiers = sorted(infer_dataset_class(folder).get_identifiers(folder))
-        temporary = self.splits_file() + ".partial"
-        save_json(generate_crossval_split(identifiers, seed=12345, n_splits=5), temporary)
-        os.replace(temporary, self.splits_file())
+        write_json_atomically(generate_crossval_split(identifiers, seed=12345, n_splits=5), self.splits_file())
 
     def lckd_configuration(self, subset: str) -> str:
-        from nnunet_protokd.lckd import subset_configuration_name
-        return subset_configuration_name(self.teacher_configuration, subset)
+        return subset_configuration_name(self.schedule_configuration, subset)
 
     # ----- held-out inputs: one folder per modality (or subset "A+B") holding <case>_0000 = A, <case>_0001 = B
     def input_folder(self, modality: str | None, fold) -> str:
@@ -415,10 +401,9 @@ class Experiment:
         return os.path.join(self.raw, kind, f"{case}_{channel:04d}{self.dataset_json['file_ending']}")
 
     def _links(self, modality: str | None, fold) -> dict:
-        from nnunet_protokd.modality import ChannelSubset
         channel_names = self.dataset_json["channel_names"]
         channels = ChannelSubset.of_names(self.dataset_json, channel_names.values() if modality is None
-                                          else modality.split(LABEL_SEPARATOR)).channel_indices
+                                          else modality.split(MODALITY_SEPARATOR)).channel_indices
         ending = self.dataset_json["file_ending"]
         return {f"{case}_{i:04d}{ending}": self._source(case, c)
                 for case in self.evaluation_cases(fold) for i, c in enumerate(channels)}
@@ -455,10 +440,9 @@ class Experiment:
                 for fold in self.settings.folds for case in self.evaluation_cases(fold)})
 
     def run_info(self) -> dict:
-        import torch
         s = self.settings
         return {"dataset": self.dataset_name, "folds": list(s.folds), "base_configuration": s.configuration,
-                "teacher_configuration": self.teacher_configuration, "modalities": list(self.modalities),
+                "teacher_configuration": self.schedule_configuration, "modalities": list(self.modalities),
                 "methods": list(s.methods), "epochs": s.epochs or 1000, "iterations_per_epoch": s.iterations_per_epoch or 250,
                 "evaluation": "imagesTs/labelsTs (held out)" if self.evaluate_on_test_set else "cross-validation cases",
                 "device": s.device, "hardware": {"machine": platform.machine(), "processor": platform.processor(),
@@ -489,16 +473,15 @@ class Experiment:
         return {**times, **self.timings}
 
     def prediction_sets(self) -> list:
-        from nnunet_protokd.report import PredictionSet
-        sets = [PredictionSet("teacher", None, self.prediction_folder("teacher", None))]
+        sets = [PredictionSet(TEACHER.name, None, self.prediction_folder(TEACHER.name, None))]
         sets += [PredictionSet(m, modality, self.prediction_folder(m, modality)) for m, modality in self.students()]
-        return sets + [PredictionSet("lckd", subset, self.prediction_folder("lckd", subset)) for subset in self.lckd_subsets]
+        return sets + [PredictionSet(LCKD.name, subset, self.prediction_folder(LCKD.name, subset))
+                       for subset in self.lckd_subsets]
 
     def images_folder(self) -> str:
         return os.path.join(self.raw, "imagesTs" if self.evaluate_on_test_set else "imagesTr")
 
     def write_report(self) -> None:
-        from nnunet_protokd.report import build_report
         if not self.evaluate_on_test_set:
             self.gather_fold_predictions()
         build_report(self.ground_truth_folder(), self.dataset_json, self.prediction_sets(),

@@ -10,42 +10,22 @@ never imported (the checkpoint is loaded with torch.load(weights_only=True)).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_protokd.configurations import configuration_settings, resolved_configuration
-from nnunet_protokd.errors import UserError
-from nnunet_protokd.features import FeatureCapture
+from nnunet_protokd.errors import TeacherError
+from nnunet_protokd.io import load_checkpoint_weights_only, sha256_of
+from nnunet_protokd.plans import TEACHER_DEFAULTS, configuration_settings, resolved_configuration, teacher_model_folder
+from nnunet_protokd.training.features import FeatureCapture
 
-TEACHER_DEFAULTS = {"trainer": "ProtoKDTeacherTrainer", "configuration": None, "plans": None,
-                    "checkpoint": "checkpoint_final.pth"}
 # what every nnU-Net v2 checkpoint holds (nnUNetTrainer.save_checkpoint) and the teacher loader reads
 NNUNET_CHECKPOINT_KEYS = ("network_weights", "init_args")
-# numpy scalars that nnU-Net stores in its checkpoints (e.g. the EMA Dice); allowed in weights-only loading
-_CHECKPOINT_SAFE_GLOBALS = [np.dtype, np._core.multiarray.scalar, np.dtypes.Float32DType,
-                            np.dtypes.Float64DType, np.dtypes.Int64DType]
-
-
-class TeacherError(UserError, RuntimeError):
-    """No usable teacher for this student; the message says which and why."""
-
-
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def load_checkpoint_weights_only(path: str, map_location="cpu") -> dict:
-    with torch.serialization.safe_globals(_CHECKPOINT_SAFE_GLOBALS):
-        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 @dataclass
@@ -73,8 +53,6 @@ class TeacherCheckpoint:
                 "channels": [self.dataset_json["channel_names"][str(c)] for c in range(len(self.channel_indices))]}
 
     def build(self, device: torch.device, compile_network: bool = False) -> "Teacher":
-        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
         plans_manager = PlansManager(self.plans)
         # without deep supervision the decoder computes only the full-resolution head the losses use
         network = nnUNetTrainer.build_network_architecture(
@@ -108,45 +86,6 @@ def _fail(student: str, message: str):
     raise TeacherError(f"teacher of {student}: {message}")
 
 
-def teacher_model_folder(plans: dict, configuration: str, results_folder: str | None) -> tuple:
-    """(model folder or None, checkpoint) of the student configuration's teacher, from its `protokd.teacher`
-    settings over TEACHER_DEFAULTS: the checkpoint is a file name inside the folder's fold_X, or (folder None)
-    the path of a checkpoint anywhere."""
-    settings = configuration_settings(resolved_configuration(plans, configuration))
-    spec = {**TEACHER_DEFAULTS, **settings.get("teacher", {})}
-    if os.path.isabs(spec["checkpoint"]):
-        return None, spec["checkpoint"]
-    where = f"teacher of {plans['dataset_name']} {configuration}"
-    teacher_configuration = spec["configuration"] or plans["configurations"][configuration].get("inherits_from")
-    if not teacher_configuration:
-        raise TeacherError(f"{where}: the configuration inherits from no base configuration; name the teacher's "
-                           f"configuration")
-    if not results_folder:
-        raise TeacherError(f"{where}: set nnUNet_results, where the teacher's model folder is looked for")
-    folder = f"{spec['trainer']}__{spec['plans'] or plans['plans_name']}__{teacher_configuration}"
-    return os.path.join(results_folder, plans["dataset_name"], folder), spec["checkpoint"]
-
-
-def check_named_teacher(plans: dict, configuration: str, results_folder: str | None) -> list:
-    """For a configuration that names its teacher (add-config --teacher-...): the teacher checkpoints that exist
-    now, one per fold; a TeacherError when there is none, so that a misspelt name fails at once and not when a
-    student starts training. (The default teacher may be trained after the student configuration is added.)"""
-    model_folder, checkpoint = teacher_model_folder(plans, configuration, results_folder)
-    if model_folder is None:
-        found, looked_for = [checkpoint] if os.path.isfile(checkpoint) else [], checkpoint
-    else:
-        folds = sorted(f for f in os.listdir(model_folder) if f.startswith("fold_")) \
-            if os.path.isdir(model_folder) else []
-        found = [os.path.join(model_folder, f, checkpoint) for f in folds
-                 if os.path.isfile(os.path.join(model_folder, f, checkpoint))]
-        looked_for = os.path.join(model_folder, "fold_*", checkpoint)
-    if not found:
-        raise TeacherError(f"teacher of {plans['dataset_name']} {configuration}: no checkpoint {looked_for} exists; "
-                           f"check --teacher-trainer, --teacher-configuration, --teacher-plans and "
-                           f"--teacher-checkpoint")
-    return found
-
-
 def _unpickling_reason(exc: Exception) -> str:
     """PyTorch's reason for refusing a file, without its advice to load it with weights_only=False (which would
     run whatever code the file holds)."""
@@ -159,14 +98,16 @@ def _unpickling_reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {message}"
 
 
-def locate_teacher(plans: dict, configuration: str, fold, dataset_json: dict, results_folder: str) -> TeacherCheckpoint:
-    """Finds and checks the teacher of the student (plans, configuration, fold) of a multi-channel dataset."""
+def locate_teacher(plans: dict, configuration: str, fold, dataset_json: dict, results_folder: str,
+                   resolved: dict | None = None) -> TeacherCheckpoint:
+    """Finds and checks the teacher of the student (plans, configuration, fold) of a multi-channel dataset.
+    `resolved`: the student's configuration already resolved by the caller (a trainer resolves it once)."""
     student = f"{plans['dataset_name']} {configuration} fold {fold}"
-    resolved = resolved_configuration(plans, configuration)
+    resolved = resolved or resolved_configuration(plans, configuration)
     settings = configuration_settings(resolved)
     spec = {**TEACHER_DEFAULTS, **settings.get("teacher", {})}
     teacher_configuration = spec["configuration"] or plans["configurations"][configuration].get("inherits_from")
-    model_folder, checkpoint_path = teacher_model_folder(plans, configuration, results_folder)
+    model_folder, checkpoint_path = teacher_model_folder(plans, configuration, results_folder, resolved)
     if model_folder is not None:
         checkpoint_path = os.path.join(model_folder, f"fold_{fold}", checkpoint_path)
     if not os.path.isfile(checkpoint_path):

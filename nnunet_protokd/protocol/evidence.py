@@ -22,14 +22,24 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import torch
+from nnunetv2.evaluation.evaluate_predictions import region_or_label_to_mask
+from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
-from nnunet_protokd.configurations import LABEL_SEPARATOR
-from nnunet_protokd.experiment import Experiment, ExperimentSettings, METHOD_VARIANTS, TEACHER_TRAINER, \
-    method_trainer
-from nnunet_protokd.report import METHOD_TITLES, paired_comparison, rank_test_rejects, significant
+from nnunet_protokd.data.brats import convert_brats_dataset
+from nnunet_protokd.data.phantoms import audit_phantoms, generate_brats_phantoms
+from nnunet_protokd.data.regions import evaluation_regions
+from nnunet_protokd.errors import UserError
+from nnunet_protokd.evaluation.figures import plot_learning_curves, plot_paired_differences
+from nnunet_protokd.evaluation.statistics import format_p, paired_comparison, rank_test_rejects, significant
+from nnunet_protokd.io import staged_folder
+from nnunet_protokd.methods import MODALITY_SEPARATOR, TEACHER, ModelKey, method_trainer, title
+from nnunet_protokd.protocol.experiment import Experiment, ExperimentSettings
 
 # the CPU schedule: 2d (nnU-Net plans batch 32 of whole 32x32 slices for these phantoms; an epoch of 25 steps took
 # 6-8.5 s on 2 cores against about 0.5 s per step for a small 3d patch), 15 epochs of 25 iterations: 3 seeds of
@@ -53,7 +63,6 @@ def train_with_augmentation_in_process(command: list):
     Measured on 2 cores (2d, 25 iterations of batch 32 per epoch): 6.3 s per epoch in-process against 7.0 s with 2
     augmentation workers, which only compete with training for the cores. Only for training: nnU-Net's planner
     sets torch's thread count from the same variable and fails at 0."""
-    import subprocess
     env = dict(os.environ, nnUNet_n_proc_DA="0") if os.path.basename(command[0]) == "nnUNetv2_train" else None
     return subprocess.run(command, env=env)
 
@@ -121,18 +130,13 @@ class Evidence:
 
     def prepare(self, seed: int) -> None:
         """The seed's phantoms and their conversion (each skipped when it exists)."""
-        from nnunet_protokd.brats import convert_brats_dataset
-        from nnunet_protokd.phantoms import generate_brats_phantoms
         s = self.settings
         phantoms = {name: os.path.join(self.seed_folder(seed), "phantoms", name) for name in ("training", "held_out")}
         for name, cases in (("training", s.training_cases), ("held_out", s.held_out_cases)):
             if not os.path.isdir(phantoms[name]):
-                partial = phantoms[name] + ".partial"  # a phantom folder is complete or absent
-                if os.path.isdir(partial):
-                    import shutil
-                    shutil.rmtree(partial)
-                generate_brats_phantoms(partial, seed=seed, shape_zyx=tuple(s.phantom_shape_zyx), **cases)
-                os.replace(partial, phantoms[name])
+                os.makedirs(os.path.dirname(phantoms[name]), exist_ok=True)
+                with staged_folder(phantoms[name]) as staging:  # a phantom folder is complete or absent
+                    generate_brats_phantoms(staging, seed=seed, shape_zyx=tuple(s.phantom_shape_zyx), **cases)
         raw = os.environ["nnUNet_raw"]
         dataset_id = s.first_dataset_id + seed
         if not (os.path.isdir(raw) and any(d.startswith(f"Dataset{dataset_id:03d}_") for d in os.listdir(raw))):
@@ -140,7 +144,6 @@ class Evidence:
                                   dataset_name=f"PhantomSeed{seed}")
 
     def run(self) -> str:
-        import time
         start = time.time()
         for seed in self.settings.seeds:
             self.log(f"=== seed {seed} ({time.strftime('%H:%M:%S', time.gmtime(time.time() - start))})")
@@ -150,7 +153,6 @@ class Evidence:
 
     # ----- pooling the seeds
     def aggregate(self, wall_time_seconds: float | None = None, output_folder: str | None = None) -> str:
-        from nnunet_protokd.plots import plot_learning_curves, plot_paired_differences
         output_folder = output_folder or os.path.join(self.settings.output_folder, "report")
         os.makedirs(output_folder, exist_ok=True)
         experiments = {seed: self.experiment(seed) for seed in self.settings.seeds}
@@ -158,7 +160,6 @@ class Evidence:
         for seed, experiment in experiments.items():
             summary_file = os.path.join(experiment.settings.output_folder, "report", "summary.json")
             if not os.path.isfile(summary_file):
-                from nnunet_protokd.errors import UserError
                 raise UserError(f"seed {seed} has no report yet ({summary_file} is missing): run the evidence "
                                 f"command without --report-only to finish it")
             with open(summary_file) as f:
@@ -178,7 +179,6 @@ class Evidence:
             "plateau": plateaus(curves),
             "gradient_shares": gradient_shares(curves),
         }
-        from nnunet_protokd.phantoms import audit_phantoms
         evidence["phantom_audit"] = audit_phantoms(seed=self.settings.seeds[0],
                                                    shape_zyx=tuple(self.settings.phantom_shape_zyx))
         reference = None
@@ -208,15 +208,10 @@ class Evidence:
                                               "wall_time_seconds": settings["wall_time_seconds"]}]
                                             if settings.get("wall_time_seconds") else [])
         if wall_time_seconds is not None:
-            import time
-            runs.append({"variants": [list(v) for v in self.settings.variants], "seeds": list(self.settings.seeds),
+                runs.append({"variants": [list(v) for v in self.settings.variants], "seeds": list(self.settings.seeds),
                          "wall_time_seconds": wall_time_seconds,
                          "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         return runs
-
-
-def student_key(method: str, modality: str | None) -> str:
-    return method if modality is None else f"{method}:{modality}"
 
 
 def pooled_dice(summaries: dict, regions) -> dict:
@@ -245,19 +240,13 @@ def summarise_dice(dice: dict, regions) -> dict:
     return summary
 
 
-def baseline_key(key: str) -> str | None:
-    method, _, modality = key.partition(":")
-    if method in ("teacher", "unimodal") or not modality:
-        return None
-    return f"unimodal:{modality}"
-
-
 def compare_with_baseline(dice: dict, regions) -> dict:
     """{student key: {region or "mean": paired_comparison over the (seed, case) pairs both have, with "per_seed":
     the mean difference of each seed}}."""
     comparisons = {}
     for key, per_pair in dice.items():
-        baseline = dice.get(baseline_key(key) or "")
+        baseline_key = ModelKey.parse(key).baseline
+        baseline = dice.get(baseline_key.text) if baseline_key else None
         if baseline is None:
             continue
         pairs = sorted(set(per_pair) & set(baseline))
@@ -297,16 +286,13 @@ def teacher_agreement(experiment: Experiment, regions) -> dict:
     "dice", the mean over regions of Dice(student, teacher), and "kl", the mean KL(teacher || student) over brain
     voxels. Every model, the teacher too (calibration, for the diagnosis): "entropy", the mean entropy of its
     probabilities over the reference tumour's voxels, and "volume_ratio": {region: predicted / reference volume}."""
-    from nnunetv2.evaluation.evaluate_predictions import region_or_label_to_mask
-    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-    from nnunet_protokd.report import evaluation_regions
     reader, ending = SimpleITKIO(), experiment.dataset_json["file_ending"]
     region_labels = evaluation_regions(experiment.dataset_json)
     region_based = "regions_class_order" in experiment.dataset_json
     # a variant trained on only some seeds (a diagnosis added later) has no predictions in the others
     sets = [p for p in experiment.prediction_sets()
-            if LABEL_SEPARATOR not in (p.modality or "") and os.path.isdir(p.folder)]
-    teacher = next(p for p in sets if p.method == "teacher")
+            if MODALITY_SEPARATOR not in (p.modality or "") and os.path.isdir(p.folder)]
+    teacher = next(p for p in sets if p.method == TEACHER.name)
     brain_folder, reference_folder = experiment.input_folder(None, 0), experiment.ground_truth_folder()
     agreement = {}
     for case in experiment.evaluation_cases(0):
@@ -328,7 +314,7 @@ def teacher_agreement(experiment: Experiment, regions) -> dict:
                 a = region_or_label_to_mask(teacher_seg, labels)
                 total = a.sum() + mask.sum()
                 dices.append(1.0 if total == 0 else 2 * float((a & mask).sum()) / float(total))
-            if prediction_set.method != "teacher":
+            if prediction_set.method != TEACHER.name:
                 if region_based:
                     kl = bernoulli_kl(teacher_probabilities, probabilities).sum(axis=0)
                 else:  # softmax over labels: the categorical KL
@@ -355,9 +341,10 @@ def summarise_agreement(agreement: dict) -> dict:
         entry = {"entropy": float(np.mean([v["entropy"] for v in values])),
                  "volume_ratio": {region: float(np.median([v["volume_ratio"][region] for v in values]))
                                   for region in values[0]["volume_ratio"]}}
-        if key != "teacher":
+        if key != TEACHER.name:
             entry.update({measure: float(np.mean([v[measure] for v in values])) for measure in ("dice", "kl")})
-        baseline = pooled.get(baseline_key(key) or "")
+        baseline_key = ModelKey.parse(key).baseline
+        baseline = pooled.get(baseline_key.text) if baseline_key else None
         if baseline is not None:
             pairs = sorted(set(per_pair) & set(baseline))
             for measure in ("dice", "kl"):
@@ -370,11 +357,10 @@ def summarise_agreement(agreement: dict) -> dict:
 def training_curves(experiment: Experiment) -> dict:
     """{key: {"iterations": [...], "pseudo_dice": [...], "grad_norms": {term: [...]}}} from each model's
     checkpoint_final.pth (nnU-Net's logger: mean_fg_dice is the epoch's pseudo Dice on validation patches)."""
-    import torch
     curves = {}
-    models = [("teacher", None)] + experiment.students()
+    models = [(TEACHER.name, None)] + experiment.students()
     for method, modality in models:
-        trainer = TEACHER_TRAINER if method == "teacher" else method_trainer(method)
+        trainer = method_trainer(method)
         configuration = experiment.teacher_configuration if modality is None else \
             experiment.student_configuration(modality, method)
         checkpoint_file = experiment.final_checkpoint(trainer, configuration, 0)
@@ -385,7 +371,7 @@ def training_curves(experiment: Experiment) -> dict:
         iterations = checkpoint["init_args"].get("num_iterations_per_epoch") or \
             experiment.settings.iterations_per_epoch or 250
         epochs = len(logging["mean_fg_dice"])
-        curves[student_key(method, modality)] = {
+        curves[ModelKey(method, modality).text] = {
             "iterations": [(epoch + 1) * iterations for epoch in range(epochs)],
             "pseudo_dice": [float(v) for v in logging["mean_fg_dice"]],
             "grad_norms": {name[len("grad_norm_"):]: [float(v) for v in values]
@@ -446,8 +432,8 @@ def gradient_shares(curves: dict) -> dict:
 
 
 def _title(key: str) -> str:
-    method, _, modality = key.partition(":")
-    return f"{METHOD_TITLES.get(method, method)}" + (f" ({modality})" if modality else "")
+    method, modality = ModelKey.parse(key)
+    return title(method) + (f" ({modality})" if modality else "")
 
 
 def headline(evidence: dict, reference: dict | None = None) -> str:
@@ -455,8 +441,7 @@ def headline(evidence: dict, reference: dict | None = None) -> str:
     budget; with `reference` (an earlier evidence.json) its figures for the same student beside ours."""
     sentences = []
     for key, per_region in evidence["comparisons"].items():
-        method = key.partition(":")[0]
-        if method in METHOD_VARIANTS:
+        if ModelKey.parse(key).is_variant:
             continue
         c = per_region["mean"]
         test_says = rank_test_rejects(c)
@@ -466,19 +451,15 @@ def headline(evidence: dict, reference: dict | None = None) -> str:
         per_seed = c.get("per_seed", {})
         seeds = f"; per seed {', '.join(f'{d:+.3f}' for d in per_seed.values())}" if len(per_seed) > 1 else ""
         sentence = (f"{_title(key)}: {verdict} the unimodal baseline, mean Dice {c['mean_difference']:+.3f} "
-                    f"[95 % CI {c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}], Wilcoxon p = {_p(c['wilcoxon_p'])}, "
+                    f"[95 % CI {c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}], Wilcoxon p = {format_p(c['wilcoxon_p'])}, "
                     f"n = {c['n']} (seed, case) pairs{seeds}")
         earlier = (reference or {}).get("comparisons", {}).get(key, {}).get("mean")
         if earlier is not None:
             run = reference["settings"]
             sentence += (f" (the evidence run, seeds {', '.join(map(str, run['seeds']))}: "
-                         f"{_ci(earlier)}, p = {_p(earlier['wilcoxon_p'])}, n = {earlier['n']})")
+                         f"{_ci(earlier)}, p = {format_p(earlier['wilcoxon_p'])}, n = {earlier['n']})")
         sentences.append(sentence)
     return "; ".join(sentences) + "."
-
-
-def _p(value) -> str:
-    return "n/a" if value is None else f"{value:.2g}"
 
 
 def _ci(c: dict) -> str:
@@ -512,19 +493,19 @@ def write_evidence_markdown(evidence: dict, path: str) -> None:
              "## Dice on the held-out cases (mean ± std over (seed, case) pairs; per-seed means in evidence.json)", "",
              "| Modality | Method | " + " | ".join(regions) + " | Mean |", "|---|---|" + "---|" * (len(regions) + 1)]
     for key, per_region in _ordered(evidence["dice"]):
-        method, _, modality = key.partition(":")
-        lines.append(f"| {modality or 'all'} | {METHOD_TITLES.get(method, method)} | " + " | ".join(
+        method, modality = ModelKey.parse(key)
+        lines.append(f"| {modality or 'all'} | {title(method)} | " + " | ".join(
             f"{per_region[r]['mean']:.3f} ± {per_region[r]['std']:.3f}" for r in list(regions) + ["mean"]) + " |")
     lines += ["", "## Paired difference to the unimodal baseline (Dice; mean [bootstrap 95 % CI], Wilcoxon p, "
                   "paired t p)", "",
               "| Modality | Method | n | " + " | ".join(regions) + " | Mean | Wilcoxon p (mean) | t-test p (mean) |",
               "|---|---|---|" + "---|" * (len(regions) + 3)]
     for key, per_region in _ordered(evidence["comparisons"]):
-        method, _, modality = key.partition(":")
-        cells = [f"{_ci(per_region[r])} (p {_p(per_region[r]['wilcoxon_p'])})" for r in regions]
-        lines.append(f"| {modality} | {METHOD_TITLES.get(method, method)} | {per_region['mean']['n']} | "
-                     + " | ".join(cells) + f" | {_ci(per_region['mean'])} | {_p(per_region['mean']['wilcoxon_p'])} | "
-                     f"{_p(per_region['mean']['ttest_p'])} |")
+        method, modality = ModelKey.parse(key)
+        cells = [f"{_ci(per_region[r])} (p {format_p(per_region[r]['wilcoxon_p'])})" for r in regions]
+        lines.append(f"| {modality} | {title(method)} | {per_region['mean']['n']} | "
+                     + " | ".join(cells) + f" | {_ci(per_region['mean'])} | {format_p(per_region['mean']['wilcoxon_p'])} | "
+                     f"{format_p(per_region['mean']['ttest_p'])} |")
     lines += ["", "## Knowledge transfer: agreement with the teacher on the held-out cases", "",
               "Dice between the student's and the teacher's segmentations (mean over regions) and the mean "
               "KL(teacher || student) of their region probabilities over brain voxels; the differences are paired "
@@ -533,13 +514,13 @@ def write_evidence_markdown(evidence: dict, path: str) -> None:
               "| Modality | Method | Dice to teacher | vs baseline | KL to teacher | vs baseline (p) |",
               "|---|---|---|---|---|---|"]
     for key, entry in _ordered(evidence["teacher_agreement"]):
-        method, _, modality = key.partition(":")
-        if method == "teacher":
+        method, modality = ModelKey.parse(key)
+        if method == TEACHER.name:
             continue
         dice_change = _ci(entry["dice_vs_baseline"]) if "dice_vs_baseline" in entry else "-"
-        kl_change = (f"{_ci(entry['kl_vs_baseline'])} ({_p(entry['kl_vs_baseline']['wilcoxon_p'])})"
+        kl_change = (f"{_ci(entry['kl_vs_baseline'])} ({format_p(entry['kl_vs_baseline']['wilcoxon_p'])})"
                      if "kl_vs_baseline" in entry else "-")
-        lines.append(f"| {modality} | {METHOD_TITLES.get(method, method)} | {entry['dice']:.3f} | {dice_change} | "
+        lines.append(f"| {modality} | {title(method)} | {entry['dice']:.3f} | {dice_change} | "
                      f"{entry['kl']:.4f} | {kl_change} |")
     lines += ["", "## Calibration: how sure each model is, and how much it segments", "",
               "Mean entropy (nats) of the region probabilities over the reference tumour's voxels (higher: less "
@@ -548,8 +529,8 @@ def write_evidence_markdown(evidence: dict, path: str) -> None:
               "| Modality | Method | Entropy in tumour | " + " | ".join(f"{r} volume ratio" for r in regions) + " |",
               "|---|---|---|" + "---|" * len(regions)]
     for key, entry in _ordered(evidence["teacher_agreement"]):
-        method, _, modality = key.partition(":")
-        lines.append(f"| {modality or 'all'} | {METHOD_TITLES.get(method, method)} | {entry['entropy']:.3f} | "
+        method, modality = ModelKey.parse(key)
+        lines.append(f"| {modality or 'all'} | {title(method)} | {entry['entropy']:.3f} | "
                      + " | ".join(f"{entry['volume_ratio'][r]:.2f}" for r in regions) + " |")
     lines += ["", "## Convergence: pseudo Dice (nnU-Net's, per epoch) over the last fifth of training and its change "
                   "from the fifth before (mean over seeds)", "", "| Model | Pseudo Dice, last fifth | Change |",
@@ -583,12 +564,12 @@ def headline_table(evidence: dict) -> list:
     lines = ["| Modality | Method | n | Mean Dice | vs baseline [95 % CI] | Wilcoxon p | per seed | "
              "KL to teacher | vs baseline [95 % CI] |", "|---|---|---|---|---|---|---|---|---|"]
     for key, per_region in _ordered(evidence["dice"]):
-        method, _, modality = key.partition(":")
+        method, modality = ModelKey.parse(key)
         comparison = evidence["comparisons"].get(key, {}).get("mean")
         agreement = evidence["teacher_agreement"].get(key, {})
-        cells = [modality or "all", METHOD_TITLES.get(method, method), str(per_region["mean"]["n"]),
+        cells = [modality or "all", title(method), str(per_region["mean"]["n"]),
                  f"{per_region['mean']['mean']:.3f}"]
-        cells += [_ci(comparison), _p(comparison["wilcoxon_p"]),
+        cells += [_ci(comparison), format_p(comparison["wilcoxon_p"]),
                   ", ".join(f"{d:+.3f}" for d in comparison.get("per_seed", {}).values())] if comparison else ["-"] * 3
         cells += [f"{agreement['kl']:.3f}" if "kl" in agreement else "-",
                   _ci(agreement["kl_vs_baseline"]) if "kl_vs_baseline" in agreement else "-"]
@@ -597,11 +578,5 @@ def headline_table(evidence: dict) -> list:
 
 
 def _ordered(mapping: dict) -> list:
-    """Teacher first, then per modality the baseline, each method and its variants."""
-    from nnunet_protokd.report import METHOD_ORDER
-
-    def rank(item):
-        method, _, modality = item[0].partition(":")
-        base = METHOD_VARIANTS[method][0] if method in METHOD_VARIANTS else method
-        return (modality, METHOD_ORDER.index(base) if base in METHOD_ORDER else 99, method != base, method)
-    return sorted(mapping.items(), key=rank)
+    """Teacher first, then per modality the baseline, each method and its variants (ModelKey.sort_key)."""
+    return sorted(mapping.items(), key=lambda item: ModelKey.parse(item[0]).sort_key())

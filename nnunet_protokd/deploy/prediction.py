@@ -16,9 +16,15 @@ import os
 import re
 import sys
 
+import nnunetv2.paths as nnunet_paths  # read at call time: tests and commands set them late
+from nnunetv2.imageio.reader_writer_registry import LIST_OF_IO_CLASSES
+from nnunetv2.inference.predict_from_raw_data import predict_entry_point
+from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+from nnunet_protokd.channels import describe_input_files, model_channel_names
+from nnunet_protokd.data.images import scan_problem
 from nnunet_protokd.errors import UserError
-from nnunet_protokd.images import scan_problem
-from nnunet_protokd.modality import describe_input_files, model_channel_names
+from nnunet_protokd.plans import dataset_name
 
 MAX_PROBLEMS_SHOWN = 30
 
@@ -28,7 +34,6 @@ class PredictionInputError(UserError, ValueError):
 
 
 def _image_endings() -> tuple:
-    from nnunetv2.imageio.reader_writer_registry import LIST_OF_IO_CLASSES
     return tuple(sorted({e for io_class in LIST_OF_IO_CLASSES for e in io_class.supported_file_endings}))
 
 
@@ -75,10 +80,7 @@ def check_input_folder(folder: str, dataset_json: dict) -> list[str]:
 
 def model_folder_dataset_json(dataset: str, trainer: str, plans: str, configuration: str) -> tuple[str, dict]:
     """(model folder, its dataset.json) as nnUNetv2_predict finds them from -d, -tr, -p and -c."""
-    from nnunetv2.paths import nnUNet_results
-    from nnunetv2.utilities.file_path_utilities import get_output_folder
-    from nnunet_protokd.configurations import dataset_name
-    if not nnUNet_results:
+    if not nnunet_paths.nnUNet_results:
         raise PredictionInputError("set the environment variable nnUNet_results (see README)")
     folder = get_output_folder(dataset_name(dataset), trainer, plans, configuration)
     try:
@@ -91,10 +93,21 @@ def model_folder_dataset_json(dataset: str, trainer: str, plans: str, configurat
 
 def run_nnunet_predict(nnunet_arguments: list) -> None:
     """nnU-Net's own `nnUNetv2_predict` with these command-line arguments, in this process."""
-    from nnunetv2.inference.predict_from_raw_data import predict_entry_point
     argv = sys.argv
     sys.argv = ["nnUNetv2_predict", *nnunet_arguments]
     try:
         predict_entry_point()
     finally:
         sys.argv = argv
+
+
+def check_and_predict(dataset: str, trainer: str, plans: str, configuration: str, input_folder: str,
+                      nnunet_arguments: list, log=print) -> list[str]:
+    """`nnunet-protokd predict`: checks `input_folder` against the model folder's dataset.json (nothing is predicted
+    when a case is at fault), then runs nnUNetv2_predict with `nnunet_arguments` (its own command line, which
+    names the same model and folder) in this process. Returns the cases."""
+    _, dataset_json = model_folder_dataset_json(dataset, trainer, plans, configuration)
+    cases = check_input_folder(input_folder, dataset_json)
+    log(f"{len(cases)} case(s) in {input_folder}, each with exactly the files this model reads")
+    run_nnunet_predict(nnunet_arguments)
+    return cases

@@ -18,7 +18,8 @@ import importlib.util
 import os
 import shlex
 
-from nnunet_protokd.experiment import STEP_RESOURCES, Experiment, ExperimentSettings, Step
+from nnunet_protokd.io import write_text_atomically
+from nnunet_protokd.protocol.experiment import STEP_RESOURCES, Experiment, ExperimentSettings, Step
 
 MISSING_SNAKEMAKE = "the workflow needs Snakemake: pip install 'nnunet-protokd[cluster]' (snakemake and its SLURM " \
                     "executor plugin)"
@@ -141,9 +142,7 @@ def write_workflow(settings: ExperimentSettings, folder: str, log=print) -> str:
                  slurm_logs=os.path.join(folder, "slurm_logs"))}
     for path, content in files.items():
         if not os.path.exists(path):
-            with open(path + ".partial", "w") as f:
-                f.write(content)
-            os.replace(path + ".partial", path)
+            write_text_atomically(content, path)
     log(f"wrote {snakefile} ({len(steps)} rules, one per step), {os.path.join(folder, 'config.yaml')} "
         f"(resources) and {os.path.join(folder, 'slurm', 'config.yaml')} (an example SLURM profile)\n"
         f"  run here:      cd {folder} && snakemake --cores N\n"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from nnunet_protokd.evidence import CPU_SCHEDULE, Evidence, EvidenceSettings
+from nnunet_protokd.protocol.evidence import CPU_SCHEDULE, Evidence, EvidenceSettings
 
 FIRST_DATASET_ID = 501  # the demo of seed s converts its phantoms into Dataset<501 + s>
 # the evidence run committed with the project: its figures stand beside the demo's

@@ -9,12 +9,11 @@ from nnunetv2.paths import nnUNet_results
 from nnunetv2.utilities.file_path_utilities import get_output_folder
 from nnunetv2.utilities.helpers import dummy_context
 
-from nnunet_protokd.configurations import resolved_configuration
-from nnunet_protokd.features import FeatureCapture
-from nnunet_protokd.records import RecordedSettings
-from nnunet_protokd.teacher import TeacherCheckpoint, TeacherError, locate_teacher
-from nnunet_protokd.training import SingleModalityTrainer
-
+from nnunet_protokd.errors import TeacherError
+from nnunet_protokd.training.base import SingleModalityTrainer
+from nnunet_protokd.training.features import FeatureCapture
+from nnunet_protokd.training.records import RecordedSettings
+from nnunet_protokd.training.teacher import TeacherCheckpoint, locate_teacher
 
 
 class DistillationTrainer(RecordedSettings, SingleModalityTrainer):
@@ -35,11 +34,12 @@ class DistillationTrainer(RecordedSettings, SingleModalityTrainer):
                  device: torch.device = torch.device("cuda")):
         if "ignore" in dataset_json.get("labels", {}):
             raise NotImplementedError(f"{self.__class__.__name__}: datasets with an ignore label are not supported")
-        student_configuration = resolved_configuration(plans, configuration)
+        student_configuration = self.resolved_configuration(plans, configuration)
         self.resolve_settings(plans, configuration)
         self.teacher_checkpoint = self.missing_teacher = None
         try:
-            self.teacher_checkpoint = locate_teacher(plans, configuration, fold, dataset_json, nnUNet_results.get())
+            self.teacher_checkpoint = locate_teacher(plans, configuration, fold, dataset_json, nnUNet_results.get(),
+                                                     student_configuration)
             self.check_teacher(self.teacher_checkpoint, student_configuration)
         except TeacherError as error:
             # a finished student is validated (nnUNetv2_train --val) without its teacher; training needs it

@@ -5,7 +5,7 @@
 
 Self-contained on purpose (Python's standard library, numpy and SimpleITK, which nnU-Net itself installs): an
 exported student ships this file as `convert_predictions_to_brats.py`, so that a site with only nnU-Net installed
-can convert its predictions; nnunet_protokd.brats imports the same definitions for the forward conversion.
+can convert its predictions; nnunet_protokd.data.brats imports the same definitions for the forward conversion.
 
 BraTS labels: 1 = necrotic / non-enhancing core (NCR), 2 = oedema (ED), 4 = enhancing tumour (ET; 3 from
 BraTS 2023 on). The nnU-Net datasets written by nnunet-protokd use 1 = ED, 2 = NCR, 3 = ET.
@@ -24,8 +24,9 @@ import SimpleITK as sitk
 
 class ConversionError(ValueError):
     """Input that cannot be converted; the message names every case and file at fault. Inside the plugin it counts
-    as a user error (errors.USER_ERRORS: one `error:` line, also in nnU-Net's commands); it cannot derive from
-    errors.UserError because this file must run without the plugin."""
+    as a user error (`user_error`, read by errors.is_user_error: one `error:` line, also in nnU-Net's commands);
+    it cannot derive from errors.UserError because this file must run without the plugin."""
+    user_error = True
 
 
 @dataclass(frozen=True)

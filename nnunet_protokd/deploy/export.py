@@ -24,15 +24,26 @@ import io
 import json
 import os
 import platform
-import tempfile
 import zipfile
 from copy import deepcopy
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 
-from nnunet_protokd.configurations import (LABEL_SEPARATOR, METHOD_DEFAULTS, SCHEDULE_KEYS, SETTINGS_KEY,
-                                           configuration_settings, dataset_name, method_settings,
-                                           resolved_configuration)
-from nnunet_protokd.modality import describe_input_files, model_channel_names
+import nnunetv2.paths as nnunet_paths  # read at call time: tests and commands set them late
+import numpy as np
+import torch
+from nnunetv2.evaluation.evaluate_predictions import label_or_region_to_key
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.file_path_utilities import folds_tuple_to_string
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+import nnunet_protokd
+from nnunet_protokd.channels import describe_input_files, model_channel_names
+from nnunet_protokd.data import brats_labels
+from nnunet_protokd.io import atomic_file, load_checkpoint_weights_only
+from nnunet_protokd.methods import MODALITY_SEPARATOR
+from nnunet_protokd.plans import configuration_settings, dataset_name, method_settings, resolved_configuration
+from nnunet_protokd.settings import METHOD_DEFAULTS, SCHEDULE_KEYS, SETTINGS_KEY
 
 EXPORT_TRAINER = "nnUNetTrainer"
 CARD_NAME = "model_card"
@@ -77,7 +88,7 @@ def export_student(dataset: str, configuration: str, trainer: str, folds, output
     renamed into place, so that a failure leaves nothing behind. An existing `output_file` is replaced only
     with `overwrite`.
     """
-    from nnunetv2.paths import nnUNet_results
+    nnUNet_results = nnunet_paths.nnUNet_results
     output_file = os.path.abspath(output_file)
     if os.path.isdir(output_file):
         raise ExportError(f"{output_file} is a folder; give the zip file to write")
@@ -117,16 +128,13 @@ def export_student(dataset: str, configuration: str, trainer: str, folds, output
     else:  # an LCKD subset folder: the plugin's network, exported unchanged
         export_configuration, export_folder, export_plans = configuration, os.path.basename(source), plans
     prefix = f"{name}/{export_folder}/"
-    subset_label = None if plain else LABEL_SEPARATOR.join(plans[SETTINGS_KEY]["channels"])
+    subset_label = None if plain else MODALITY_SEPARATOR.join(plans[SETTINGS_KEY]["channels"])
     # an LCKD subset folder's checkpoints link to the trained model's fold folders, which hold its other files
     fold_folders = {fold: os.path.dirname(os.path.realpath(checkpoint_files[fold, checkpoints[0]])) for fold in folds}
     fold_files = FOLD_FILES if plain else tuple(f for f in FOLD_FILES if f != "validation/summary.json")
 
-    import torch
-    from nnunetv2.utilities.file_path_utilities import folds_tuple_to_string
-    handle, partial = tempfile.mkstemp(dir=os.path.dirname(output_file), prefix=".tmp_", suffix=".zip")
-    os.close(handle)
-    try:
+    # a model zip is made to be shared: readable by others, like a file opened for writing
+    with atomic_file(output_file, shared=True) as partial:
         records = {}
         with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive:
             for (fold, checkpoint_name), path in checkpoint_files.items():
@@ -162,16 +170,7 @@ def export_student(dataset: str, configuration: str, trainer: str, folds, output
             archive.writestr(prefix + CARD_NAME + ".json", json.dumps(card, indent=2))
             archive.writestr(prefix + CARD_NAME + ".md", card_markdown(card))
             if card["labels"]["brats_back_conversion"]:
-                from nnunet_protokd import brats_labels
                 archive.write(brats_labels.__file__, prefix + BACK_CONVERSION_SCRIPT)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(partial, 0o666 & ~umask)  # mkstemp's file is private; a model zip is made to be shared
-        os.replace(partial, output_file)
-    except BaseException:
-        if os.path.exists(partial):
-            os.remove(partial)
-        raise
     return ExportedModel(output_file, f"{name}/{export_folder}", card)
 
 
@@ -184,7 +183,6 @@ def _read_json(path: str, source: str) -> dict:
 
 
 def _load_checkpoint(path: str) -> dict:
-    from nnunet_protokd.teacher import load_checkpoint_weights_only
     try:
         return load_checkpoint_weights_only(path)
     except Exception as exc:  # the unpickler's several error types alike
@@ -212,8 +210,6 @@ def _is_plain_student(source: str, plans: dict, dataset_json: dict, trained_conf
 def _plain_checkpoint(checkpoint: dict, plans: dict, configuration: str, dataset_json: dict, what: str) -> dict:
     """The checkpoint as plain nnU-Net's predictor reads it: trainer nnUNetTrainer, the exported configuration and
     plans. Raises ExportError if the weights do not load into nnU-Net's own network of that configuration."""
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     plans_manager = PlansManager(plans)
     network = nnUNetTrainer.build_network_architecture(
         plans_manager, plans_manager.get_configuration(configuration), len(dataset_json["channel_names"]),
@@ -254,8 +250,6 @@ def _optional_json(path: str) -> dict | None:
 
 
 def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-    import nnunet_protokd
     found = {"nnunet_protokd": nnunet_protokd.__version__, "python": platform.python_version()}
     for package in ("nnunetv2", "torch"):
         try:
@@ -268,7 +262,6 @@ def _versions() -> dict:
 def _validation_dice(mean_dice: dict, foreground_mean: float, cases: int, dataset_json: dict) -> dict:
     """{"cases": n, "dice": {label or region name: mean Dice, "foreground mean": ...}} from Dice keyed as nnU-Net's
     summary.json keys labels and regions."""
-    from nnunetv2.evaluation.evaluate_predictions import label_or_region_to_key
     dice = {}
     for label_name, value in dataset_json["labels"].items():
         key = label_or_region_to_key(tuple(value) if isinstance(value, list) else value)
@@ -322,10 +315,8 @@ def model_card(source: str, name: str, export_folder: str, export_configuration:
                  "nnunet-protokd register-trainers", f"nnUNetv2_install_pretrained_model_from_zip {zip_name}", predict]
     back_conversion = None
     if brats:
-        from nnunet_protokd.brats_labels import NAMINGS, nnunet_to_brats_labels
-        import numpy as np
-        enhancing = NAMINGS[dataset_json["brats_naming"]].enhancing_labels[0]
-        lookup = nnunet_to_brats_labels(np.arange(4), enhancing).tolist()
+        enhancing = brats_labels.NAMINGS[dataset_json["brats_naming"]].enhancing_labels[0]
+        lookup = brats_labels.nnunet_to_brats_labels(np.arange(4), enhancing).tolist()
         back_conversion = {
             "nnunet_to_brats": {str(k): v for k, v in enumerate(lookup)},
             "meaning": {"0": "background", "1": "oedema (BraTS 2)", "2": "necrosis / non-enhancing core (BraTS 1)",
@@ -345,7 +336,7 @@ def model_card(source: str, name: str, export_folder: str, export_configuration:
                   "exported_from": {"model_folder": source, "trainer": trainer, "configuration": configuration}},
         "usage": usage,
         "method": {"name": method_label(trainer), "trainer": trainer, "settings": method_settings_used,
-                   "modality": first.get("modality") or LABEL_SEPARATOR.join(channels),
+                   "modality": first.get("modality") or MODALITY_SEPARATOR.join(channels),
                    "trained_with_plugin_version": first.get("plugin_version")},
         "input": {"files": files, "rule": rule, "spacing_mm_zyx": spacing, "patch_size": trained["patch_size"],
                   "normalization": [{"channel": c, "scheme": s, "use_mask_for_norm": bool(m),

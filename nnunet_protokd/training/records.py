@@ -11,10 +11,18 @@ import json
 import os
 from copy import deepcopy
 
+import torch
+
 from nnunet_protokd import __version__
-from nnunet_protokd.configurations import (METHOD_DEFAULTS, SETTINGS_KEY, SETTINGS_OF_0_1_0, ConfigurationError,
-                                           add_config_command, configuration_settings, load_preprocessed,
-                                           method_settings, resolved_configuration)
+from nnunet_protokd.errors import ConfigurationError
+from nnunet_protokd.io import atomic_file, load_checkpoint_weights_only
+from nnunet_protokd.plans import (
+    add_config_command,
+    configuration_settings,
+    load_preprocessed,
+    method_settings,
+)
+from nnunet_protokd.settings import METHOD_DEFAULTS, SETTINGS_KEY, SETTINGS_OF_0_1_0
 
 RECORD_FILE = "distillation.json"
 
@@ -37,7 +45,8 @@ def settings_changes(recorded: dict, current: dict) -> dict:
 
 class RecordedSettings:
     """Mixin for the plugin's nnU-Net trainers with method settings: resolves and records them, and refuses to load
-    a checkpoint trained with other settings. Call `resolve_settings` before nnU-Net's __init__."""
+    a checkpoint trained with other settings. Call `resolve_settings` before nnU-Net's __init__. The trainer it is
+    mixed into resolves its configuration (`resolved_configuration`, training/base.py's LossTermTraining)."""
 
     @classmethod
     def method_name(cls) -> str:
@@ -46,7 +55,7 @@ class RecordedSettings:
         return next(c.__name__ for c in cls.__mro__ if c.__name__ in METHOD_DEFAULTS)
 
     def resolve_settings(self, plans: dict, configuration: str) -> None:
-        resolved = resolved_configuration(plans, configuration)
+        resolved = self.resolved_configuration(plans, configuration)
         self.given_settings = configuration_settings(resolved).get(self.method_name(), {})
         self.settings = method_settings(resolved, self.method_name())
 
@@ -55,7 +64,7 @@ class RecordedSettings:
         folder's plans.json (written by nnU-Net) says how its network was built, whatever later defaults say."""
         plans = deepcopy(plans)
         plans["configurations"][configuration][SETTINGS_KEY] = {
-            **configuration_settings(resolved_configuration(plans, configuration)),
+            **configuration_settings(self.resolved_configuration(plans, configuration)),
             self.method_name(): dict(self.settings)}
         return plans
 
@@ -69,18 +78,15 @@ class RecordedSettings:
                 json.dump(self.record(), f, indent=4)
 
     def save_checkpoint(self, filename: str) -> None:
-        from nnunet_protokd.teacher import load_checkpoint_weights_only
-        import torch
         super().save_checkpoint(filename)
         if self.local_rank == 0 and not self.disable_checkpointing:
             # nnU-Net builds its checkpoint inside save_checkpoint; the record is added afterwards
             checkpoint = load_checkpoint_weights_only(filename)
             checkpoint[SETTINGS_KEY] = self.record()
-            torch.save(checkpoint, filename + ".partial")
-            os.replace(filename + ".partial", filename)
+            with atomic_file(filename) as temporary:
+                torch.save(checkpoint, temporary)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        from nnunet_protokd.teacher import load_checkpoint_weights_only
         checkpoint, name = (filename_or_checkpoint, "the checkpoint") if isinstance(filename_or_checkpoint, dict) \
             else (load_checkpoint_weights_only(filename_or_checkpoint, self.device), filename_or_checkpoint)
         self.check_checkpoint(checkpoint, name)

@@ -1,54 +1,23 @@
-"""Figures: the distillation loss terms beside nnU-Net's progress.png, and the report's dice.png and overlays.png."""
+"""The reports' figures: dice.png and overlays.png of a report, learning_curves.png and paired_differences.png of the
+evidence."""
 from __future__ import annotations
 
 import os
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
+import SimpleITK as sitk
+
+from nnunet_protokd.evaluation.statistics import significant
+from nnunet_protokd.methods import TEACHER, ModelKey, title
+
+matplotlib.use("Agg")  # files only: no display on the machines that train
 
 
-def plot_loss_terms(series: dict, gradient_norms: dict, path: str, title: str) -> None:
-    """Per epoch: the segmentation loss (linear axis: nnU-Net's Dice term makes it negative once training goes
-    well), the distillation terms (log axis: non-negative, orders of magnitude apart) and how strongly each
-    weighted term pulls on the student (gradient norm at its parameters, first step of the epoch; log axis)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    # nnU-Net's own progress plot changes matplotlib's global style (seaborn, huge fonts): start from defaults
-    with matplotlib.rc_context(matplotlib.rcParamsDefault):
-        figure, (top, middle, bottom) = plt.subplots(3, 1, figsize=(9, 10), sharex=True)
-        panels = ((top, series, ["seg_loss"]), (middle, series, [n for n in series if n != "seg_loss"]),
-                  (bottom, gradient_norms, list(gradient_norms)))
-        colours = {name: f"C{index}" for index, name in enumerate(series)}  # one colour per term in every panel
-        for axis, values_of, names in panels:
-            for name in names:
-                values = values_of[name]
-                axis.plot(range(len(values)), values, marker="o" if len(values) < 30 else None, label=name,
-                          color=colours[name])
-            axis.grid(True, which="both", alpha=0.3)
-            axis.legend()
-        top.set_ylabel("segmentation loss")
-        middle.set_yscale("log")
-        middle.set_ylabel("distillation terms (unweighted)")
-        bottom.set_yscale("log")
-        bottom.set_ylabel("gradient norm of weight x term")
-        bottom.set_xlabel("epoch")
-        top.set_title(f"{title}: training loss terms, epoch means")
-        figure.tight_layout()
-        figure.savefig(path + ".partial.png", dpi=100)
-        plt.close(figure)
-    os.replace(path + ".partial.png", path)
-
-
-def plot_dice_bars(summary: dict, path: str) -> None:
+def plot_dice_bars(summary: dict, results: list, path: str) -> None:
     """Grouped bars: one panel per region, modalities on the x axis, one bar per student method (mean ± std
-    over cases), the teacher as a dashed line."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from nnunet_protokd.report import METHOD_TITLES, ordered_results
-
-    results = [r for _, r in ordered_results(summary)]
+    over cases), the teacher as a dashed line. `results`: the report's rows in table order."""
     modalities = list(dict.fromkeys(r["modality"] for r in results if r["modality"] is not None))
     methods = list(dict.fromkeys(r["method"] for r in results if r["modality"] is not None))
     panels = summary["regions"] + ["mean"]
@@ -62,10 +31,10 @@ def plot_dice_bars(summary: dict, path: str) -> None:
                 axis.bar(np.arange(len(modalities)) + (m - (len(methods) - 1) / 2) * width,
                          [v["dice_mean"] if v else np.nan for v in values], width,
                          yerr=[v["dice_std"] if v else 0 for v in values], capsize=2,
-                         label=METHOD_TITLES.get(method, method))
+                         label=title(method))
             for r in results:
-                if r["method"] == "teacher":
-                    axis.axhline(r["summary"][region]["dice_mean"], color="k", ls="--", lw=1, label=METHOD_TITLES["teacher"])
+                if r["method"] == TEACHER.name:
+                    axis.axhline(r["summary"][region]["dice_mean"], color="k", ls="--", lw=1, label=TEACHER.title)
             axis.set_xticks(range(len(modalities)), modalities)
             axis.set_title(region)
             axis.set_ylim(0, 1)
@@ -78,24 +47,18 @@ def plot_dice_bars(summary: dict, path: str) -> None:
         plt.close(figure)
 
 
-def plot_overlays(summary: dict, dataset_json: dict, images_folder: str, ground_truth_folder: str, path: str,
+def plot_overlays(results: list, dataset_json: dict, images_folder: str, ground_truth_folder: str, path: str,
                   num_cases: int = 3) -> None:
     """For a few cases, the axial slice with the most tumour: each student modality's image with the ground
-    truth, then every method's prediction on the image of the modality it saw (the teacher on the first)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import SimpleITK as sitk
-    from nnunet_protokd.report import METHOD_TITLES, ordered_results
-
-    results = [r for _, r in ordered_results(summary)]
+    truth, then every method's prediction on the image of the modality it saw (the teacher on the first).
+    `results`: the report's rows in table order."""
     channels = {name: int(index) for index, name in dataset_json["channel_names"].items()}
     modalities = list(dict.fromkeys(r["modality"] for r in results if r["modality"] is not None)) or \
         [dataset_json["channel_names"]["0"]]
     file_ending = dataset_json["file_ending"]
     cases = sorted(next(iter(results))["per_case"])[:num_cases] if results else []
     columns = [("Ground truth", m, None) for m in modalities] + \
-              [(f"{METHOD_TITLES.get(r['method'], r['method'])}" + (f" {r['modality']}" if r["modality"] else ""),
+              [(f"{title(r['method'])}" + (f" {r['modality']}" if r["modality"] else ""),
                 r["modality"] or modalities[0], r["folder"]) for r in results]
 
     def read(file):
@@ -131,21 +94,17 @@ def plot_overlays(summary: dict, dataset_json: dict, images_folder: str, ground_
 def plot_learning_curves(curves: dict, path: str) -> None:
     """One panel per modality (the teacher in each): nnU-Net's per-epoch pseudo Dice against training iterations,
     mean over seeds with the seeds' range shaded; baseline, students and variants."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from nnunet_protokd.report import METHOD_TITLES
-
-    modalities = sorted({key.partition(":")[2] for key in curves if ":" in key})
+    keys = {key: ModelKey.parse(key) for key in curves}
+    modalities = sorted({key.modality for key in keys.values() if key.modality})
     with matplotlib.rc_context(matplotlib.rcParamsDefault):
         figure, axes = plt.subplots(1, len(modalities), figsize=(6.5 * len(modalities), 4.5), sharey=True,
                                     squeeze=False)
         for axis, modality in zip(axes[0], modalities):
-            keys = ["teacher"] + [k for k in curves if k.partition(":")[2] == modality]
-            for index, key in enumerate(k for k in keys if k in curves):
-                curve, method = curves[key], key.partition(":")[0]
-                style = {"color": "k", "ls": "--"} if method == "teacher" else {"color": f"C{index}"}
-                axis.plot(curve["iterations"], curve["mean"], label=METHOD_TITLES.get(method, method), **style)
+            shown = [TEACHER.name] + [k for k, key in keys.items() if key.modality == modality]
+            for index, text in enumerate(k for k in shown if k in curves):
+                curve, method = curves[text], keys[text].method
+                style = {"color": "k", "ls": "--"} if method == TEACHER.name else {"color": f"C{index}"}
+                axis.plot(curve["iterations"], curve["mean"], label=title(method), **style)
                 axis.fill_between(curve["iterations"], curve["low"], curve["high"], alpha=0.12,
                                   color=style["color"])
             axis.set_title(f"{modality} students")
@@ -161,19 +120,13 @@ def plot_learning_curves(curves: dict, path: str) -> None:
 def plot_paired_differences(comparisons: dict, path: str) -> None:
     """Forest plot: each student's paired Dice difference to its baseline with the bootstrap 95 % CI, per region
     and for the mean."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from nnunet_protokd.report import METHOD_TITLES, significant
-
     keys = list(comparisons)
     panels = list(next(iter(comparisons.values()))) if keys else []
     with matplotlib.rc_context(matplotlib.rcParamsDefault):
         figure, axes = plt.subplots(1, max(1, len(panels)), figsize=(3.2 * max(1, len(panels)) + 2.5,
                                                                      0.45 * len(keys) + 1.5),
                                     sharey=True, squeeze=False)
-        labels = [f"{METHOD_TITLES.get(k.partition(':')[0], k.partition(':')[0])} ({k.partition(':')[2]})"
-                  for k in keys]
+        labels = [f"{title(ModelKey.parse(k).method)} ({ModelKey.parse(k).modality})" for k in keys]
         for axis, region in zip(axes[0], panels):
             for row, key in enumerate(keys):
                 c = comparisons[key][region]

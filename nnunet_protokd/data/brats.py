@@ -20,15 +20,26 @@ from contextlib import contextmanager
 from multiprocessing import Pool
 from typing import Iterable
 
-import numpy as np
 import SimpleITK as sitk
+from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
+from tqdm import tqdm
 
-from nnunet_protokd.brats_labels import (BRATS2018, SEG_SUFFIX, BratsNaming, ConversionError, brats_to_nnunet_labels,
-                                         detect_naming, find_case_folders, geometry_mismatch)
 # the way back, part of this module's interface too
-from nnunet_protokd.brats_labels import (BRATS2023, convert_predictions_to_brats, enhancing_label_of,  # noqa: F401
-                                         nnunet_to_brats_labels)
-from nnunet_protokd.images import count_non_finite, scan_problem  # noqa: F401 (count_non_finite: part of this API)
+from nnunet_protokd.data.brats_labels import (  # noqa: F401
+    BRATS2018,
+    BRATS2023,
+    SEG_SUFFIX,
+    BratsNaming,
+    ConversionError,
+    brats_to_nnunet_labels,
+    convert_predictions_to_brats,
+    detect_naming,
+    enhancing_label_of,
+    find_case_folders,
+    geometry_mismatch,
+    nnunet_to_brats_labels,
+)
+from nnunet_protokd.data.images import count_non_finite, scan_problem  # noqa: F401 (count_non_finite: part of this API)
 
 CHANNEL_NAMES = ("T1", "T1ce", "T2", "FLAIR")
 NNUNET_LABELS = {"background": 0, "edema": 1, "necrosis and non-enhancing core": 2, "enhancing tumor": 3}
@@ -174,7 +185,6 @@ def _default_sigterm():
 
 
 def _run_cases(jobs: list, num_processes: int, description: str) -> list:
-    from tqdm import tqdm
     if num_processes <= 1:
         return [_convert_case(j) for j in tqdm(jobs, desc=description, unit="case")]
     with Pool(num_processes, initializer=_default_sigterm) as pool:
@@ -251,7 +261,6 @@ def convert_brats_dataset(input_folder: str, dataset_id: int, nnunet_raw: str, d
 
 def write_dataset_json(folder: str, num_training_cases: int, region_based: bool, dataset_name: str,
                        naming: BratsNaming) -> None:
-    from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
     generate_dataset_json(
         folder, channel_names=dict(enumerate(CHANNEL_NAMES)),
         labels=NNUNET_REGIONS if region_based else NNUNET_LABELS,

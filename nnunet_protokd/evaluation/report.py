@@ -1,0 +1,134 @@
+"""The comparison of the ProtoKD paper's Table 1: teacher / unimodal / ProtoKD / KD-Net per modality, scored by
+evaluation/metrics.py (Dice from nnU-Net's region-aware metric code, HD95 with the BraTS penalty), each student
+paired with the unimodal baseline of its modality (evaluation/statistics.py)."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from nnunet_protokd.data.regions import evaluation_regions
+from nnunet_protokd.evaluation.figures import plot_dice_bars, plot_overlays
+from nnunet_protokd.evaluation.metrics import BRATS_HD95_PENALTY_MM, empty_reference_rule, evaluate_folder, summarise
+from nnunet_protokd.evaluation.statistics import format_p, paired_comparison
+from nnunet_protokd.methods import MODALITY_SEPARATOR, ModelKey, title
+
+
+@dataclass(frozen=True)
+class PredictionSet:
+    method: str
+    modality: str | None  # None for the teacher, which sees every modality; "A+B" for a subset of modalities
+    folder: str
+
+    @property
+    def key(self) -> str:
+        """The ModelKey text that keys this set's results ("teacher", "protokd:T1ce", "lckd:T1ce+FLAIR")."""
+        return ModelKey(self.method, self.modality).text
+
+
+def _format(mean, std, digits=3):
+    return "n/a" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def build_report(ground_truth_folder: str, dataset_json: dict, prediction_sets: list, output_folder: str,
+                 images_folder: str | None = None, run_info: dict | None = None, seed: int = 0,
+                 hd95_penalty: float | None = BRATS_HD95_PENALTY_MM) -> dict:
+    """Scores every prediction set and writes report.md, summary.json, dice.png and overlays.png. A case where
+    exactly one of reference and prediction is empty scores HD95 = `hd95_penalty` (None: excluded)."""
+    regions = evaluation_regions(dataset_json)
+    region_names = [name for name, _ in regions]
+    file_ending = dataset_json["file_ending"]
+    os.makedirs(output_folder, exist_ok=True)
+    results = {}
+    for prediction_set in prediction_sets:
+        per_case = evaluate_folder(ground_truth_folder, prediction_set.folder, regions, file_ending, hd95_penalty)
+        results[prediction_set.key] = {"method": prediction_set.method, "modality": prediction_set.modality,
+                                       "folder": os.path.abspath(prediction_set.folder),
+                                       "summary": summarise(per_case, regions), "per_case": per_case}
+    comparisons = {}
+    for key, result in results.items():
+        baseline_key = ModelKey.parse(key).baseline
+        baseline = results.get(baseline_key.text) if baseline_key else None
+        if baseline is None:
+            continue
+        comparisons[key] = {name: paired_comparison(
+            [result["per_case"][c][name]["dice"] for c in sorted(result["per_case"])],
+            [baseline["per_case"][c][name]["dice"] for c in sorted(result["per_case"])], seed)
+            for name in region_names}
+    summary = {"n_cases": len(next(iter(results.values()))["per_case"]) if results else 0,
+               "regions": region_names, "empty_reference_rule": empty_reference_rule(hd95_penalty),
+               "hd95_penalty_mm": hd95_penalty,
+               "ground_truth_folder": os.path.abspath(ground_truth_folder),
+               "results": results, "comparisons_with_unimodal": comparisons, "run": run_info or {}}
+    with open(os.path.join(output_folder, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    _write_markdown(summary, os.path.join(output_folder, "report.md"))
+    rows = [result for _, result in ordered_results(summary)]
+    plot_dice_bars(summary, rows, os.path.join(output_folder, "dice.png"))
+    if images_folder:
+        plot_overlays(rows, dataset_json, images_folder, ground_truth_folder, os.path.join(output_folder, "overlays.png"))
+    return summary
+
+
+def ordered_results(summary: dict) -> list:
+    """The rows of Table 1: the teacher first, then per single modality unimodal, ProtoKD, KD-Net, LCKD.
+    Predictions from several modalities (LCKD's subsets) are left to `subset_results`."""
+    return sorted(((key, result) for key, result in summary["results"].items()
+                   if MODALITY_SEPARATOR not in (result["modality"] or "")),
+                  key=lambda item: ModelKey.parse(item[0]).sort_key())
+
+
+def subset_results(summary: dict, method: str = "lckd") -> list:
+    """`method`'s results for every subset of modalities it was given, fewest modalities first."""
+    results = [(key, r) for key, r in summary["results"].items() if r["method"] == method and r["modality"]]
+    return sorted(results, key=lambda item: len(item[1]["modality"].split(MODALITY_SEPARATOR)))
+
+
+def _write_markdown(summary: dict, path: str) -> None:
+    regions = summary["regions"]
+    lines = ["# Single-modality segmentation: Table 1", "",
+             f"{summary['n_cases']} held-out cases; reference {summary['ground_truth_folder']}.", "",
+             f"Scoring: Dice from nnU-Net's region-aware metric code; {summary['empty_reference_rule']}.", "",
+             "## Dice (mean ± std over cases)", "",
+             "| Modality | Method | " + " | ".join(regions) + " | Mean |",
+             "|---|---|" + "---|" * (len(regions) + 1)]
+    for _, result in ordered_results(summary):
+        s = result["summary"]
+        lines.append(f"| {result['modality'] or 'all'} | {title(result['method'])} | "
+                     + " | ".join(_format(s[r]["dice_mean"], s[r]["dice_std"]) for r in regions)
+                     + f" | {_format(s['mean']['dice_mean'], s['mean']['dice_std'])} |")
+    penalty = summary.get("hd95_penalty_mm")
+    one_empty = "excluded" if penalty is None else f"at {penalty:g}"
+    lines += ["", f"## HD95 in mm (mean ± std over n cases; k cases with exactly one of reference and prediction "
+                  f"empty, {'excluded' if penalty is None else f'scored {penalty:g} mm as in BraTS'})", "",
+              "| Modality | Method | " + " | ".join(regions) + " |", "|---|---|" + "---|" * len(regions)]
+    for _, result in ordered_results(summary):
+        s = result["summary"]
+        lines.append(f"| {result['modality'] or 'all'} | {title(result['method'])} | "
+                     + " | ".join(f"{_format(s[r]['hd95_mean'], s[r]['hd95_std'], 2)} "
+                                  f"(n={s[r]['hd95_n']}, k={s[r]['hd95_one_empty']} {one_empty})"
+                                  for r in regions) + " |")
+    subsets = subset_results(summary)
+    if subsets:
+        lines += ["", "## LCKD: one model given each subset of the modalities (Dice, mean ± std over cases)", "",
+                  "| Modalities | " + " | ".join(regions) + " | Mean |", "|---|" + "---|" * (len(regions) + 1)]
+        for _, result in subsets:
+            s = result["summary"]
+            lines.append(f"| {result['modality']} | "
+                         + " | ".join(_format(s[r]["dice_mean"], s[r]["dice_std"]) for r in regions)
+                         + f" | {_format(s['mean']['dice_mean'], s['mean']['dice_std'])} |")
+    if summary["comparisons_with_unimodal"]:
+        lines += ["", "## Students vs the unimodal baseline of their modality (paired over cases, Dice)", "",
+                  "| Modality | Method | Region | n | Mean difference | Bootstrap 95 % CI | Wilcoxon p | Paired t p |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for key, per_region in summary["comparisons_with_unimodal"].items():
+            result = summary["results"][key]
+            for region, c in per_region.items():
+                lines.append(f"| {result['modality']} | {title(result['method'])} | "
+                             f"{region} | {c['n']} | {c['mean_difference']:+.3f} | "
+                             f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] | {format_p(c['wilcoxon_p'])} | "
+                             f"{format_p(c['ttest_p'])} |")
+    if summary["run"]:
+        lines += ["", "## What ran", "", "```", json.dumps(summary["run"], indent=2), "```"]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
