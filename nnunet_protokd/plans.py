@@ -96,6 +96,17 @@ def resolved_configuration(plans: dict, name: str) -> dict:
     return configuration
 
 
+class ConfigurationResolvedOnce:
+    """Mixin of the plugin's trainers: their configuration resolved once (`resolved_configuration`: its inheritance
+    applied and its settings checked), before nnU-Net's __init__; every check and setting of the trainer reads it."""
+    _resolved_configuration = None
+
+    def resolved_configuration(self, plans: dict, configuration: str) -> dict:
+        if self._resolved_configuration is None:
+            self._resolved_configuration = resolved_configuration(plans, configuration)
+        return self._resolved_configuration
+
+
 def inheritance_chain(plans: dict, name: str) -> list:
     """[name, its parent, ...] up to a configuration that inherits from nothing; ends early at the first name
     seen twice (a cycle) or at a parent missing from the plans."""

@@ -75,7 +75,7 @@ def plot_overlays(results: list, dataset_json: dict, images_folder: str, ground_
             # each modality's slice is read once per case, however many columns show it
             slices = {m: read(os.path.join(images_folder, f"{case}_{channels[m]:04d}{file_ending}"))[z]
                       for m in dict.fromkeys(modality for _, modality, _ in columns)}
-            for column, (title, modality, folder) in enumerate(columns):
+            for column, (heading, modality, folder) in enumerate(columns):
                 image = slices[modality]
                 labels = reference if folder is None else read(os.path.join(folder, case + file_ending))
                 axis = axes[row, column]
@@ -84,7 +84,7 @@ def plot_overlays(results: list, dataset_json: dict, images_folder: str, ground_
                 axis.set_xticks([])
                 axis.set_yticks([])
                 if row == 0:
-                    axis.set_title(title if folder else f"{title}\n({modality})", fontsize=8)
+                    axis.set_title(heading if folder else f"{heading}\n({modality})", fontsize=8)
             axes[row, 0].set_ylabel(case, fontsize=7)
         figure.tight_layout()
         figure.savefig(path, dpi=90)

@@ -14,7 +14,7 @@ from torch import distributed as dist
 
 from nnunet_protokd.channels import StudentModality, with_input_channel_check
 from nnunet_protokd.errors import ConfigurationError, show_user_errors_in_nnunet_commands
-from nnunet_protokd.plans import configuration_settings, resolved_configuration, schedule_of
+from nnunet_protokd.plans import ConfigurationResolvedOnce, configuration_settings, schedule_of
 from nnunet_protokd.settings import FINAL_VALIDATION_KEY
 from nnunet_protokd.training.features import unwrap
 from nnunet_protokd.training.progress import plot_loss_terms
@@ -150,7 +150,7 @@ def term_gradient_norms(trainer: nnUNetTrainer, terms: dict) -> dict:
     return norms
 
 
-class LossTermTraining:
+class LossTermTraining(ConfigurationResolvedOnce):
     """The one training step of the plugin's nnU-Net trainers, whose loss is a weighted sum of named terms.
 
     A trainer defines `logged_terms` and `weighted_loss_terms(data, target)` -> {name: (weight, value)}; this
@@ -165,14 +165,6 @@ class LossTermTraining:
     logged_terms: tuple = ("seg_loss",)
     cpu_autocast_dtype = None  # see step_autocast
     _gradient_norms = None
-    _resolved_configuration = None
-
-    def resolved_configuration(self, plans: dict, configuration: str) -> dict:
-        """The trainer's configuration resolved once (plans.resolved_configuration: its inheritance applied and
-        its settings checked), before nnU-Net's __init__; every check and setting of the trainer reads it."""
-        if self._resolved_configuration is None:
-            self._resolved_configuration = resolved_configuration(plans, configuration)
-        return self._resolved_configuration
 
     def weighted_loss_terms(self, data: torch.Tensor, target) -> dict:
         raise NotImplementedError

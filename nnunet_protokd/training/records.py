@@ -17,6 +17,7 @@ from nnunet_protokd import __version__
 from nnunet_protokd.errors import ConfigurationError
 from nnunet_protokd.io import atomic_file, load_checkpoint_weights_only
 from nnunet_protokd.plans import (
+    ConfigurationResolvedOnce,
     add_config_command,
     configuration_settings,
     load_preprocessed,
@@ -43,10 +44,9 @@ def settings_changes(recorded: dict, current: dict) -> dict:
             if recorded.get(key) != current.get(key)}
 
 
-class RecordedSettings:
+class RecordedSettings(ConfigurationResolvedOnce):
     """Mixin for the plugin's nnU-Net trainers with method settings: resolves and records them, and refuses to load
-    a checkpoint trained with other settings. Call `resolve_settings` before nnU-Net's __init__. The trainer it is
-    mixed into resolves its configuration (`resolved_configuration`, training/base.py's LossTermTraining)."""
+    a checkpoint trained with other settings. Call `resolve_settings` before nnU-Net's __init__."""
 
     @classmethod
     def method_name(cls) -> str:
