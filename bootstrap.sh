@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything on a fresh machine with only Python 3, then runs one job:
 #   ./bootstrap.sh demo [demo args]     the main job on built-in phantoms (nnunet-protokd demo)
-#   ./bootstrap.sh test [pytest args]   the test suite (CPU, 25-35 minutes on 2 cores)
+#   ./bootstrap.sh test [pytest args]   the test suite (CPU, about 15 minutes on 2 cores)
+#   ./bootstrap.sh lint                 ruff and the import-linter contracts of pyproject.toml (CI runs it first)
 #   ./bootstrap.sh install              only the set-up
 # The set-up: a virtual environment in .venv (override with PROTOKD_VENV), this project installed into it in
 # editable mode with nnU-Net v2, PyTorch and Snakemake (the extra [cluster], which the workflow tests need), and
@@ -28,6 +29,7 @@ case "$job" in
         export nnUNet_n_proc_DA="${nnUNet_n_proc_DA:-2}" nnUNet_def_n_proc="${nnUNet_def_n_proc:-2}"
         exec "$venv/bin/python" -m pytest "$@" ;;
     demo) exec "$venv/bin/nnunet-protokd" demo "$@" ;;
+    lint) "$venv/bin/ruff" check . && "$venv/bin/lint-imports" ;;
     install) echo "ready: $venv/bin/nnunet-protokd, $venv/bin/nnUNetv2_train, ..." ;;
-    *) echo "usage: $0 demo [args] | test [pytest args] | install" >&2; exit 2 ;;
+    *) echo "usage: $0 demo [args] | test [pytest args] | lint | install" >&2; exit 2 ;;
 esac

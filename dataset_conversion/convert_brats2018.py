@@ -20,7 +20,8 @@ def main(argv=None) -> int:
     parser.add_argument("input_folder", help="BraTS training folder: HGG/ and LGG/ with one folder per case "
                                              "(BraTS 2018/2019), or case folders directly (2020-2023)")
     parser.add_argument("dataset_id", type=int, help="nnU-Net dataset id, 1-999")
-    parser.add_argument("--name", default=None, help="dataset name (default BraTS2018, or BraTS2023 for t1n/t1c/... files)")
+    parser.add_argument("--name", default=None,
+                        help="dataset name (default BraTS2018, or BraTS2023 for t1n/t1c/... files)")
     parser.add_argument("--test", default=None, metavar="FOLDER",
                         help="a validation/test folder converted into imagesTs (and labelsTs if its cases have seg)")
     parser.add_argument("--labels", action="store_true",

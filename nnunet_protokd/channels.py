@@ -96,7 +96,8 @@ class ChannelSubset:
 
     def dataset_json(self, dataset_json: dict) -> dict:
         dataset_json = deepcopy(dataset_json)
-        dataset_json[SETTINGS_KEY] = {"channels": list(self.names), "source_channel_indices": list(self.channel_indices),
+        dataset_json[SETTINGS_KEY] = {"channels": list(self.names),
+                                      "source_channel_indices": list(self.channel_indices),
                                       "source_channel_names": dataset_json["channel_names"]}
         dataset_json["channel_names"] = {str(i): name for i, name in enumerate(self.names)}
         return dataset_json

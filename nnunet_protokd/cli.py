@@ -18,19 +18,14 @@ from nnunet_protokd.errors import ConfigurationError, is_user_error
 from nnunet_protokd.evaluation.metrics import BRATS_HD95_PENALTY_MM
 from nnunet_protokd.evaluation.report import PredictionSet, build_report
 from nnunet_protokd.lckd.subsets import every_channel_subset, subset_configuration_name, write_subset_model_folder
-from nnunet_protokd.methods import VARIANTS, ModelKey
+from nnunet_protokd.methods import DEFAULT_METHODS, VARIANTS, ModelKey, describe_method_settings
 from nnunet_protokd.plans import add_configuration, dataset_name, load_preprocessed, preprocessed_files
 from nnunet_protokd.protocol.benchmark import format_table, run_benchmark
 from nnunet_protokd.protocol.demo import run_demo
 from nnunet_protokd.protocol.evidence import CPU_SCHEDULE, FULL_SCHEDULE, Evidence, EvidenceSettings, requested_variants
 from nnunet_protokd.protocol.experiment import Experiment, ExperimentSettings, StepFailed
 from nnunet_protokd.protocol.workflow import write_workflow
-from nnunet_protokd.settings import (
-    SCHEDULE_FLAGS,
-    SCHEDULE_SETTINGS,
-    describe_method_settings,
-    parse_setting_assignments,
-)
+from nnunet_protokd.settings import SCHEDULE_FLAGS, SCHEDULE_SETTINGS, parse_setting_assignments
 from nnunet_protokd.training.teacher import locate_teacher
 
 
@@ -303,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modalities", nargs="+", default=["T1ce"],
                    help="student modalities (default T1ce; each one more adds about 9 minutes on a 2-core CPU)")
     p.add_argument("--all-modalities", action="store_true", help="students for T1, T1ce, T2 and FLAIR")
-    p.add_argument("--methods", nargs="+", default=["unimodal", "protokd", "kdnet"],
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                    help="as for experiment; add lckd for LCKD and its 15-subset table (about 15 more minutes on "
                         "CPU, mostly its 15 predictions)")
     p.add_argument("--epochs", type=int, default=None, help="epochs of every model (default: the evidence run's, 15)")
@@ -346,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--dataset", required=True, help="dataset id or name (in nnUNet_raw)")
     p.add_argument("-c", "--configuration", default="3d_fullres", help="base nnU-Net configuration")
     p.add_argument("--modalities", nargs="+", default=None, help="student modalities (default: every channel)")
-    p.add_argument("--methods", nargs="+", default=["unimodal", "protokd", "kdnet"],
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                    help="unimodal, protokd, kdnet (a student per modality) and/or lckd (one model, predicted from "
                         "every subset of modalities) (default: unimodal protokd kdnet)")
     p.add_argument("--folds", nargs="+", default=[0], type=lambda f: f if f == "all" else int(f),
@@ -451,10 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("export", help="a trained student as an nnU-Net model zip for sites with nnU-Net only, "
                                            "with a model card",
                             description="Writes a zip for nnUNetv2_install_pretrained_model_from_zip: the student's "
-                                        "single-channel model folder as nnUNetTrainer__<plans>__<configuration>_<method>"
-                                        " (checkpoints without teacher, naming nnU-Net's own trainer), model_card.md/"
-                                        ".json and, for BraTS, convert_predictions_to_brats.py. LCKD subset folders "
-                                        "export unchanged and need the plugin.")
+                                        "single-channel model folder as "
+                                        "nnUNetTrainer__<plans>__<configuration>_<method> (checkpoints without "
+                                        "teacher, naming nnU-Net's own trainer), model_card.md/.json and, for BraTS, "
+                                        "convert_predictions_to_brats.py. LCKD subset folders export unchanged and "
+                                        "need the plugin.")
     p.add_argument("-d", "--dataset", required=True, help="dataset id or name")
     p.add_argument("-c", "--configuration", required=True, help="the student's configuration, e.g. 3d_fullres_T1ce")
     p.add_argument("-tr", "--trainer", required=True, help="ProtoKDTrainer, KDNetTrainer, UnimodalTrainer, LCKDTrainer")

@@ -6,7 +6,11 @@ model of the protocol is named by its ModelKey: the method (or variant) and the 
 """
 from __future__ import annotations
 
+import json
+from types import MappingProxyType
 from typing import NamedTuple
+
+from nnunet_protokd.settings import Setting
 
 # joins the modality names of a channel subset: "T1ce+FLAIR" (configuration names, model keys, input folders)
 MODALITY_SEPARATOR = "+"
@@ -18,6 +22,10 @@ class Method(NamedTuple):
     title: str  # its name in tables and figures
     distils: bool = False  # learns from its fold's frozen teacher (which must be trained first)
     every_channel: bool = False  # one model on every channel (predicted from subsets), not a student per modality
+    # {name: Setting}: what a configuration may set for its trainer (`--set TRAINER.NAME=VALUE`), with the
+    # paper's value as the default; stored under the trainer's name, e.g. {"protokd": {"modality": "T1ce",
+    # "ProtoKDTrainer": {"beta": 0.0}}}
+    settings: MappingProxyType = MappingProxyType({})
 
 
 class Variant(NamedTuple):
@@ -29,15 +37,80 @@ class Variant(NamedTuple):
     title: str
 
 
+# ProtoKD (Wang et al., ICASSP 2023): L = L_seg + alpha L_kd + beta L_proto, temperature T
+PROTOKD_SETTINGS = {
+    "alpha": Setting(float, 10.0, minimum=0, meaning="weight of L_kd; 0 leaves it out"),
+    "beta": Setting(float, 0.1, minimum=0, meaning="weight of L_proto; 0 leaves it out"),
+    "temperature": Setting(float, 10.0, minimum=0, open_minimum=True, meaning="temperature T of L_kd"),
+    "intra_class_only": Setting(bool, False, meaning="L_proto over each class's own voxels only"),
+    "classes": Setting(str, "disjoint", choices=("disjoint", "regions"),
+                       meaning="prototype classes of a region dataset: the disjoint classes the regions "
+                               "make (background, WT-TC, TC-ET, ET; the authors') or background and each "
+                               "nested region (0.1.0)"),
+    "class_presence": Setting(str, "item", choices=("item", "batch"),
+                              meaning="a class counts for an item that has it (ours) or only when every item "
+                                      "of the batch has it (the authors' code)"),
+}
+# KD-Net (Hu, Maillard et al., MICCAI 2020): L = lambda L_KD + (1 - lambda) L_GT + alpha L_KL, temperature T
+KDNET_SETTINGS = {
+    "lambda": Setting(float, 0.75, minimum=0, maximum=1, meaning="weight of L_KD; L_GT gets 1 - lambda"),
+    "temperature": Setting(float, 5.0, minimum=0, open_minimum=True, meaning="temperature T of L_KD"),
+    "alpha": Setting(float, 10.0, minimum=0, meaning="weight of L_KL; 0 leaves it out"),
+    "soften_student": Setting(bool, False, meaning="Eq. 2 with the student's logits divided by T too (0.1.0); "
+                                                   "the paper softens the teacher only"),
+    "kl_reduction": Setting(str, "sum", choices=("sum", "mean"),
+                            meaning="Eq. 3's KL summed over an item's bottleneck elements (the paper's "
+                                    "reading) or averaged over them (a milder term)"),
+}
+# LCKD (Wang et al., MICCAI 2023): L = L_seg + kd_weight * L1(teacher modalities' bottlenecks, others'), as
+# the authors' code (github billhhh/LCKD): pairs summed, distillation from the first epoch, one feature slot
+# per modality, 1 to M-1 modalities per batch, 80,000 of 195,000 iterations with every modality, an election
+# every 5,000 iterations (20 of nnU-Net's epochs). election_fraction and election_batches are ours: we elect
+# on held-out training patches, not on validation volumes
+LCKD_SETTINGS = {
+    "kd_weight": Setting(float, 0.1, minimum=0, meaning="weight of the cross-modal L1 term"),
+    "kd_pair_reduction": Setting(str, "sum", choices=("sum", "mean"),
+                                 meaning="the L1 terms of the (teacher, student) pairs summed (the authors') or "
+                                         "averaged (0.1.0)"),
+    "kd_from_start": Setting(bool, True, meaning="elect and distil from the first epoch (the authors'); false: "
+                                                 "from the first missing-modality epoch (0.1.0)"),
+    "fusion": Setting(str, "slots", choices=("slots", "mean"),
+                      meaning="one feature slot per modality, missing ones filled with the mean (the authors') "
+                              "or the mean of the available modalities (0.1.0)"),
+    "subset_sampling": Setting(str, "per_batch", choices=("per_batch", "per_item"),
+                               meaning="1 to M-1 modalities drawn for the whole batch (the authors') or one of "
+                                       "the 2^M-1 subsets per item (0.1.0)"),
+    "full_modality_fraction": Setting(float, 0.41, minimum=0, maximum=1,
+                                      meaning="share of the epochs trained with every modality first"),
+    "election_interval": Setting(int, 20, minimum=1, meaning="epochs between teacher elections"),
+    "election_fraction": Setting(float, 0.1, minimum=0, maximum=1, open_minimum=True, open_maximum=True,
+                                 meaning="share of the fold's training cases held out to elect teachers"),
+    "election_batches": Setting(int, 10, minimum=1, meaning="fixed patches each election scores"),
+}
+
 TEACHER = Method("teacher", "ProtoKDTeacherTrainer", "Teacher (all modalities)", every_channel=True)
 BASELINE = Method("unimodal", "UnimodalTrainer", "Unimodal")
 # in report order
 METHODS = {method.name: method for method in (
     BASELINE,
-    Method("protokd", "ProtoKDTrainer", "ProtoKD", distils=True),
-    Method("kdnet", "KDNetTrainer", "KD-Net", distils=True),
-    Method("lckd", "LCKDTrainer", "LCKD", every_channel=True),
+    Method("protokd", "ProtoKDTrainer", "ProtoKD", distils=True, settings=MappingProxyType(PROTOKD_SETTINGS)),
+    Method("kdnet", "KDNetTrainer", "KD-Net", distils=True, settings=MappingProxyType(KDNET_SETTINGS)),
+    Method("lckd", "LCKDTrainer", "LCKD", every_channel=True, settings=MappingProxyType(LCKD_SETTINGS)),
 )}
+# {trainer: {name: Setting}} of every method with settings, and their defaults
+METHOD_SETTINGS = {method.trainer: dict(method.settings) for method in METHODS.values() if method.settings}
+METHOD_DEFAULTS = {trainer: {name: setting.default for name, setting in settings.items()}
+                   for trainer, settings in METHOD_SETTINGS.items()}
+# what plugin 0.1.0 did, as settings: a model trained by 0.1.0 recorded fewer settings (LCKD none), and these
+# values (over what it did record) say how it was trained, so that `--c` can tell whether it would now continue
+# under other settings. They are also what switches each trainer back to 0.1.0's behaviour.
+SETTINGS_OF_0_1_0 = {
+    "ProtoKDTrainer": {**METHOD_DEFAULTS["ProtoKDTrainer"], "classes": "regions"},
+    "KDNetTrainer": {**METHOD_DEFAULTS["KDNetTrainer"], "soften_student": True},
+    "LCKDTrainer": {**METHOD_DEFAULTS["LCKDTrainer"], "kd_pair_reduction": "mean", "kd_from_start": False,
+                    "fusion": "mean", "subset_sampling": "per_item", "full_modality_fraction": 0.2,
+                    "election_interval": 10},
+}
 
 VARIANTS = {variant.name: variant for variant in (
     # the ablations of the ProtoKD paper's Tables 2 and 3
@@ -60,6 +133,16 @@ VARIANTS = {variant.name: variant for variant in (
 )}
 
 METHOD_ORDER = (TEACHER.name, *METHODS)
+# what `experiment`, `evidence` and the demo train unless told otherwise: a student per modality of each method
+# (a method with one model on every channel is added by asking for it)
+DEFAULT_METHODS = tuple(name for name, method in METHODS.items() if not method.every_channel)
+
+
+def describe_method_settings() -> str:
+    """One line per distilling trainer setting: name, valid range, default and meaning (for --help)."""
+    return "\n".join(f"  {method}.{name}: {setting.range_text()}, default {json.dumps(setting.default)} "
+                     f"({setting.meaning})"
+                     for method, settings in METHOD_SETTINGS.items() for name, setting in settings.items())
 
 
 def base_method(name: str) -> str:

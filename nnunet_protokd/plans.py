@@ -26,18 +26,17 @@ import nnunetv2.paths as nnunet_paths  # read at call time: tests and commands s
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_protokd import methods
 from nnunet_protokd.errors import ConfigurationError, TeacherError
 from nnunet_protokd.io import write_json_atomically
+from nnunet_protokd.methods import METHOD_DEFAULTS, METHOD_SETTINGS, TEACHER
 from nnunet_protokd.settings import (
     FINAL_VALIDATION_KEY,
-    METHOD_DEFAULTS,
-    METHOD_SETTINGS,
     SCHEDULE_FLAGS,
     SCHEDULE_KEYS,
+    SCHEDULE_SETTINGS,
     SETTINGS_KEY,
     TEACHER_KEYS,
-    check_settings,
+    Setting,
     setting_assignment,
 )
 
@@ -45,7 +44,7 @@ from nnunet_protokd.settings import (
 # (<trainer>__<plans>__<configuration>), which nnU-Net splits at "__"
 CONFIGURATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+\-]*")
 # where a student's teacher is, unless its configuration names another (add-config --teacher-...)
-TEACHER_DEFAULTS = {"trainer": methods.TEACHER.trainer, "configuration": None, "plans": None,
+TEACHER_DEFAULTS = {"trainer": TEACHER.trainer, "configuration": None, "plans": None,
                     "checkpoint": "checkpoint_final.pth"}
 
 
@@ -121,6 +120,32 @@ def inheritance_chain(plans: dict, name: str) -> list:
 def configuration_settings(configuration: dict) -> dict:
     """Our settings of a resolved configuration ({} for plain nnU-Net configurations)."""
     return dict(configuration.get(SETTINGS_KEY, {}))
+
+
+def check_settings(settings: dict, where: str) -> None:
+    """Raises ConfigurationError naming `where` and the setting when one of our settings is not of its kind or
+    outside its documented range (METHOD_SETTINGS of methods.py, SCHEDULE_SETTINGS of settings.py). Keys these
+    tables do not know are left alone (another version of the plugin may have written them)."""
+    for key, value in settings.items():
+        if key in SCHEDULE_SETTINGS:
+            SCHEDULE_SETTINGS[key].check(key, value, where)
+        elif key in METHOD_SETTINGS:
+            if not isinstance(value, dict):
+                raise ConfigurationError(f"{where}: {key} must hold settings {{name: value}}, got {json.dumps(value)}")
+            for name, setting_value in value.items():
+                if name not in METHOD_SETTINGS[key]:
+                    raise ConfigurationError(f"{where}: unknown {key} setting {name!r}; known: "
+                                             f"{sorted(METHOD_SETTINGS[key])}")
+                METHOD_SETTINGS[key][name].check(f"{key}.{name}", setting_value, where)
+        elif key == FINAL_VALIDATION_KEY:
+            Setting(bool).check(key, value, where)
+        elif key == "modality" and not isinstance(value, str):
+            raise ConfigurationError(f"{where}: modality must be a channel name, got {json.dumps(value)}")
+        elif key == "teacher":
+            if not isinstance(value, dict) or set(value) - set(TEACHER_KEYS) or \
+                    not all(isinstance(v, str) for v in value.values()):
+                raise ConfigurationError(f"{where}: teacher must map some of {list(TEACHER_KEYS)} to names, got "
+                                         f"{json.dumps(value)}")
 
 
 def channel_index(dataset_json: dict, modality: str) -> int:

@@ -103,7 +103,8 @@ def test_labelled_held_out_folder_gets_labelsTs_and_needs_every_seg(phantom_fold
     generate_brats_phantoms(str(held_out), num_hgg=2, num_lgg=1, seed=12, shape_zyx=(20, 24, 24),
                             first_case_index=200)
     target = convert(phantom_folder, tmp_path / "raw", test_folder=str(held_out))
-    assert sorted(os.listdir(target / "labelsTs")) == ["Brats18_PHANTOM_HGG_200.nii.gz", "Brats18_PHANTOM_HGG_201.nii.gz",
+    assert sorted(os.listdir(target / "labelsTs")) == ["Brats18_PHANTOM_HGG_200.nii.gz",
+                                                      "Brats18_PHANTOM_HGG_201.nii.gz",
                                                       "Brats18_PHANTOM_LGG_200.nii.gz"]
     os.remove(held_out / "HGG" / "Brats18_PHANTOM_HGG_201" / "Brats18_PHANTOM_HGG_201_seg.nii.gz")
     with pytest.raises(ConversionError, match="case Brats18_PHANTOM_HGG_201: missing segmentation .* other cases"):

@@ -174,7 +174,8 @@ def plugin_free_environment(folder: Path, results: Path) -> tuple[dict, Path, Pa
     guard.mkdir()
     blocked = {"nnunet_protokd"} | {path.stem for path in (REPO / "trainers").glob("*.py")}
     (guard / "sitecustomize.py").write_text(BLOCKER.format(blocked=sorted(blocked), log=str(log)))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_") and k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("nnUNet_") and k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(PYTHONPATH=str(guard), PATH=f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
                nnUNet_results=str(results), OMP_NUM_THREADS="1", nnUNet_def_n_proc="1", PYTHONWARNINGS="ignore")
     return env, venv / "bin", log

@@ -186,7 +186,8 @@ def test_lckd_is_trained_once_and_predicts_from_every_subset(workspace):
     assert "| T1ce | LCKD |" in table_one and "| T1ce | Unimodal |" in table_one and "T1ce+FLAIR" not in table_one
     rows = [line for line in subsets.split("## ")[0].splitlines()[3:] if line.startswith("| ")]
     assert len(rows) == 15 and rows[0].startswith("| T1 |") and rows[-1].startswith("| T1+T1ce+T2+FLAIR |")
-    assert "protokd:T1ce" not in summary["comparisons_with_unimodal"] and "lckd:T1ce" in summary["comparisons_with_unimodal"]
+    comparisons = summary["comparisons_with_unimodal"]
+    assert "protokd:T1ce" not in comparisons and "lckd:T1ce" in comparisons
 
 
 def test_a_label_based_conversion_runs_the_protocol_and_is_scored_as_brats_regions(workspace):
@@ -196,7 +197,8 @@ def test_a_label_based_conversion_runs_the_protocol_and_is_scored_as_brats_regio
     raw = workspace / "nnUNet_raw" / DATASET
     dataset_json = json.loads((raw / "dataset.json").read_text())
     del dataset_json["regions_class_order"]
-    (raw / "dataset.json").write_text(json.dumps({**dataset_json, "labels": NNUNET_LABELS, "brats_naming": "brats2018"}))
+    (raw / "dataset.json").write_text(json.dumps({**dataset_json, "labels": NNUNET_LABELS,
+                                                  "brats_naming": "brats2018"}))
     dry_run = run([BIN / "nnunet-protokd", "experiment", "-d", "777", "--modalities", "T1ce", "--methods", "protokd",
                    "kdnet", "lckd", "--epochs", "3", "--iterations-per-epoch", "5", "--device", "cpu", "-o",
                    workspace / "experiment", "--dry-run"], nnunet_environment(workspace)).stdout

@@ -177,7 +177,7 @@ def test_single_channel_preprocessing_matches_training_on_skull_stripped_data(wo
 @pytest.mark.parametrize("model", DISTILLED)
 def test_distilled_student_logs_every_loss_term_and_records_its_teacher(workspace, model):
     from nnunet_protokd.io import load_checkpoint_weights_only, sha256_of
-    from nnunet_protokd.settings import METHOD_DEFAULTS
+    from nnunet_protokd.methods import METHOD_DEFAULTS
     results = workspace / "nnUNet_results" / DATASET
     fold = results / model / "fold_0"
     teacher_checkpoint = results / TEACHER / "fold_0" / "checkpoint_final.pth"
@@ -291,7 +291,7 @@ def test_lckd_elects_on_held_out_training_cases_and_validates_every_subset(works
     log = next(fold.glob("training_log_*.txt")).read_text()
     assert "teacher election (epoch 0): Dice alone" in log
     from nnunet_protokd.io import load_checkpoint_weights_only
-    from nnunet_protokd.settings import METHOD_DEFAULTS
+    from nnunet_protokd.methods import METHOD_DEFAULTS
     checkpoint = load_checkpoint_weights_only(str(fold / "checkpoint_final.pth"))
     logged = checkpoint["logging"]
     assert logged["kd_loss"][0] > 0 and all(np.isfinite(logged["seg_loss"]))  # distilled in the every-modality epoch
@@ -411,8 +411,9 @@ def test_resenc_plans_as_teacher_and_student_and_a_resenc_teacher_for_default_pl
          "3d_smoke_T1ce_resenc_teacher", "--teacher-plans", resenc], env)
     run([BIN / "nnUNetv2_train", "501", "3d_smoke_T1ce_resenc_teacher", "0", "-tr", "ProtoKDTrainer", "-device", "cpu"],
         env)
-    record = json.loads((workspace / "nnUNet_results" / DATASET / "ProtoKDTrainer__nnUNetPlans__3d_smoke_T1ce_resenc_teacher"
-                         / "fold_0" / "distillation.json").read_text())
+    record = json.loads((workspace / "nnUNet_results" / DATASET
+                         / "ProtoKDTrainer__nnUNetPlans__3d_smoke_T1ce_resenc_teacher" / "fold_0"
+                         / "distillation.json").read_text())
     assert record["teacher"]["plans"] == resenc
 
 

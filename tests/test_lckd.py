@@ -192,7 +192,8 @@ def reference_cross_modal_kd(bottlenecks, available, teachers, pair_reduction):
         for s in range(b.shape[1]):
             items = [n for n in range(b.shape[0]) if s != t and available[n][t] and available[n][s]]
             if items:
-                per_pair.append(float(sum((b[n, t] - b[n, s]).abs().sum() for n in items)) / (len(items) * b[0, 0].numel()))
+                per_pair.append(float(sum((b[n, t] - b[n, s]).abs().sum() for n in items))
+                                / (len(items) * b[0, 0].numel()))
                 per_item_pair += [float((b[n, t] - b[n, s]).abs().mean()) for n in items]
     if pair_reduction == "sum":
         return sum(per_pair)

@@ -8,8 +8,8 @@ import pytest
 from nnunet_protokd import __version__
 from nnunet_protokd.cli import main as cli
 from nnunet_protokd.errors import ConfigurationError
+from nnunet_protokd.methods import METHOD_DEFAULTS, SETTINGS_OF_0_1_0
 from nnunet_protokd.plans import add_configuration, resolved_configuration
-from nnunet_protokd.settings import METHOD_DEFAULTS, SETTINGS_OF_0_1_0
 from nnunet_protokd.training.records import RecordedSettings, recorded_settings
 from tests.test_student_settings import DATASET_JSON, make_plans
 

@@ -85,7 +85,8 @@ def test_hand_computable_scores(folders, tmp_path):
     comparison = summary["comparisons_with_unimodal"]["protokd:T1ce"]["WT"]
     assert comparison["n"] == 2 and comparison["mean_difference"] == 1.0
     report = (tmp_path / "report" / "report.md").read_text()
-    assert "| all | Teacher (all modalities) | 1.000 ± 0.000 | 1.000 ± 0.000 | 1.000 ± 0.000 | 1.000 ± 0.000 |" in report
+    assert ("| all | Teacher (all modalities) | 1.000 ± 0.000 | 1.000 ± 0.000 | 1.000 ± 0.000 | 1.000 ± 0.000 |"
+            in report)
     assert "| T1ce | ProtoKD | 1.000 ± 0.000 | 1.000 ± 0.000 | 0.500 ± 0.500 |" in report
     assert "186.56 ± 186.56 (n=2, k=1 at 373.13) |" in report and "scored HD95 = 373.13 mm (BraTS)" in report
     assert json.loads((tmp_path / "report" / "summary.json").read_text())["n_cases"] == 2

@@ -19,10 +19,11 @@ def test_nnunet_finds_the_trainers_with_no_environment_variable_set():
     assert result.returncode == 0, ("nnU-Net did not find the trainers; was `nnunet-protokd register-trainers` "
                                     "run in this environment (bootstrap.sh does it)?\n" + result.stderr[-2000:])
     # modules named after the files in trainers/, which nnU-Net imports from that folder
-    assert result.stdout.splitlines()[-1].split() == ["ProtoKDTeacherTrainer.ProtoKDTeacherTrainer<nnunet_protokd.training.base",
-                                     "UnimodalTrainer.UnimodalTrainer<nnunet_protokd.training.base",
-                                     "ProtoKDTrainer.ProtoKDTrainer<nnunet_protokd.training.distillation",
-                                     "KDNetTrainer.KDNetTrainer<nnunet_protokd.training.distillation"]
+    assert result.stdout.splitlines()[-1].split() == [
+        "ProtoKDTeacherTrainer.ProtoKDTeacherTrainer<nnunet_protokd.training.base",
+        "UnimodalTrainer.UnimodalTrainer<nnunet_protokd.training.base",
+        "ProtoKDTrainer.ProtoKDTrainer<nnunet_protokd.training.distillation",
+        "KDNetTrainer.KDNetTrainer<nnunet_protokd.training.distillation"]
     assert f"Searching in: {REPO / 'trainers'}" in result.stdout + result.stderr
 
 

@@ -15,7 +15,8 @@ NAMES = ("loss", "seg_loss", "kd_loss", "proto_loss")
 
 def trainer_stub(tmp_path, is_ddp=False, rank=0, network=None, grad_scaler=None):
     return SimpleNamespace(is_ddp=is_ddp, local_rank=rank, current_epoch=7, output_folder=str(tmp_path),
-                           network=network, grad_scaler=grad_scaler, __class__=SimpleNamespace(__name__="ProtoKDTrainer"))
+                           network=network, grad_scaler=grad_scaler,
+                           __class__=SimpleNamespace(__name__="ProtoKDTrainer"))
 
 
 def test_finite_values_come_back_on_the_host(tmp_path):
@@ -72,7 +73,8 @@ def test_gradient_norm_of_each_weighted_term_at_the_parameters(tmp_path):
         assert norms[name] == pytest.approx(float(expected), rel=1e-5)
     assert norms["proto_loss"] == 0.0  # an ablated term (weight 0, no graph) does not pull
     # a GradScaler (float16 on CUDA) changes nothing but the underflow: the norms come out unscaled
-    scaled = term_gradient_norms(trainer_stub(tmp_path, network=network, grad_scaler=torch.amp.GradScaler("cpu")), terms)
+    scaler = torch.amp.GradScaler("cpu")
+    scaled = term_gradient_norms(trainer_stub(tmp_path, network=network, grad_scaler=scaler), terms)
     assert scaled == pytest.approx(norms, rel=1e-5)
     # the loss can still be backpropagated afterwards: the probe kept the graph
     (first + 10 * second).backward()

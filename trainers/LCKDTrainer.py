@@ -73,8 +73,9 @@ class LCKDTrainer(RecordedSettings, MultiModalityTrainer):
 
     def initialize(self):
         if MultiModalityTrainer._do_i_compile(self):
-            self.print_to_log_file("torch.compile is off for LCKDTrainer: its shared encoder's batch (items x available "
-                                   "modalities) changes with every drawn subset, so the graph would be re-traced")
+            self.print_to_log_file("torch.compile is off for LCKDTrainer: its shared encoder's batch (items x "
+                                   "available modalities) changes with every drawn subset, so the graph would be "
+                                   "re-traced")
         super().initialize()
         self.bottlenecks = FeatureCapture(self.network)
         self.print_to_log_file(f"LCKD: {json.dumps(self.record())}", also_print_to_console=False)

@@ -207,7 +207,8 @@ def convert_brats_dataset(input_folder: str, dataset_id: int, nnunet_raw: str, d
     naming = detect_naming(train_cases)
     test_cases = find_case_folders(test_folder) if test_folder else []
     if test_cases and detect_naming(test_cases) != naming:
-        raise ConversionError(f"{test_folder} uses {detect_naming(test_cases).name} names, {input_folder} uses {naming.name}")
+        raise ConversionError(f"{test_folder} uses {detect_naming(test_cases).name} names, "
+                              f"{input_folder} uses {naming.name}")
     clash = {c.case_id for c in train_cases} & {c.case_id for c in test_cases}
     if clash:
         raise ConversionError(f"cases in both the training and the test folder: {sorted(clash)[:10]}")
@@ -268,7 +269,8 @@ def write_dataset_json(folder: str, num_training_cases: int, region_based: bool,
         regions_class_order=REGIONS_CLASS_ORDER if region_based else None,
         dataset_name=dataset_name, reference="https://www.synapse.org/brats",
         description=f"BraTS converted by nnunet-protokd from the {naming.name} layout. nnU-Net labels: 1 = edema, "
-                    f"2 = necrosis/non-enhancing core, 3 = enhancing tumour (BraTS 2, 1, {naming.enhancing_labels[0]}).",
+                    f"2 = necrosis/non-enhancing core, 3 = enhancing tumour "
+                    f"(BraTS 2, 1, {naming.enhancing_labels[0]}).",
         license="see the BraTS challenge data terms", converted_by="nnunet-protokd",
         brats_naming=naming.name)
 

@@ -41,9 +41,9 @@ import nnunet_protokd
 from nnunet_protokd.channels import describe_input_files, model_channel_names
 from nnunet_protokd.data import brats_labels
 from nnunet_protokd.io import atomic_file, load_checkpoint_weights_only
-from nnunet_protokd.methods import MODALITY_SEPARATOR
+from nnunet_protokd.methods import METHOD_DEFAULTS, MODALITY_SEPARATOR
 from nnunet_protokd.plans import configuration_settings, dataset_name, method_settings, resolved_configuration
-from nnunet_protokd.settings import METHOD_DEFAULTS, SCHEDULE_KEYS, SETTINGS_KEY
+from nnunet_protokd.settings import SCHEDULE_KEYS, SETTINGS_KEY
 
 EXPORT_TRAINER = "nnUNetTrainer"
 CARD_NAME = "model_card"

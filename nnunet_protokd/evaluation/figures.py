@@ -27,7 +27,8 @@ def plot_dice_bars(summary: dict, results: list, path: str) -> None:
         for axis, region in zip(np.atleast_1d(axes), panels):
             for m, method in enumerate(methods):
                 values = [next((r["summary"][region] for r in results
-                                if r["method"] == method and r["modality"] == modality), None) for modality in modalities]
+                                if r["method"] == method and r["modality"] == modality), None)
+                          for modality in modalities]
                 axis.bar(np.arange(len(modalities)) + (m - (len(methods) - 1) / 2) * width,
                          [v["dice_mean"] if v else np.nan for v in values], width,
                          yerr=[v["dice_std"] if v else 0 for v in values], capsize=2,

@@ -66,7 +66,8 @@ def build_report(ground_truth_folder: str, dataset_json: dict, prediction_sets: 
     rows = [result for _, result in ordered_results(summary)]
     plot_dice_bars(summary, rows, os.path.join(output_folder, "dice.png"))
     if images_folder:
-        plot_overlays(rows, dataset_json, images_folder, ground_truth_folder, os.path.join(output_folder, "overlays.png"))
+        plot_overlays(rows, dataset_json, images_folder, ground_truth_folder,
+                      os.path.join(output_folder, "overlays.png"))
     return summary
 
 

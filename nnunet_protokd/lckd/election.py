@@ -79,7 +79,8 @@ def election_batches(trainer, cases: list, count: int) -> list:
     patch = trainer.configuration_manager.patch_size
     loader = nnUNetDataLoader(trainer.dataset_class(trainer.preprocessed_dataset_folder, cases), trainer.batch_size,
                               patch, patch, label_manager,
-                              oversample_foreground_percent=trainer.oversample_foreground_percent, transforms=transforms)
+                              oversample_foreground_percent=trainer.oversample_foreground_percent,
+                              transforms=transforms)
     return [(batch["data"], batch["target"]) for batch in (next(loader) for _ in range(count))]
 
 

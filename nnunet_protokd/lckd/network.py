@@ -140,8 +140,8 @@ def build_fusion_network(plans_manager, configuration_manager, num_input_channel
     folder's plans.json). The plans of a subset model folder (ChannelSubset.plans) name the trained channels its
     inputs are, and keep one per-channel intensity entry for every trained channel: that count is the number of
     slots."""
-    unet = nnunet_trainer.nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, 1, num_output_channels,
-                                                    enable_deep_supervision)
+    unet = nnunet_trainer.nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, 1,
+                                                                   num_output_channels, enable_deep_supervision)
     plans = plans_manager.plans
     input_slots = plans.get(SETTINGS_KEY, {}).get("source_channel_indices")
     num_modalities = num_input_channels if input_slots is None else \

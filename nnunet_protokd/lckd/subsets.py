@@ -49,8 +49,8 @@ def write_subset_model_folder(results_folder: str, trainer: str, plans_name: str
     source = os.path.join(results_folder, f"{trainer}__{plans_name}__{configuration}")
     for required in ("plans.json", "dataset.json"):
         if not os.path.isfile(os.path.join(source, required)):
-            raise ConfigurationError(f"{os.path.join(source, required)} not found: train {trainer} on "
-                                     f"{configuration} first (nnUNetv2_train DATASET {configuration} FOLD -tr {trainer})")
+            raise ConfigurationError(f"{os.path.join(source, required)} not found: train {trainer} on {configuration} "
+                                     f"first (nnUNetv2_train DATASET {configuration} FOLD -tr {trainer})")
     links = {}
     for fold in sorted(f for f in os.listdir(source) if f.startswith("fold_")):
         for checkpoint in ("checkpoint_final.pth", "checkpoint_best.pth"):
@@ -66,7 +66,8 @@ def write_subset_model_folder(results_folder: str, trainer: str, plans_name: str
     if "channels" in plans.get(SETTINGS_KEY, {}):
         raise ConfigurationError(f"{source} is already a subset model folder; give the trained model's configuration")
     contents = {"plans.json": subset.plans(plans), "dataset.json": subset.dataset_json(dataset_json)}
-    target = os.path.join(results_folder, f"{trainer}__{plans_name}__{subset_configuration_name(configuration, subset.label)}")
+    subset_configuration = subset_configuration_name(configuration, subset.label)
+    target = os.path.join(results_folder, f"{trainer}__{plans_name}__{subset_configuration}")
     if os.path.exists(target):
         if _folder_matches(target, contents, links):
             return target

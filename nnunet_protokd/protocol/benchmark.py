@@ -27,7 +27,7 @@ from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_protokd.channels import StudentModality
-from nnunet_protokd.methods import BASELINE, METHODS, TEACHER
+from nnunet_protokd.methods import BASELINE, METHODS, TEACHER, distilling_trainers
 from nnunet_protokd.plans import load_preprocessed
 from nnunet_protokd.training.base import build_checked_network, seed_everything
 
@@ -102,7 +102,8 @@ def worker(mode: str, args: dict) -> dict:
     configuration = args["configuration"]
     if name in EVERY_CHANNEL_TRAINERS:
         configuration = plans["configurations"][configuration]["inherits_from"]
-    trainer = _trainer("ProtoKDTrainer" if mode == "teacher" else name, plans, configuration, dataset_json,
+    # the teacher's forward is timed through a distilling trainer, which builds it as training does
+    trainer = _trainer(distilling_trainers()[0] if mode == "teacher" else name, plans, configuration, dataset_json,
                        device, args["teacher_checkpoint"], args.get("precision", "float32"),
                        args.get("compile", "nnunet"))
     if name == "LCKDTrainer":  # the stage is fixed, whatever the configuration's schedule would say at epoch 0
@@ -125,7 +126,8 @@ def worker(mode: str, args: dict) -> dict:
             seconds.append(time.perf_counter() - start)
     # what was measured worked: every step's loss terms, the student learnt, a teacher stayed frozen
     checks = {"loss_terms": loss_terms, "student_changed": not _same_weights(student_before, _weights(trainer.network)),
-              "teacher_unchanged": None if teacher is None else _same_weights(teacher_before, _weights(teacher.network)),
+              "teacher_unchanged": None if teacher is None
+                                   else _same_weights(teacher_before, _weights(teacher.network)),
               "compiled": hasattr(trainer.network, "_orig_mod"), "gradient_norms": trainer._gradient_norms}
     return {**_statistics(seconds), "peak_memory_mb": _peak_memory_mb(device), **checks}
 
@@ -141,7 +143,8 @@ def _inference(plans: dict, dataset_json: dict, args: dict) -> dict:
     student = build_checked_network(plans_manager, configuration_manager, 1, heads, False)
     plain = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, 1, heads, False)
     plain.load_state_dict(student.state_dict())
-    folder = os.path.join(str(nnunet_paths.nnUNet_preprocessed), plans["dataset_name"], configuration_manager.data_identifier)
+    folder = os.path.join(str(nnunet_paths.nnUNet_preprocessed), plans["dataset_name"],
+                          configuration_manager.data_identifier)
     dataset_class = modality.dataset_class(infer_dataset_class(folder))
     identifiers = dataset_class.get_identifiers(folder)[:args["inference_cases"]]
     dataset = dataset_class(folder, identifiers)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+from nnunet_protokd.methods import DEFAULT_METHODS
 from nnunet_protokd.protocol.evidence import CPU_SCHEDULE, Evidence, EvidenceSettings
 
 FIRST_DATASET_ID = 501  # the demo of seed s converts its phantoms into Dataset<501 + s>
@@ -20,7 +21,7 @@ COMMITTED_EVIDENCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspat
 
 
 def run_demo(output_folder: str, seed: int = 0, modalities=("T1ce",), epochs: int | None = None,
-             iterations_per_epoch: int | None = None, device: str = "cpu", methods=("unimodal", "protokd", "kdnet"),
+             iterations_per_epoch: int | None = None, device: str = "cpu", methods=DEFAULT_METHODS,
              log=print) -> str:
     settings = EvidenceSettings(
         output_folder=output_folder, seeds=(seed,), modalities=tuple(modalities), methods=tuple(methods), variants=(),

@@ -38,7 +38,7 @@ from nnunet_protokd.errors import UserError
 from nnunet_protokd.evaluation.figures import plot_learning_curves, plot_paired_differences
 from nnunet_protokd.evaluation.statistics import format_p, paired_comparison, rank_test_rejects, significant
 from nnunet_protokd.io import staged_folder
-from nnunet_protokd.methods import MODALITY_SEPARATOR, TEACHER, ModelKey, method_trainer, title
+from nnunet_protokd.methods import DEFAULT_METHODS, MODALITY_SEPARATOR, TEACHER, ModelKey, method_trainer, title
 from nnunet_protokd.protocol.experiment import Experiment, ExperimentSettings
 
 # the CPU schedule: 2d (nnU-Net plans batch 32 of whole 32x32 slices for these phantoms; an epoch of 25 steps took
@@ -85,7 +85,7 @@ class EvidenceSettings:
     output_folder: str
     seeds: tuple = (0, 1, 2)
     modalities: tuple = ("T1", "T1ce")
-    methods: tuple = ("unimodal", "protokd", "kdnet")
+    methods: tuple = DEFAULT_METHODS
     variants: tuple = DEFAULT_VARIANTS
     configuration: str = CPU_SCHEDULE["configuration"]
     epochs: int | None = CPU_SCHEDULE["epochs"]
@@ -446,8 +446,8 @@ def headline(evidence: dict, reference: dict | None = None) -> str:
         c = per_region["mean"]
         test_says = rank_test_rejects(c)
         verdict = ("better than" if c["mean_difference"] > 0 else "worse than") if significant(c) \
-            else "no significant difference at this budget" + (" (the CI of the mean includes 0)" if test_says else "") \
-            + " from"
+            else "no significant difference at this budget" \
+            + (" (the CI of the mean includes 0)" if test_says else "") + " from"
         per_seed = c.get("per_seed", {})
         seeds = f"; per seed {', '.join(f'{d:+.3f}' for d in per_seed.values())}" if len(per_seed) > 1 else ""
         sentence = (f"{_title(key)}: {verdict} the unimodal baseline, mean Dice {c['mean_difference']:+.3f} "
@@ -504,8 +504,8 @@ def write_evidence_markdown(evidence: dict, path: str) -> None:
         method, modality = ModelKey.parse(key)
         cells = [f"{_ci(per_region[r])} (p {format_p(per_region[r]['wilcoxon_p'])})" for r in regions]
         lines.append(f"| {modality} | {title(method)} | {per_region['mean']['n']} | "
-                     + " | ".join(cells) + f" | {_ci(per_region['mean'])} | {format_p(per_region['mean']['wilcoxon_p'])} | "
-                     f"{format_p(per_region['mean']['ttest_p'])} |")
+                     + " | ".join(cells) + f" | {_ci(per_region['mean'])} | "
+                     f"{format_p(per_region['mean']['wilcoxon_p'])} | {format_p(per_region['mean']['ttest_p'])} |")
     lines += ["", "## Knowledge transfer: agreement with the teacher on the held-out cases", "",
               "Dice between the student's and the teacher's segmentations (mean over regions) and the mean "
               "KL(teacher || student) of their region probabilities over brain voxels; the differences are paired "

@@ -35,6 +35,7 @@ from nnunet_protokd.evaluation.report import PredictionSet, build_report
 from nnunet_protokd.io import write_json_atomically
 from nnunet_protokd.lckd.subsets import every_channel_subset, subset_configuration_name
 from nnunet_protokd.methods import (
+    DEFAULT_METHODS,
     METHODS,
     MODALITY_SEPARATOR,
     TEACHER,
@@ -104,7 +105,7 @@ class ExperimentSettings:
     output_folder: str
     configuration: str = "3d_fullres"
     modalities: tuple = ()
-    methods: tuple = ("unimodal", "protokd", "kdnet")
+    methods: tuple = DEFAULT_METHODS
     folds: tuple = (0,)
     device: str = "cuda"
     epochs: int | None = None
@@ -410,7 +411,8 @@ class Experiment:
 
     def inputs_ready(self, modality, fold) -> bool:
         folder = self.input_folder(modality, fold)
-        return os.path.isdir(folder) and all(os.path.exists(os.path.join(folder, n)) for n in self._links(modality, fold))
+        return os.path.isdir(folder) and all(os.path.exists(os.path.join(folder, n))
+                                             for n in self._links(modality, fold))
 
     def link_inputs(self, modality, fold) -> None:
         _symlinks(self.input_folder(modality, fold), self._links(modality, fold))
@@ -443,7 +445,8 @@ class Experiment:
         s = self.settings
         return {"dataset": self.dataset_name, "folds": list(s.folds), "base_configuration": s.configuration,
                 "teacher_configuration": self.schedule_configuration, "modalities": list(self.modalities),
-                "methods": list(s.methods), "epochs": s.epochs or 1000, "iterations_per_epoch": s.iterations_per_epoch or 250,
+                "methods": list(s.methods), "epochs": s.epochs or 1000,
+                "iterations_per_epoch": s.iterations_per_epoch or 250,
                 "evaluation": "imagesTs/labelsTs (held out)" if self.evaluate_on_test_set else "cross-validation cases",
                 "device": s.device, "hardware": {"machine": platform.machine(), "processor": platform.processor(),
                                                  "cpu_count": os.cpu_count(), "cuda": torch.cuda.get_device_name(0)

@@ -126,7 +126,8 @@ def stop_if_non_finite(trainer: nnUNetTrainer, names: tuple, values: torch.Tenso
 def term_gradient_norms(trainer: nnUNetTrainer, terms: dict) -> dict:
     """How strongly each weighted loss term pulls on the student: the L2 norm, over all trainable parameters of
     the network, of the gradient of weight * term (one backward pass per term over a retained graph; the trainers
-    do this once per epoch, see LossTermTraining.probe_term_gradients). Terms with weight 0 (ablations, computed without gradient) pull with 0.
+    do this once per epoch, see LossTermTraining.probe_term_gradients). Terms with weight 0 (ablations, computed
+    without gradient) pull with 0.
 
     Under a GradScaler (float16 on CUDA) each term is scaled like the loss, so that small gradients do not
     underflow, and the norm is unscaled again; a scale that overflows is halved, as GradScaler would.

@@ -16,6 +16,7 @@ import torch
 from nnunet_protokd import __version__
 from nnunet_protokd.errors import ConfigurationError
 from nnunet_protokd.io import atomic_file, load_checkpoint_weights_only
+from nnunet_protokd.methods import METHOD_DEFAULTS, SETTINGS_OF_0_1_0
 from nnunet_protokd.plans import (
     ConfigurationResolvedOnce,
     add_config_command,
@@ -23,7 +24,7 @@ from nnunet_protokd.plans import (
     load_preprocessed,
     method_settings,
 )
-from nnunet_protokd.settings import METHOD_DEFAULTS, SETTINGS_KEY, SETTINGS_OF_0_1_0
+from nnunet_protokd.settings import SETTINGS_KEY
 
 RECORD_FILE = "distillation.json"
 

@@ -158,7 +158,8 @@ def locate_teacher(plans: dict, configuration: str, fold, dataset_json: dict, re
                        f"{settings['modality']}")
     for key in ("labels", "regions_class_order"):
         if teacher_dataset_json.get(key) != dataset_json.get(key):
-            _fail(student, f"its {key} {teacher_dataset_json.get(key)} differ from the dataset's {dataset_json.get(key)}")
+            _fail(student, f"its {key} {teacher_dataset_json.get(key)} differ from the dataset's "
+                           f"{dataset_json.get(key)}")
 
     teacher_configuration = checkpoint["init_args"]["configuration"]
     teacher_resolved = resolved_configuration(teacher_plans, teacher_configuration)
