@@ -1,76 +1,15 @@
-"""`nnunet-protokd`: the plugin's own commands (nnU-Net's commands do planning, training and prediction)."""
+"""`nnunet-protokd`: the plugin's own commands (nnU-Net's commands do planning, training and prediction).
+
+This module only parses: each command's work is a function of commands.py, imported when a command runs, so that
+`--help` and a mistyped option answer at once instead of after loading PyTorch and nnU-Net (seconds)."""
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
-import nnunetv2.paths as nnunet_paths  # read at call time: tests and commands set them late
-import torch
-
-from nnunet_protokd import trainer_path
-from nnunet_protokd.channels import ChannelSubset
-from nnunet_protokd.data.phantoms import generate_brats_phantoms
-from nnunet_protokd.deploy.export import export_student
-from nnunet_protokd.deploy.prediction import check_and_predict
-from nnunet_protokd.errors import ConfigurationError, is_user_error
-from nnunet_protokd.evaluation.metrics import BRATS_HD95_PENALTY_MM
-from nnunet_protokd.evaluation.report import PredictionSet, build_report
-from nnunet_protokd.lckd.subsets import every_channel_subset, subset_configuration_name, write_subset_model_folder
-from nnunet_protokd.methods import DEFAULT_METHODS, VARIANTS, ModelKey, describe_method_settings
-from nnunet_protokd.plans import add_configuration, dataset_name, load_preprocessed, preprocessed_files
-from nnunet_protokd.protocol.benchmark import format_table, run_benchmark
-from nnunet_protokd.protocol.demo import run_demo
-from nnunet_protokd.protocol.evidence import CPU_SCHEDULE, FULL_SCHEDULE, Evidence, EvidenceSettings, requested_variants
-from nnunet_protokd.protocol.experiment import Experiment, ExperimentSettings, StepFailed
-from nnunet_protokd.protocol.workflow import write_workflow
-from nnunet_protokd.settings import SCHEDULE_FLAGS, SCHEDULE_SETTINGS, parse_setting_assignments
-from nnunet_protokd.training.teacher import locate_teacher
-
-
-def add_config(args) -> int:
-    plans_file, dataset_json_file = preprocessed_files(args.dataset, args.plans)
-    with open(dataset_json_file) as f:
-        dataset_json = json.load(f)
-    schedule = {**schedule_of(args), "seed": args.seed}
-    checkpoint = args.teacher_checkpoint
-    if checkpoint is not None and os.sep in checkpoint:  # a path (not a file name inside the teacher's fold_X)
-        checkpoint = os.path.abspath(checkpoint)
-    teacher = {"trainer": args.teacher_trainer, "configuration": args.teacher_configuration,
-               "plans": args.teacher_plans, "checkpoint": checkpoint}
-    name = add_configuration(plans_file, dataset_json, args.configuration, args.modality, args.name, schedule,
-                             args.overwrite, teacher, parse_setting_assignments(args.set),
-                             False if args.no_final_validation else None, nnunet_paths.nnUNet_results)
-    print(f"configuration {name} (inherits {args.configuration}) is in {plans_file}")
-    return 0
-
-
-def lckd_subset(args) -> int:
-    if not nnunet_paths.nnUNet_results:
-        raise ConfigurationError("set the environment variable nnUNet_results (see README)")
-    with open(preprocessed_files(args.dataset, args.plans)[1]) as f:
-        dataset_json = json.load(f)
-    if args.all == bool(args.modalities):
-        raise ConfigurationError("give either -m MODALITY [MODALITY ...] or --all")
-    subsets = every_channel_subset(dataset_json) if args.all else \
-        [ChannelSubset.of_names(dataset_json, args.modalities)]
-    results = os.path.join(str(nnunet_paths.nnUNet_results), dataset_name(args.dataset))
-    for subset in subsets:
-        folder = write_subset_model_folder(results, args.trainer, args.plans, args.configuration, subset,
-                                           args.overwrite)
-        files = " ".join(f"<case>_{c:04d} ({name})" for c, name in enumerate(subset.names))
-        configuration = subset_configuration_name(args.configuration, subset.label)
-        print(f"{folder}\n  nnunet-protokd predict -d {args.dataset} -c {configuration} -tr {args.trainer} "
-              f"-p {args.plans} -i INPUT -o OUTPUT   # INPUT holds {files} per case")
-    return 0
-
-
-def predict(args) -> int:
-    """Checks the input folder against the model folder, then runs nnU-Net's nnUNetv2_predict with the same
-    arguments (all of them: this command's own are nnUNetv2_predict's)."""
-    check_and_predict(args.d, args.tr, args.p, args.c, args.i, args.nnunet_arguments)
-    return 0
+from nnunet_protokd.errors import StepFailed, is_user_error
+from nnunet_protokd.methods import DEFAULT_METHODS, VARIANTS, describe_method_settings
+from nnunet_protokd.settings import SCHEDULE_FLAGS, SCHEDULE_SETTINGS
 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
@@ -99,138 +38,11 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--not_on_device", action="store_true")
 
 
-def schedule_of(args) -> dict:
-    """The schedule flags of a command ({"num_epochs": ..., ...}; None where not given)."""
-    return {key: getattr(args, flag[2:].replace("-", "_")) for key, flag in SCHEDULE_FLAGS.items() if key != "seed"}
-
-
 def add_schedule_arguments(p: argparse.ArgumentParser, what: str = "") -> None:
     """--epochs, --iterations-per-epoch, --val-iterations-per-epoch (settings.SCHEDULE_FLAGS)."""
     for key, flag in SCHEDULE_FLAGS.items():
         if key != "seed":
             p.add_argument(flag, type=int, default=None, help=f"{SCHEDULE_SETTINGS[key].meaning}{what} (>= 1)")
-
-
-def phantoms(args) -> int:
-    cases = generate_brats_phantoms(args.output_folder, args.hgg, args.lgg, args.seed, tuple(reversed(args.shape)),
-                                    tuple(args.spacing), not args.no_seg, args.naming, args.first_case_index)
-    print(f"wrote {len(cases)} phantom cases to {args.output_folder}")
-    return 0
-
-
-def parse_prediction_sets(specifications) -> list:
-    """["teacher=DIR", "protokd:T1ce=DIR", ...] -> PredictionSets."""
-    sets = []
-    for specification in specifications:
-        key, sep, folder = specification.partition("=")
-        method, modality = ModelKey.parse(key)
-        if not sep or not method or not folder:
-            raise ValueError(f"--prediction expects METHOD[:MODALITY]=FOLDER, got {specification!r}")
-        if not os.path.isdir(folder):
-            raise ValueError(f"--prediction {specification}: {folder} is not a folder")
-        sets.append(PredictionSet(method.lower(), modality or None, folder))
-    return sets
-
-
-def report(args) -> int:
-    with open(args.dataset_json) as f:
-        dataset_json = json.load(f)
-    run_info = None
-    if args.run_info:
-        with open(args.run_info) as f:
-            run_info = json.load(f)
-    build_report(args.ground_truth, dataset_json, parse_prediction_sets(args.prediction), args.output,
-                 args.images, run_info, args.seed, None if args.hd95_exclude_one_empty else BRATS_HD95_PENALTY_MM)
-    print(f"report: {os.path.join(args.output, 'report.md')}")
-    return 0
-
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def variant_pairs(words) -> tuple:
-    """VARIANT:MODALITY words as (variant, modality) pairs; a word without a modality gets "" (refused later)."""
-    return tuple(tuple(word.split(":", 1)) if ":" in word else (word, "") for word in words)
-
-
-def experiment_settings(args):
-    return ExperimentSettings(
-        dataset=args.dataset, output_folder=args.output or f"protokd_experiment_{args.dataset}",
-        configuration=args.configuration, modalities=tuple(args.modalities or ()), methods=tuple(args.methods),
-        folds=tuple(args.folds), device=args.device or _default_device(), epochs=args.epochs,
-        iterations_per_epoch=args.iterations_per_epoch, val_iterations_per_epoch=args.val_iterations_per_epoch,
-        final_validation=not args.no_final_validation, plans=args.plans, num_processes=args.num_processes,
-        variants=variant_pairs(args.variants or ()),
-        seed=args.seed, predict_in_process=args.predict_in_process)
-
-
-def experiment(args) -> int:
-    if args.workflow:
-        write_workflow(experiment_settings(args), args.workflow)
-    elif args.step:
-        Experiment(experiment_settings(args)).run_step(args.step)
-    else:
-        Experiment(experiment_settings(args)).run(dry_run=args.dry_run)
-    return 0
-
-
-def evidence(args) -> int:
-    schedule = dict(FULL_SCHEDULE if args.schedule == "full" else CPU_SCHEDULE)
-    for key in ("configuration", "epochs", "iterations_per_epoch", "val_iterations_per_epoch"):
-        if getattr(args, key) is not None:
-            schedule[key] = getattr(args, key)
-    variants = requested_variants(variant_pairs(args.variants) if args.variants is not None else None,
-                                  args.diagnosis, tuple(args.modalities))
-    settings = EvidenceSettings(output_folder=args.output, seeds=tuple(args.seeds), modalities=tuple(args.modalities),
-                                variants=variants, device=args.device or _default_device(), **schedule)
-    runner = Evidence(settings)
-    report = runner.aggregate() if args.report_only else runner.run()
-    print(f"The evidence report is {report}")
-    return 0
-
-
-def demo(args) -> int:
-    modalities = ("T1", "T1ce", "T2", "FLAIR") if args.all_modalities else tuple(args.modalities)
-    report_file = run_demo(args.output, args.seed, modalities, args.epochs, args.iterations_per_epoch,
-                           args.device or _default_device(), tuple(args.methods))
-    table_1 = os.path.join(os.path.abspath(args.output), f"seed_{args.seed}", "experiment", "report", "report.md")
-    print(f"\nThe report is {report_file} (figures beside it); the paper's Table 1 with HD95 and overlays: {table_1}")
-    return 0
-
-
-def benchmark(args) -> int:
-    teacher_checkpoint = args.teacher_checkpoint
-    if teacher_checkpoint is None:  # the teacher a fold-0 student of this configuration would train with
-        plans, dataset_json = load_preprocessed(args.dataset, args.plans)
-        teacher_checkpoint = locate_teacher(plans, args.configuration, 0, dataset_json,
-                                            nnunet_paths.nnUNet_results.get()).checkpoint_path
-    report = run_benchmark(args.dataset, args.configuration, teacher_checkpoint, args.device or _default_device(),
-                           args.steps, args.warmup, args.plans, args.inference_cases, args.precision, args.compile,
-                           args.trainers, args.memory_limit_gb)
-    print(format_table(report))
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.output}")
-    return 0
-
-
-def export(args) -> int:
-    exported = export_student(args.dataset, args.configuration, args.trainer, args.folds, args.output, args.plans,
-                              tuple(args.checkpoints), args.overwrite)
-    print(f"wrote {exported.zip_file}: model folder {exported.model_folder} with model_card.md\n"
-          f"where it is used:\n  " + "\n  ".join(exported.card["usage"]))
-    return 0
-
-
-def register_trainers(args) -> int:
-    if args.remove:
-        print("removed " + trainer_path.pth_file() if trainer_path.unregister() else "nothing to remove")
-        return 0
-    path = trainer_path.register()
-    print(f"wrote {path}: nnUNetv2_train/nnUNetv2_predict of this environment now find {trainer_path.TRAINERS_FOLDER}")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and their valid ranges are listed below")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a configuration of that name that add-config made (never one nnU-Net planned)")
-    p.set_defaults(func=add_config)
+    p.set_defaults(func="add_config")
 
     p = commands.add_parser("phantoms", help="write synthetic BraTS-like cases in the BraTS folder layout",
                             description="Synthetic skull-stripped 4-modality glioma phantoms for tests and demos.")
@@ -285,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--naming", choices=("brats2018", "brats2023"), default="brats2018")
     p.add_argument("--no-seg", action="store_true", help="validation/test layout: images only")
     p.add_argument("--first-case-index", type=int, default=0, help="number of the first case (held-out sets)")
-    p.set_defaults(func=phantoms)
+    p.set_defaults(func="phantoms")
 
     p = commands.add_parser("demo", help="the whole protocol on built-in phantoms (CPU, under 20 minutes)",
                             description="One seed of the evidence protocol: phantoms in the BraTS 2018 layout -> "
@@ -305,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations-per-epoch", type=int, default=None,
                    help="training iterations per epoch (default: the evidence run's, 25)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.set_defaults(func=demo)
+    p.set_defaults(func="demo")
 
     p = commands.add_parser("evidence", help="does distillation help? seeds x methods x ablations on phantoms, with "
                                              "paired statistics, learning curves and teacher agreement; resumable",
@@ -331,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_schedule_arguments(p, ", overriding the schedule's")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--report-only", action="store_true", help="pool the finished seeds into the report again")
-    p.set_defaults(func=evidence)
+    p.set_defaults(func="evidence")
 
     p = commands.add_parser("experiment", help="the paper's Table-1 protocol on a converted dataset, resumable",
                             description="plan/preprocess -> teacher -> per modality the unimodal baseline and the "
@@ -365,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "SLURM profile in DIR/slurm) instead of running it; needs the extra [cluster]")
     p.add_argument("--step", metavar="NAME", default=None,
                    help="run one step of the protocol by name (a rule of the workflow), whatever exists")
-    p.set_defaults(func=experiment)
+    p.set_defaults(func="experiment")
 
     p = commands.add_parser("report", help="Table 1: Dice/HD95 of prediction folders, paired tests, figures",
                             description="Scores labelled prediction folders against a ground-truth folder and "
@@ -382,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hd95-exclude-one-empty", action="store_true",
                    help="leave out of HD95 the cases where exactly one of reference and prediction is empty "
                         "(default: score them 373.13 mm, as the BraTS challenges do); the report counts them")
-    p.set_defaults(func=report)
+    p.set_defaults(func="report")
 
     p = commands.add_parser("benchmark", help="step time and peak memory of the students vs the unimodal baseline",
                             description="Unimodal, ProtoKD, KD-Net and LCKD (both stages) train_step on the same "
@@ -412,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-limit-gb", type=float, default=None,
                    help="address-space limit of each measuring process: a trainer that needs more is reported as "
                         "failed (did not fit) instead of exhausting the machine")
-    p.set_defaults(func=benchmark)
+    p.set_defaults(func="benchmark")
 
     p = commands.add_parser("lckd-subset", help="model folder(s) of a trained LCKD model for a subset of the "
                                                 "modalities, to predict from (weights shared, not copied)",
@@ -428,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-tr", "--trainer", default="LCKDTrainer", help="default LCKDTrainer")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     p.add_argument("--overwrite", action="store_true", help="replace a different folder of that name")
-    p.set_defaults(func=lckd_subset)
+    p.set_defaults(func="lckd_subset")
 
     p = commands.add_parser("predict", help="nnUNetv2_predict, after checking that every case has exactly the "
                                             "model's input files",
@@ -441,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "files in the order of their numbers, so <case>_0003 alone is read as "
                                         "<case>_0000.")
     add_predict_arguments(p)
-    p.set_defaults(func=predict)
+    p.set_defaults(func="predict")
 
     p = commands.add_parser("export", help="a trained student as an nnU-Net model zip for sites with nnU-Net only, "
                                            "with a model card",
@@ -460,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-chk", "--checkpoints", nargs="+", default=["checkpoint_final.pth"],
                    help="checkpoint files per fold (default checkpoint_final.pth)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.set_defaults(func=export)
+    p.set_defaults(func="export")
 
     p = commands.add_parser("register-trainers", help="let nnUNetv2_train/-predict of this environment find "
                                                       "the plugin's trainers (done by bootstrap.sh)",
@@ -469,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "start of Python, so that nnU-Net's commands find -tr ProtoKDTrainer etc. "
                                         "without shell set-up. Alternative: export nnUNet_extTrainer yourself.")
     p.add_argument("--remove", action="store_true", help="delete that .pth file again")
-    p.set_defaults(func=register_trainers)
+    p.set_defaults(func="register_trainers")
     return parser
 
 
@@ -489,9 +301,11 @@ def run_reporting_errors(command, args) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
+    # the commands' modules bring PyTorch and nnU-Net (seconds to import): only once the arguments parsed
+    from nnunet_protokd import commands  # noqa: PLC0415
     if args.command == "predict":  # its arguments are nnUNetv2_predict's, passed on as given
         args.nnunet_arguments = argv[argv.index("predict") + 1:]
-    return run_reporting_errors(args.func, args)
+    return run_reporting_errors(getattr(commands, args.func), args)
 
 
 if __name__ == "__main__":

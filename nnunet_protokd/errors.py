@@ -23,6 +23,10 @@ class TeacherError(UserError, RuntimeError):
     """No usable teacher for this student; the message says which and why."""
 
 
+class StepFailed(RuntimeError):
+    """A command of the protocol (protocol/experiment.py) exited with an error (its own output says why)."""
+
+
 def is_user_error(exc: BaseException) -> bool:
     """A UserError, or an exception whose class says it is one (`user_error = True`): data/brats_labels.py's
     ConversionError does, because that module also runs without the plugin, inside exported models, and so

@@ -259,7 +259,8 @@ def test_students_wait_for_their_folds_teacher_and_every_training_for_the_split(
 
 
 def test_settings_survive_the_command_line_that_runs_one_step(workspace):
-    from nnunet_protokd.cli import build_parser, experiment_settings
+    from nnunet_protokd.cli import build_parser
+    from nnunet_protokd.commands import experiment_settings
     original = settings(workspace, folds=(0, 3), methods=("protokd", "lckd"), val_iterations_per_epoch=2,
                         final_validation=False, plans="nnUNetResEncUNetMPlans", num_processes=4)
     assert experiment_settings(build_parser().parse_args(["experiment", *original.arguments()])) == original
@@ -320,7 +321,8 @@ def test_variants_and_seed_train_on_configurations_of_their_own_with_recorded_se
         ("protokd-no_kd", "T1ce"), ("kdnet-kl_mean", "T1ce")]
     with pytest.raises(ValueError, match=r"unknown variants \['protokd-no_kd:FLAIR'\]"):
         Experiment(settings(workspace, modalities=("T1ce",), variants=(("protokd-no_kd", "FLAIR"),)))
-    from nnunet_protokd.cli import build_parser, experiment_settings
+    from nnunet_protokd.cli import build_parser
+    from nnunet_protokd.commands import experiment_settings
     original = settings(workspace, modalities=("T1ce",), seed=0, variants=(("protokd-intra", "T1ce"),),
                         predict_in_process=True)
     assert experiment_settings(build_parser().parse_args(["experiment", *original.arguments()])) == original

@@ -52,7 +52,8 @@ def planned_jobs(dry_run_output: str) -> dict:
 
 def experiment_of(root: Path):
     """The Experiment that `experiment` builds from the same arguments."""
-    from nnunet_protokd.cli import build_parser, experiment_settings
+    from nnunet_protokd.cli import build_parser
+    from nnunet_protokd.commands import experiment_settings
     from nnunet_protokd.protocol.experiment import Experiment
     folders = {k: str(root / k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
     with mock.patch.dict(os.environ, folders):

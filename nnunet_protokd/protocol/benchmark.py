@@ -35,8 +35,9 @@ from nnunet_protokd.training.base import build_checked_network, seed_everything
 # student configuration's multi-channel base and is measured in both of its stages: every modality (the first
 # epochs), and random subsets with cross-modal KD from two teachers (T1ce for TC/ET and FLAIR for WT, as the
 # phantoms elect them; channels 1 and M-1 in general)
+STAGE_SEPARATOR = ":"  # "LCKDTrainer:subsets": a trainer measured in one stage of its schedule
 TRAINERS = tuple(trainer for method in METHODS.values()
-                 for trainer in ((method.trainer, f"{method.trainer}:subsets") if method.every_channel
+                 for trainer in ((method.trainer, f"{method.trainer}{STAGE_SEPARATOR}subsets") if method.every_channel
                                  else (method.trainer,))) + (TEACHER.trainer,)
 EVERY_CHANNEL_TRAINERS = tuple(method.trainer for method in (*METHODS.values(), TEACHER) if method.every_channel)
 
@@ -98,7 +99,7 @@ def worker(mode: str, args: dict) -> dict:
     batches = torch.load(args["batches"], weights_only=True)
     if mode == "inference":
         return _inference(plans, dataset_json, args)
-    name, _, stage = mode.partition(":")
+    name, _, stage = mode.partition(STAGE_SEPARATOR)
     configuration = args["configuration"]
     if name in EVERY_CHANNEL_TRAINERS:
         configuration = plans["configurations"][configuration]["inherits_from"]

@@ -31,6 +31,7 @@ from nnunetv2.utilities.crossval_split import generate_crossval_split
 
 from nnunet_protokd.channels import ChannelSubset
 from nnunet_protokd.deploy.prediction import check_and_predict
+from nnunet_protokd.errors import StepFailed
 from nnunet_protokd.evaluation.report import PredictionSet, build_report
 from nnunet_protokd.io import write_json_atomically
 from nnunet_protokd.lckd.subsets import every_channel_subset, subset_configuration_name
@@ -48,10 +49,6 @@ from nnunet_protokd.plans import dataset_name
 from nnunet_protokd.settings import schedule_arguments, setting_assignment
 
 LCKD = METHODS["lckd"]  # trained once on every channel, predicted from every subset of them
-
-
-class StepFailed(RuntimeError):
-    """A command of the protocol exited with an error (its own output says why)."""
 
 
 # What a job of each kind of step needs on a cluster (Snakemake resources; `runtime` in minutes). Defaults for
