@@ -253,28 +253,36 @@ def test_resuming_with_a_changed_teacher_is_refused(workspace):
     assert result.returncode != 0 and "continuing would mix two teachers" in result.stderr
 
 
-def test_benchmark_reports_every_trainer_side_by_side(workspace):
-    """Two measured steps per trainer on CPU: the JSON's keys and that every figure is positive (the figures
-    themselves are the benchmark's business, not a test's)."""
+@pytest.fixture(scope="module")
+def bfloat16_benchmark(workspace) -> tuple:
+    """`nnunet-protokd benchmark` of every trainer, three steps each under CPU bfloat16 autocast with a GradScaler
+    (the stand-in for nnU-Net's CUDA float16 autocast), run once for the tests that read it: (what it printed, its
+    JSON, the student's model folder before and after)."""
     output = workspace / "benchmark.json"
     student_folder = workspace / "nnUNet_results" / DATASET / STUDENT / "fold_0"
     before = sorted(os.listdir(student_folder))
     result = run([BIN / "nnunet-protokd", "benchmark", "-d", "501", "-c", "3d_smoke_T1ce", "--device", "cpu",
-                  "--steps", "2", "--warmup", "1", "--inference-cases", "1", "-o", output],
+                  "--precision", "bfloat16", "--steps", "3", "--warmup", "0", "--inference-cases", "1", "-o", output],
                  nnunet_environment(workspace))
-    assert "ProtoKDTrainer" in result.stdout and "x step" in result.stdout
-    report = json.loads(output.read_text())
+    return result.stdout, json.loads(output.read_text()), before, sorted(os.listdir(student_folder))
+
+
+def test_benchmark_reports_every_trainer_side_by_side(bfloat16_benchmark):
+    """Every trainer measured side by side: the JSON's keys and that every figure is positive (the figures
+    themselves are the benchmark's business, not a test's)."""
+    stdout, report, before, after = bfloat16_benchmark
+    assert "ProtoKDTrainer" in stdout and "x step" in stdout
     trainers = ("UnimodalTrainer", "ProtoKDTrainer", "KDNetTrainer", "LCKDTrainer", "LCKDTrainer:subsets",
                 "ProtoKDTeacherTrainer")
     assert set(report["results"]) == set(trainers) | {"teacher", "inference"}
     for trainer in trainers:
         figures = report["results"][trainer]
-        assert figures["n"] == 2 and all(figures[k] > 0 for k in ("median_s", "peak_memory_mb", "step_ratio",
+        assert figures["n"] == 3 and all(figures[k] > 0 for k in ("median_s", "peak_memory_mb", "step_ratio",
                                                                     "memory_ratio"))
     assert report["results"]["UnimodalTrainer"]["step_ratio"] == 1.0
     assert all(report["results"]["inference"][k] > 0 for k in ("student_median_s", "plain_median_s", "ratio"))
     # the trainers ran in a scratch results folder: the user's model folders are untouched
-    assert sorted(os.listdir(student_folder)) == before
+    assert after == before
 
 
 def test_lckd_elects_on_held_out_training_cases_and_validates_every_subset(workspace):
@@ -346,10 +354,10 @@ def benchmark_checks(workspace, *options) -> dict:
     return json.loads(output.read_text())["results"]
 
 
-def test_every_trainer_steps_under_mixed_precision_with_a_grad_scaler(workspace):
+def test_every_trainer_steps_under_mixed_precision_with_a_grad_scaler(bfloat16_benchmark):
     """CPU autocast (bfloat16) with a GradScaler, the stand-in for nnU-Net's CUDA float16 autocast: real steps
     give finite loss terms and gradient norms, the student's weights change and the teacher's do not."""
-    results = benchmark_checks(workspace, "--precision", "bfloat16", "--steps", "3", "--warmup", "0")
+    results = bfloat16_benchmark[1]["results"]
     for trainer in ("UnimodalTrainer", "ProtoKDTrainer", "KDNetTrainer", "LCKDTrainer", "LCKDTrainer:subsets"):
         figures = results[trainer]
         assert len(figures["loss_terms"]) == 3, trainer

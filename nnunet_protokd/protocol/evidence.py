@@ -361,7 +361,7 @@ def training_curves(experiment: Experiment) -> dict:
     models = [(TEACHER.name, None)] + experiment.students()
     for method, modality in models:
         trainer = method_trainer(method)
-        configuration = experiment.teacher_configuration if modality is None else \
+        configuration = experiment.schedule_configuration if modality is None else \
             experiment.student_configuration(modality, method)
         checkpoint_file = experiment.final_checkpoint(trainer, configuration, 0)
         if not os.path.isfile(checkpoint_file):  # a variant not trained on this seed
