@@ -5,7 +5,7 @@ enhancing tumour: see --et-label).
     python dataset_conversion/convert_predictions_to_brats.py predictions/ brats_labels/ \\
         --reference /data/BraTS_Validation
 
-The code is nnunet_protokd/brats_labels.py, which needs only numpy and SimpleITK: an exported student carries a
+The code is nnunet_protokd/data/brats_labels.py, which needs only numpy and SimpleITK: an exported student carries a
 copy of it as convert_predictions_to_brats.py, for sites without the plugin (nnunet-protokd export).
 """
 import sys

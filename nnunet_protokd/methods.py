@@ -211,3 +211,10 @@ class ModelKey(NamedTuple):
         base = self.base_method
         rank = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
         return (self.modality is not None, self.modality or "", rank, self.is_variant, self.method)
+
+
+def baseline_of(results: dict, key: str):
+    """In a mapping keyed by ModelKey text (a report's results, the evidence's pooled values), the entry of the
+    model `key` is compared with (ModelKey.baseline); None when it has none or the mapping lacks it."""
+    baseline = ModelKey.parse(key).baseline
+    return None if baseline is None else results.get(baseline.text)

@@ -179,7 +179,7 @@ def add_configuration(plans_file: str, dataset_json: dict, base: str, modality: 
     `base` (e.g. a short schedule for a teacher), which needs `name`. Re-adding an identical configuration is a
     no-op; a different one with the same name is refused unless `overwrite`, and a configuration that nnU-Net
     planned (one without our settings) or one that `base` inherits from is never replaced. `teacher` names a
-    student's teacher (see teacher.py), which must exist in `results_folder` already, and `methods` overrides
+    student's teacher (see training/teacher.py), which must exist in `results_folder` already, and `methods` overrides
     distilling trainers' settings ({trainer: {key: value}}); every value is checked against its documented range.
     The plans before the change are kept in `<plans file>.bak`, and the plans file is replaced atomically: a
     failed write leaves the old plans intact.

@@ -11,7 +11,7 @@ from nnunet_protokd.data.regions import evaluation_regions
 from nnunet_protokd.evaluation.figures import plot_dice_bars, plot_overlays
 from nnunet_protokd.evaluation.metrics import BRATS_HD95_PENALTY_MM, empty_reference_rule, evaluate_folder, summarise
 from nnunet_protokd.evaluation.statistics import format_p, paired_comparison
-from nnunet_protokd.methods import MODALITY_SEPARATOR, ModelKey, title
+from nnunet_protokd.methods import MODALITY_SEPARATOR, ModelKey, baseline_of, title
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,7 @@ def build_report(ground_truth_folder: str, dataset_json: dict, prediction_sets: 
                                        "summary": summarise(per_case, regions), "per_case": per_case}
     comparisons = {}
     for key, result in results.items():
-        baseline_key = ModelKey.parse(key).baseline
-        baseline = results.get(baseline_key.text) if baseline_key else None
+        baseline = baseline_of(results, key)
         if baseline is None:
             continue
         comparisons[key] = {name: paired_comparison(

@@ -38,7 +38,15 @@ from nnunet_protokd.errors import UserError
 from nnunet_protokd.evaluation.figures import plot_learning_curves, plot_paired_differences
 from nnunet_protokd.evaluation.statistics import format_p, paired_comparison, rank_test_rejects, significant
 from nnunet_protokd.io import staged_folder
-from nnunet_protokd.methods import DEFAULT_METHODS, MODALITY_SEPARATOR, TEACHER, ModelKey, method_trainer, title
+from nnunet_protokd.methods import (
+    DEFAULT_METHODS,
+    MODALITY_SEPARATOR,
+    TEACHER,
+    ModelKey,
+    baseline_of,
+    method_trainer,
+    title,
+)
 from nnunet_protokd.protocol.experiment import Experiment, ExperimentSettings
 
 # the CPU schedule: 2d (nnU-Net plans batch 32 of whole 32x32 slices for these phantoms; an epoch of 25 steps took
@@ -245,8 +253,7 @@ def compare_with_baseline(dice: dict, regions) -> dict:
     the mean difference of each seed}}."""
     comparisons = {}
     for key, per_pair in dice.items():
-        baseline_key = ModelKey.parse(key).baseline
-        baseline = dice.get(baseline_key.text) if baseline_key else None
+        baseline = baseline_of(dice, key)
         if baseline is None:
             continue
         pairs = sorted(set(per_pair) & set(baseline))
@@ -343,8 +350,7 @@ def summarise_agreement(agreement: dict) -> dict:
                                   for region in values[0]["volume_ratio"]}}
         if key != TEACHER.name:
             entry.update({measure: float(np.mean([v[measure] for v in values])) for measure in ("dice", "kl")})
-        baseline_key = ModelKey.parse(key).baseline
-        baseline = pooled.get(baseline_key.text) if baseline_key else None
+        baseline = baseline_of(pooled, key)
         if baseline is not None:
             pairs = sorted(set(per_pair) & set(baseline))
             for measure in ("dice", "kl"):

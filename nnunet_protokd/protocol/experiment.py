@@ -5,7 +5,7 @@ student -> prediction of held-out single-modality images (`nnunet-protokd predic
 checking each case's files) -> report. Each step is data (`Step`): an nnU-Net
 (or plugin) command that a user could type, the files it reads and writes, and its resource class. `experiment`
 runs the steps in order, skipping those whose outputs exist; `--dry-run` prints the commands; `--workflow`
-writes the same steps as a Snakemake workflow (nnunet_protokd/workflow.py), one rule per step.
+writes the same steps as a Snakemake workflow (protocol/workflow.py), one rule per step.
 
 A training continues (nnU-Net's `--c`) only from `checkpoint_latest.pth`: after a finished training nnU-Net keeps
 `checkpoint_final.pth` and `checkpoint_best.pth` only, and `--c` without the final one would silently continue
