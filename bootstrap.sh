@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything on a fresh machine with only Python 3, then runs one job:
 #   ./bootstrap.sh demo [demo args]     the main job on built-in phantoms (nnunet-protokd demo)
-#   ./bootstrap.sh test [pytest args]   the test suite (CPU, 35-45 minutes on 2 cores)
+#   ./bootstrap.sh test [pytest args]   the test suite (CPU, about 40 minutes on 2 cores)
 #   ./bootstrap.sh lint                 ruff and the import-linter contracts of pyproject.toml (CI runs it first)
 #   ./bootstrap.sh install              only the set-up
 # The set-up: a virtual environment in .venv (override with PROTOKD_VENV), this project installed into it in
