@@ -19,20 +19,19 @@ _CHECKPOINT_SAFE_GLOBALS = [np.dtype, np._core.multiarray.scalar, np.dtypes.Floa
 
 
 @contextmanager
-def atomic_file(path: str, shared: bool = False):
+def atomic_file(path: str):
     """Yields a temporary path beside `path` (same folder, same ending) to write; on success it replaces `path`
-    by a rename, on any exception it is removed and `path` is untouched. `shared`: readable by others as a file
-    opened for writing would be (mkstemp's files are private)."""
+    by a rename, on any exception it is removed and `path` is untouched. The file gets the permissions a file
+    opened for writing would get (mkstemp's are private: a checkpoint or plans file is made to be read by others)."""
     ending = "".join(os.path.basename(path).partition(".")[1:]) or ".tmp"
     handle, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_",
                                          suffix=f".{ending.lstrip('.')}")
     os.close(handle)
     try:
         yield temporary
-        if shared:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(temporary, 0o666 & ~umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
@@ -41,7 +40,7 @@ def atomic_file(path: str, shared: bool = False):
 
 
 def write_text_atomically(text: str, path: str) -> None:
-    with atomic_file(path, shared=True) as temporary:
+    with atomic_file(path) as temporary:
         with open(temporary, "w") as f:
             f.write(text)
 

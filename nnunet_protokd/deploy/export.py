@@ -133,8 +133,7 @@ def export_student(dataset: str, configuration: str, trainer: str, folds, output
     fold_folders = {fold: os.path.dirname(os.path.realpath(checkpoint_files[fold, checkpoints[0]])) for fold in folds}
     fold_files = FOLD_FILES if plain else tuple(f for f in FOLD_FILES if f != "validation/summary.json")
 
-    # a model zip is made to be shared: readable by others, like a file opened for writing
-    with atomic_file(output_file, shared=True) as partial:
+    with atomic_file(output_file) as partial:
         records = {}
         with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive:
             for (fold, checkpoint_name), path in checkpoint_files.items():
