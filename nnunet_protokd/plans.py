@@ -56,6 +56,18 @@ def dataset_name(dataset: str) -> str:
         raise ConfigurationError(f"dataset {dataset}: {exc}") from None
 
 
+def nnunet_folder_holding(path: str) -> str | None:
+    """The name of the nnU-Net folder variable (nnUNet_raw, nnUNet_preprocessed, nnUNet_results) whose folder
+    holds `path` (symbolic links followed), or None: a file the plugin writes there could replace data or a
+    trained model that nnU-Net reads."""
+    where = os.path.realpath(path)
+    for variable in (nnunet_paths.nnUNet_raw, nnunet_paths.nnUNet_preprocessed, nnunet_paths.nnUNet_results):
+        if variable and os.path.commonpath([where, os.path.realpath(variable.get())]) == \
+                os.path.realpath(variable.get()):
+            return variable.env_var_name
+    return None
+
+
 def preprocessed_files(dataset: str, plans_name: str) -> tuple[str, str]:
     """(plans file, dataset.json) of a preprocessed dataset given by id or name."""
     if not nnunet_paths.nnUNet_preprocessed:

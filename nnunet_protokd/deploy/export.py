@@ -42,7 +42,13 @@ from nnunet_protokd.channels import describe_input_files, model_channel_names
 from nnunet_protokd.data import brats_labels
 from nnunet_protokd.io import atomic_file, load_checkpoint_weights_only
 from nnunet_protokd.methods import METHOD_DEFAULTS, MODALITY_SEPARATOR
-from nnunet_protokd.plans import configuration_settings, dataset_name, method_settings, resolved_configuration
+from nnunet_protokd.plans import (
+    configuration_settings,
+    dataset_name,
+    method_settings,
+    nnunet_folder_holding,
+    resolved_configuration,
+)
 from nnunet_protokd.settings import SCHEDULE_KEYS, SETTINGS_KEY
 
 EXPORT_TRAINER = "nnUNetTrainer"
@@ -98,6 +104,9 @@ def export_student(dataset: str, configuration: str, trainer: str, folds, output
         raise ExportError(f"the folder of {output_file} does not exist")
     if not nnUNet_results.get():
         raise ExportError("set the environment variable nnUNet_results (see README)")
+    if (variable := nnunet_folder_holding(output_file)) is not None:
+        raise ExportError(f"{output_file} is inside {variable} ({getattr(nnunet_paths, variable).get()}), whose "
+                          f"files nnU-Net reads (it could replace a trained model); write the zip elsewhere")
     name = dataset_name(dataset)
     source = os.path.join(nnUNet_results.get(), name, f"{trainer}__{plans_name}__{configuration}")
     if not os.path.isdir(source):
