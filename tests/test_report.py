@@ -1,5 +1,6 @@
 """`report` on small synthetic prediction folders whose scores can be computed by hand."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from scipy import stats
 
 from nnunet_protokd.data.brats import NNUNET_REGIONS
 from nnunet_protokd.data.regions import evaluation_regions
-from nnunet_protokd.evaluation.metrics import hd95
+from nnunet_protokd.evaluation.metrics import ScoringInputError, hd95
 from nnunet_protokd.evaluation.report import PredictionSet, build_report
 from nnunet_protokd.evaluation.statistics import paired_comparison
 
@@ -140,3 +141,43 @@ def write_json(tmp_path):
     path = tmp_path / "dataset.json"
     path.write_text(json.dumps(DATASET_JSON))
     return path
+
+
+@pytest.mark.parametrize("bad, message", [
+    # the back-converter's output: scored as nnU-Net labels, oedema (BraTS 2) would be read as necrosis
+    (lambda labels: np.array([0, 2, 1, 4], np.uint8)[labels], "holds the values 0, 1, 2, 4; a label map of this "
+                                                              "dataset holds only its labels [0, 1, 2, 3]"),
+    (lambda labels: np.where(labels == 3, 7, labels), "holds the values 0, 1, 2, 7;"),
+    (lambda labels: (labels * 0.5).astype(np.float32), "holds the values 0, 0.5, 1, 1.5;"),
+])
+def test_a_prediction_holding_other_labels_is_refused_by_name_and_nothing_is_written(folders, tmp_path, bad, message):
+    bad_file = folders / "identical" / "case_a.nii.gz"
+    write(bad_file, bad(sitk.GetArrayFromImage(sitk.ReadImage(str(bad_file)))))
+    sets = [PredictionSet("teacher", None, str(folders / "identical"))]
+    with pytest.raises(ScoringInputError, match=rf"^{bad_file} {re.escape(message)}"):
+        build_report(str(folders / "gt"), DATASET_JSON, sets, str(tmp_path / "report"))
+    assert not (tmp_path / "report").exists()
+
+
+def test_a_reference_holding_other_labels_is_refused_by_name(folders, tmp_path):
+    reference = folders / "gt" / "case_a.nii.gz"
+    write(reference, np.where(reference_case() == 3, 4, reference_case()))
+    with pytest.raises(ScoringInputError, match=rf"^{reference} holds the values 0, 1, 2, 4;"):
+        build_report(str(folders / "gt"), DATASET_JSON, [PredictionSet("teacher", None, str(folders / "identical"))],
+                     str(tmp_path / "report"))
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda image: image.SetSpacing((1.0, 1.0, 1.0)), "spacing (1, 1, 1) differs from (1, 1, 2)"),
+    (lambda image: image.SetOrigin((0.0, 0.0, 10.0)), "origin (0, 0, 10) differs from (0, 0, 0)"),
+    (lambda image: image.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, 1)), "direction (0, 1, 0, 1, 0, 0, 0, 0, 1) differs"),
+])
+def test_a_prediction_off_its_references_grid_is_refused(folders, tmp_path, change, problem):
+    path = folders / "identical" / "case_a.nii.gz"
+    image = sitk.ReadImage(str(path))
+    change(image)
+    sitk.WriteImage(image, str(path))
+    with pytest.raises(ScoringInputError, match=re.escape(f"{path}: {problem}")):
+        build_report(str(folders / "gt"), DATASET_JSON, [PredictionSet("teacher", None, str(folders / "identical"))],
+                     str(tmp_path / "report"))
+    assert not (tmp_path / "report").exists()

@@ -13,12 +13,48 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import SimpleITK as sitk
 from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn, region_or_label_to_mask
-from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from scipy import ndimage
+
+from nnunet_protokd.data.brats_labels import geometry_mismatch
+from nnunet_protokd.errors import UserError
 
 # HD95 of a case whose reference or prediction (not both) is empty, in the BraTS challenges' scoring
 BRATS_HD95_PENALTY_MM = 373.13
+MAX_VALUES_SHOWN = 12
+
+
+class ScoringInputError(UserError, ValueError):
+    """A reference or prediction that cannot be scored as it is; the message names the file and what is wrong."""
+
+
+def dataset_labels(dataset_json: dict) -> list[int]:
+    """The label values a label map of this dataset may hold (nnU-Net's LabelManager: every label, and every
+    label of its regions)."""
+    return [int(v) for v in LabelManager(dataset_json["labels"], dataset_json.get("regions_class_order")).all_labels]
+
+
+def read_label_map(path: str, labels: list, reference: sitk.Image | None = None,
+                   reference_file: str | None = None) -> sitk.Image:
+    """The label map at `path`, refused (ScoringInputError naming the file) unless it holds only `labels` and,
+    given a `reference`, lies on its grid (shape, spacing, origin, direction): a map in another numbering (BraTS's
+    0/1/2/4) or on another grid would be scored without a word, wrongly."""
+    try:
+        image = sitk.ReadImage(path)
+    except RuntimeError as exc:  # SimpleITK's; its last line says why
+        raise ScoringInputError(f"cannot read {path}: {str(exc).strip().splitlines()[-1]}") from None
+    if reference is not None and (problem := geometry_mismatch(image, reference)) is not None:
+        raise ScoringInputError(f"{path}: {problem} of its reference {reference_file}: a prediction must lie on its "
+                                f"reference's grid")
+    found = np.unique(sitk.GetArrayFromImage(image)).tolist()
+    if set(found) - set(labels):
+        shown = ", ".join(f"{v:g}" for v in found[:MAX_VALUES_SHOWN]) + (", ..." if len(found) > MAX_VALUES_SHOWN
+                                                                         else "")
+        raise ScoringInputError(f"{path} holds the values {shown}; a label map of this dataset holds only its labels "
+                                f"{labels} (dataset.json), in the dataset's numbering (not BraTS's 0/1/2/4)")
+    return image
 
 
 def empty_reference_rule(hd95_penalty: float | None) -> str:
@@ -45,21 +81,20 @@ def hd95(reference: np.ndarray, prediction: np.ndarray, spacing) -> float:
                      np.percentile(to_prediction[reference_surface], 95)))
 
 
-def case_metrics(reference_file: str, prediction_file: str, regions,
+def case_metrics(reference_file: str, prediction_file: str, regions, labels: list,
                  hd95_penalty: float | None = BRATS_HD95_PENALTY_MM) -> dict:
     """{region: {"dice", "hd95", "hd95_one_empty"}}; where exactly one mask is empty, "hd95" is `hd95_penalty`
-    (None: undefined, left out of the mean) and "hd95_one_empty" is true."""
-    reader = SimpleITKIO()
-    reference, properties = reader.read_seg(reference_file)
-    prediction, prediction_properties = reader.read_seg(prediction_file)
-    if reference.shape != prediction.shape:
-        raise ValueError(f"{prediction_file} has shape {prediction.shape[1:]}, its reference {reference_file} "
-                         f"{reference.shape[1:]}")
-    spacing = properties["spacing"]  # nnU-Net's reader gives it in the array's axis order
+    (None: undefined, left out of the mean) and "hd95_one_empty" is true. Both files must hold only `labels`
+    (`dataset_labels`), the prediction on the reference's grid (`read_label_map`)."""
+    reference_image = read_label_map(reference_file, labels)
+    prediction_image = read_label_map(prediction_file, labels, reference_image, reference_file)
+    reference = sitk.GetArrayFromImage(reference_image)
+    prediction = sitk.GetArrayFromImage(prediction_image)
+    spacing = reference_image.GetSpacing()[::-1]  # in the array's axis order
     metrics = {}
     for name, region in regions:
-        reference_mask = region_or_label_to_mask(reference[0], region)
-        prediction_mask = region_or_label_to_mask(prediction[0], region)
+        reference_mask = region_or_label_to_mask(reference, region)
+        prediction_mask = region_or_label_to_mask(prediction, region)
         tp, fp, fn, _ = compute_tp_fp_fn_tn(reference_mask, prediction_mask)
         dice = 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
         one_empty = bool(reference_mask.any()) != bool(prediction_mask.any())
@@ -68,16 +103,18 @@ def case_metrics(reference_file: str, prediction_file: str, regions,
     return metrics
 
 
-def evaluate_folder(ground_truth_folder: str, prediction_folder: str, regions, file_ending: str,
+def evaluate_folder(ground_truth_folder: str, prediction_folder: str, regions, labels: list, file_ending: str,
                     hd95_penalty: float | None = BRATS_HD95_PENALTY_MM) -> dict:
     """{case: {region: {"dice", "hd95", "hd95_one_empty"}}} over every reference case (see case_metrics); a
     missing prediction is an error."""
     cases = sorted(f[:-len(file_ending)] for f in os.listdir(ground_truth_folder) if f.endswith(file_ending))
     missing = [c for c in cases if not os.path.isfile(os.path.join(prediction_folder, c + file_ending))]
     if missing:
-        raise ValueError(f"{prediction_folder} lacks predictions of {len(missing)} reference case(s): {missing[:5]}")
+        raise ScoringInputError(f"{prediction_folder} lacks predictions of {len(missing)} reference case(s): "
+                                f"{missing[:5]}")
     return {c: case_metrics(os.path.join(ground_truth_folder, c + file_ending),
-                            os.path.join(prediction_folder, c + file_ending), regions, hd95_penalty) for c in cases}
+                            os.path.join(prediction_folder, c + file_ending), regions, labels, hd95_penalty)
+            for c in cases}
 
 
 def summarise(per_case: dict, regions) -> dict:

@@ -9,7 +9,13 @@ from dataclasses import dataclass
 
 from nnunet_protokd.data.regions import evaluation_regions
 from nnunet_protokd.evaluation.figures import plot_dice_bars, plot_overlays
-from nnunet_protokd.evaluation.metrics import BRATS_HD95_PENALTY_MM, empty_reference_rule, evaluate_folder, summarise
+from nnunet_protokd.evaluation.metrics import (
+    BRATS_HD95_PENALTY_MM,
+    dataset_labels,
+    empty_reference_rule,
+    evaluate_folder,
+    summarise,
+)
 from nnunet_protokd.evaluation.statistics import format_p, paired_comparison
 from nnunet_protokd.methods import MODALITY_SEPARATOR, ModelKey, baseline_of, title
 
@@ -38,10 +44,11 @@ def build_report(ground_truth_folder: str, dataset_json: dict, prediction_sets: 
     regions = evaluation_regions(dataset_json)
     region_names = [name for name, _ in regions]
     file_ending = dataset_json["file_ending"]
-    os.makedirs(output_folder, exist_ok=True)
+    labels = dataset_labels(dataset_json)
     results = {}
     for prediction_set in prediction_sets:
-        per_case = evaluate_folder(ground_truth_folder, prediction_set.folder, regions, file_ending, hd95_penalty)
+        per_case = evaluate_folder(ground_truth_folder, prediction_set.folder, regions, labels, file_ending,
+                                   hd95_penalty)
         results[prediction_set.key] = {"method": prediction_set.method, "modality": prediction_set.modality,
                                        "folder": os.path.abspath(prediction_set.folder),
                                        "summary": summarise(per_case, regions), "per_case": per_case}
@@ -59,6 +66,7 @@ def build_report(ground_truth_folder: str, dataset_json: dict, prediction_sets: 
                "hd95_penalty_mm": hd95_penalty,
                "ground_truth_folder": os.path.abspath(ground_truth_folder),
                "results": results, "comparisons_with_unimodal": comparisons, "run": run_info or {}}
+    os.makedirs(output_folder, exist_ok=True)  # only once every file scored: bad input leaves nothing behind
     with open(os.path.join(output_folder, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     _write_markdown(summary, os.path.join(output_folder, "report.md"))
