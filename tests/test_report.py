@@ -181,3 +181,14 @@ def test_a_prediction_off_its_references_grid_is_refused(folders, tmp_path, chan
         build_report(str(folders / "gt"), DATASET_JSON, [PredictionSet("teacher", None, str(folders / "identical"))],
                      str(tmp_path / "report"))
     assert not (tmp_path / "report").exists()
+
+
+def test_a_method_and_modality_given_twice_is_refused_naming_both_folders(folders, tmp_path):
+    """The second set used to replace the first without a word."""
+    sets = [PredictionSet("protokd", "T1ce", str(folders / "identical")),
+            PredictionSet("protokd", "T1ce", str(folders / "disjoint"))]
+    with pytest.raises(ScoringInputError, match=re.escape(
+            f"two prediction sets are protokd:T1ce: {folders / 'identical'} and {folders / 'disjoint'}; give each "
+            f"METHOD:MODALITY once")):
+        build_report(str(folders / "gt"), DATASET_JSON, sets, str(tmp_path / "report"))
+    assert not (tmp_path / "report").exists()

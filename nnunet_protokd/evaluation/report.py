@@ -11,6 +11,7 @@ from nnunet_protokd.data.regions import evaluation_regions
 from nnunet_protokd.evaluation.figures import plot_dice_bars, plot_overlays
 from nnunet_protokd.evaluation.metrics import (
     BRATS_HD95_PENALTY_MM,
+    ScoringInputError,
     dataset_labels,
     empty_reference_rule,
     evaluate_folder,
@@ -41,6 +42,12 @@ def build_report(ground_truth_folder: str, dataset_json: dict, prediction_sets: 
                  hd95_penalty: float | None = BRATS_HD95_PENALTY_MM) -> dict:
     """Scores every prediction set and writes report.md, summary.json, dice.png and overlays.png. A case where
     exactly one of reference and prediction is empty scores HD95 = `hd95_penalty` (None: excluded)."""
+    folders = {}
+    for prediction_set in prediction_sets:  # keyed by method and modality: a second set would replace the first
+        if prediction_set.key in folders:
+            raise ScoringInputError(f"two prediction sets are {prediction_set.key}: {folders[prediction_set.key]} and "
+                                    f"{prediction_set.folder}; give each METHOD:MODALITY once")
+        folders[prediction_set.key] = prediction_set.folder
     regions = evaluation_regions(dataset_json)
     region_names = [name for name, _ in regions]
     file_ending = dataset_json["file_ending"]
