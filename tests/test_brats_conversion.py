@@ -215,9 +215,37 @@ def damage_all_zero(folder):
     return "_t1ce.nii.gz holds the value 0 in every voxel: an empty scan"
 
 
+def damage_vector(folder):
+    """Two values per voxel: the converter used to copy it as a scan."""
+    path = case_file(folder, FIRST_CASE, "t1")
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    image = sitk.GetImageFromArray(np.stack([array, array], axis=-1), isVector=True)
+    image.CopyInformation(sitk.ReadImage(str(path)))
+    sitk.WriteImage(image, str(path))
+    return "_t1.nii.gz holds 2 values per voxel \\(a vector image\\)"
+
+
+def damage_4d(folder):
+    """Every file of the case a 4D series: a traceback from a worker process, once."""
+    for suffix in ("t1", "t1ce", "t2", "flair", "seg"):
+        path = case_file(folder, FIRST_CASE, suffix)
+        array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        sitk.WriteImage(sitk.GetImageFromArray(np.stack([array, array]), isVector=False), str(path))
+    return "_t1.nii.gz is a 4D image of size \\(32, 32, 24, 2\\); one 2D or 3D scan per file is expected"
+
+
+def damage_directory(folder):
+    """A folder where an image should be: the message came after lines of HDF5 noise, not saying what it was."""
+    path = case_file(folder, FIRST_CASE, "flair")
+    path.unlink()
+    path.mkdir()
+    return "_flair.nii.gz is a directory, not an image file"
+
+
 @pytest.mark.parametrize("damage", [damage_missing_modality, damage_extra_modality, damage_shape, damage_spacing,
                                     damage_origin, damage_direction, damage_labels, damage_nan, damage_unreadable,
-                                    damage_missing_seg, damage_truncated, damage_all_zero])
+                                    damage_missing_seg, damage_truncated, damage_all_zero, damage_vector, damage_4d,
+                                    damage_directory])
 def test_bad_input_is_named_and_leaves_nothing(brats_copy, tmp_path, damage):
     expected = damage(brats_copy)
     raw = tmp_path / "raw"

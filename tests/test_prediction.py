@@ -105,3 +105,37 @@ def test_predict_command_checks_against_the_model_folder_before_nnunet_runs(tmp_
     result = run(command[:-8] + ["-c", "3d_fullres_T2", "-tr", "UnimodalTrainer"], env, expect_success=False)
     assert result.returncode == 1 and result.stderr.startswith(
         f"error: no trained model {model.parent}/UnimodalTrainer__nnUNetPlans__3d_fullres_T2 (no dataset.json")
+
+
+def test_a_folder_or_link_loop_named_like_an_image_is_refused_not_skipped(tmp_path):
+    """nnU-Net skips what is not a file: case b would get no prediction, without a word."""
+    folder = folder_with(tmp_path, "a_0000.nii.gz")
+    (folder / "b_0000.nii.gz").mkdir()
+    (folder / "c_0000.nii.gz").symlink_to(folder / "c_0000.nii.gz")
+    (folder / "notes").mkdir()  # other folders are nnU-Net's to ignore
+    with pytest.raises(PredictionInputError) as raised:
+        check_input_folder(str(folder), STUDENT)
+    assert str(raised.value).splitlines()[1:] == [
+        f"  {folder}/b_0000.nii.gz is a directory, not an image file",
+        f"  {folder}/c_0000.nii.gz is not a file: a broken symbolic link or a link loop"]
+
+
+def test_a_4d_or_vector_file_and_channels_on_different_grids_are_refused(tmp_path):
+    folder = folder_with(tmp_path, "grid_0000.nii.gz")
+    series = np.random.default_rng(0).normal(100, 10, (2, 4, 5, 6)).astype(np.float32)
+    sitk.WriteImage(sitk.GetImageFromArray(series, isVector=False), str(folder / "series_0000.nii.gz"))  # 2 volumes
+    sitk.WriteImage(sitk.GetImageFromArray(series[0], isVector=True), str(folder / "vector_0000.nii.gz"))
+    shifted = sitk.ReadImage(str(scan(folder / "grid_0001.nii.gz")))
+    shifted.SetSpacing((1.0, 1.0, 3.0))
+    sitk.WriteImage(shifted, str(folder / "grid_0001.nii.gz"))
+    for case in ("series", "vector"):
+        scan(folder / f"{case}_0001.nii.gz")
+    with pytest.raises(PredictionInputError) as raised:
+        check_input_folder(str(folder), SUBSET)
+    assert str(raised.value).splitlines()[1:] == [
+        f"  case grid: {folder}/grid_0001.nii.gz: spacing (1, 1, 3) differs from (1, 1, 1) of "
+        f"{folder}/grid_0000.nii.gz; the files of a case must share one grid",
+        f"  case series: {folder}/series_0000.nii.gz is a 4D image of size (6, 5, 4, 2); one 2D or 3D scan per file "
+        f"is expected (a 4D series holds several volumes: give each as a file of its own)",
+        f"  case vector: {folder}/vector_0000.nii.gz holds 6 values per voxel (a vector image); a scan has one value "
+        f"per voxel: give each component as a file of its own"]

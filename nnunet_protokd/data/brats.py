@@ -75,6 +75,10 @@ def _convert_case(args) -> tuple[str, bool, list]:
     reference = None
     for channel, name in enumerate(expected):
         path = os.path.join(case.folder, name)
+        # first, before SimpleITK reads it: a folder, a truncated, 4D or vector image, NaN/inf, or empty (all zero)
+        if (problem := scan_problem(path)) is not None:
+            errors.append(f"case {case.case_id}: {problem}")
+            continue
         image = _read(path, case.case_id, errors)
         if image is None:
             continue
@@ -83,20 +87,19 @@ def _convert_case(args) -> tuple[str, bool, list]:
         elif (problem := geometry_mismatch(image, reference)) is not None:
             errors.append(f"case {case.case_id}: {path}: {problem} of {reference_path}")
             continue
-        if (problem := scan_problem(path)) is not None:  # truncated, NaN/inf, or empty (all zero)
-            errors.append(f"case {case.case_id}: {problem}")
-            continue
         # the file itself is fine: copy it byte for byte, so that nothing (dtype, header) changes
         shutil.copyfile(path, os.path.join(images_folder, f"{case.case_id}_{channel:04d}.nii.gz"))
 
     if has_seg and reference is not None:
         seg_path = os.path.join(case.folder, seg_name)
-        seg = _read(seg_path, case.case_id, errors)
+        seg = None
+        if (problem := scan_problem(seg_path, constant_allowed=True)) is not None:
+            errors.append(f"case {case.case_id}: {problem}")
+        else:
+            seg = _read(seg_path, case.case_id, errors)
         if seg is not None:
             if (problem := geometry_mismatch(seg, reference)) is not None:
                 errors.append(f"case {case.case_id}: {seg_path}: {problem} of {reference_path}")
-            elif (problem := scan_problem(seg_path, constant_allowed=True)) is not None:
-                errors.append(f"case {case.case_id}: {problem}")
             else:
                 try:
                     labels = brats_to_nnunet_labels(sitk.GetArrayFromImage(seg), naming)

@@ -22,7 +22,8 @@ from nnunetv2.inference.predict_from_raw_data import predict_entry_point
 from nnunetv2.utilities.file_path_utilities import get_output_folder
 
 from nnunet_protokd.channels import describe_input_files, model_channel_names
-from nnunet_protokd.data.images import scan_problem
+from nnunet_protokd.data.brats_labels import geometry_mismatch
+from nnunet_protokd.data.images import image_header, scan_problem
 from nnunet_protokd.errors import UserError
 from nnunet_protokd.plans import dataset_name
 
@@ -51,7 +52,9 @@ def check_input_folder(folder: str, dataset_json: dict) -> list[str]:
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
-            continue  # nnU-Net ignores sub-folders
+            if name.endswith(_image_endings()):  # nnU-Net would skip it, and its case would go unpredicted
+                problems.append(scan_problem(path))
+            continue  # other sub-folders nnU-Net ignores too
         if name.endswith(ending):
             match = file_name.fullmatch(name)
             if match is None:
@@ -66,11 +69,19 @@ def check_input_folder(folder: str, dataset_json: dict) -> list[str]:
         for channel, path in sorted(files.items()):
             if channel >= len(channels):
                 problems.append(f"case {case}: unexpected file {path} ({rule})")
+        usable = []
         for channel, channel_name in enumerate(channels):
             if channel not in files:
                 problems.append(f"case {case}: missing {case}_{channel:04d}{ending} ({channel_name}; {rule})")
             elif (problem := scan_problem(files[channel])) is not None:
                 problems.append(f"case {case}: {problem}")
+            else:
+                usable.append(files[channel])
+        # nnU-Net's reader stacks a case's channels: they must share one grid (it would fail in a worker process)
+        for path in usable[1:]:
+            if (problem := geometry_mismatch(image_header(path), image_header(usable[0]))) is not None:
+                problems.append(f"case {case}: {path}: {problem} of {usable[0]}; the files of a case must share "
+                                f"one grid")
     if problems:
         shown = "\n  ".join(problems[:MAX_PROBLEMS_SHOWN])
         more = f"\n  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more" if len(problems) > MAX_PROBLEMS_SHOWN else ""
