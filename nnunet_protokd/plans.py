@@ -88,6 +88,22 @@ def load_preprocessed(dataset: str, plans_name: str) -> tuple[dict, dict]:
         return plans, json.load(f)
 
 
+def preprocessed_data_folder(preprocessed_folder: str, plans_name: str, configuration: str) -> str:
+    """The folder of `configuration`'s preprocessed data in a dataset's `preprocessed_folder`: its data_identifier
+    through its `inherits_from` chain (a configuration that inherits a planned one, nnU-Net's documented way to
+    vary it, reads the parent's data); nnU-Net's default `<plans>_<configuration>` while the plans do not exist
+    or lack the configuration (before planning)."""
+    plans_file = os.path.join(preprocessed_folder, f"{plans_name}.json")
+    if os.path.isfile(plans_file):
+        with open(plans_file) as f:
+            plans = json.load(f)
+        if configuration in plans.get("configurations", {}):
+            identifier = resolved_configuration(plans, configuration).get("data_identifier")
+            if identifier:
+                return os.path.join(preprocessed_folder, identifier)
+    return os.path.join(preprocessed_folder, f"{plans_name}_{configuration}")
+
+
 def resolved_configuration(plans: dict, name: str) -> dict:
     """The configuration `name` with its `inherits_from` chain applied (nnU-Net's own resolution), its settings
     checked against their documented ranges (`check_settings`): every trainer reads its configuration through

@@ -326,3 +326,19 @@ def test_variants_and_seed_train_on_configurations_of_their_own_with_recorded_se
     original = settings(workspace, modalities=("T1ce",), seed=0, variants=(("protokd-intra", "T1ce"),),
                         predict_in_process=True)
     assert experiment_settings(build_parser().parse_args(["experiment", *original.arguments()])) == original
+
+
+def test_a_custom_configuration_inheriting_a_planned_one_reads_the_parents_preprocessed_data(workspace):
+    """nnU-Net's documented way to vary a configuration: `3d_custom` inherits `3d_fullres` and its data_identifier;
+    there is no nnUNetPlans_3d_custom folder (the splits step died looking for one)."""
+    fake_preprocessing(workspace)
+    preprocessed = workspace / "nnUNet_preprocessed" / DATASET
+    (preprocessed / "nnUNetPlans.json").write_text(json.dumps({"plans_name": "nnUNetPlans", "configurations": {
+        "3d_fullres": {"data_identifier": "nnUNetPlans_3d_fullres", "architecture": {}},
+        "3d_custom": {"inherits_from": "3d_fullres", "batch_size": 4}}}))
+    experiment = Experiment(settings(workspace, configuration="3d_custom", epochs=None, iterations_per_epoch=None))
+    assert experiment.data_folder() == str(preprocessed / "nnUNetPlans_3d_fullres")
+    assert experiment.steps()[0].done()  # preprocessed already: not planned again
+    experiment.write_splits()
+    splits = json.loads((preprocessed / "splits_final.json").read_text())
+    assert sorted(splits[0]["train"] + splits[0]["val"]) == ["tr_1", "tr_2", "tr_3", "tr_4", "tr_5"]

@@ -45,7 +45,7 @@ from nnunet_protokd.methods import (
     every_channel_methods,
     method_trainer,
 )
-from nnunet_protokd.plans import dataset_name
+from nnunet_protokd.plans import dataset_name, preprocessed_data_folder
 from nnunet_protokd.settings import schedule_arguments, setting_assignment
 
 LCKD = METHODS["lckd"]  # trained once on every channel, predicted from every subset of them
@@ -241,7 +241,6 @@ class Experiment:
         s = self.settings
         steps = []
         plans_file = os.path.join(self.preprocessed, f"{s.plans}.json")
-        data_folder = os.path.join(self.preprocessed, f"{s.plans}_{s.configuration}")
         steps.append(Step("plan_and_preprocess", "plan and preprocess", "preprocess", [
             _bin("nnUNetv2_plan_and_preprocess"), "-d", self.dataset_id, "-c", s.configuration, "-np",
             str(s.num_processes), "--verify_dataset_integrity"],
@@ -249,7 +248,7 @@ class Experiment:
             # writes .snakemake_timestamp into folders it makes) would break nnU-Net's look at its file endings.
             # add-config edits the plans later, so later steps need it to exist, whatever its age
             inputs=[os.path.join(self.raw, "dataset.json")], outputs=[plans_file],
-            done_check=lambda: os.path.isfile(plans_file) and os.path.isdir(data_folder)))
+            done_check=lambda: os.path.isfile(plans_file) and os.path.isdir(self.data_folder())))
         # nnU-Net's trainers write splits_final.json when it is missing: parallel folds would race for it
         steps.append(Step("splits", "cross-validation splits", "small", self.step_command("splits"),
                           after=[plans_file], outputs=[self.splits_file()], action=self.write_splits,
@@ -375,6 +374,11 @@ class Experiment:
     def final_checkpoint(self, trainer: str, configuration: str, fold) -> str:
         return os.path.join(self.model_folder(trainer, configuration, fold), "checkpoint_final.pth")
 
+    def data_folder(self) -> str:
+        """The preprocessed data of the experiment's configuration (that of its parent for a configuration that
+        inherits one)."""
+        return preprocessed_data_folder(self.preprocessed, self.settings.plans, self.settings.configuration)
+
     def splits_file(self) -> str:
         return os.path.join(self.preprocessed, "splits_final.json")
 
@@ -382,7 +386,7 @@ class Experiment:
         """nnU-Net's own split (nnUNetTrainer.do_split: 5 folds seeded 12345 over the sorted case identifiers)."""
         if os.path.isfile(self.splits_file()):
             return
-        folder = os.path.join(self.preprocessed, f"{self.settings.plans}_{self.settings.configuration}")
+        folder = self.data_folder()
         identifiers = sorted(infer_dataset_class(folder).get_identifiers(folder))
         write_json_atomically(generate_crossval_split(identifiers, seed=12345, n_splits=5), self.splits_file())
 
