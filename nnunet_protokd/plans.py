@@ -21,8 +21,11 @@ import os
 import re
 import shlex
 import shutil
+from contextlib import contextmanager
+from copy import deepcopy
 
 import nnunetv2.paths as nnunet_paths  # read at call time: tests and commands set them late
+from filelock import FileLock, Timeout
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -44,6 +47,8 @@ from nnunet_protokd.settings import (
 # (<trainer>__<plans>__<configuration>), which nnU-Net splits at "__"
 CONFIGURATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+\-]*")
 # where a student's teacher is, unless its configuration names another (add-config --teacher-...)
+# how long an edit of a plans file waits for another process's edit (each takes well under a second)
+PLANS_LOCK_TIMEOUT_S = 120
 TEACHER_DEFAULTS = {"trainer": TEACHER.trainer, "configuration": None, "plans": None,
                     "checkpoint": "checkpoint_final.pth"}
 
@@ -212,8 +217,15 @@ def add_configuration(plans_file: str, dataset_json: dict, base: str, modality: 
     The plans before the change are kept in `<plans file>.bak`, and the plans file is replaced atomically: a
     failed write leaves the old plans intact.
     """
-    with open(plans_file) as f:
-        plans = json.load(f)
+    with edited_plans_file(plans_file) as plans:
+        return _add_configuration(plans, plans_file, dataset_json, base, modality, name, schedule, overwrite, teacher,
+                                  methods, final_validation, results_folder)
+
+
+def _add_configuration(plans: dict, plans_file: str, dataset_json: dict, base: str, modality: str | None,
+                       name: str | None, schedule: dict | None, overwrite: bool, teacher: dict | None,
+                       methods: dict | None, final_validation: bool | None, results_folder: str | None) -> str:
+    """add_configuration's edit of `plans`, read under the plans file's lock; returns the configuration's name."""
     parent_settings = configuration_settings(resolved_configuration(plans, base))
     hint = "" if name else "; pass --name"
     if modality is not None:
@@ -263,8 +275,27 @@ def add_configuration(plans_file: str, dataset_json: dict, base: str, modality: 
     plans["configurations"][name] = entry
     if any(value is not None for value in (teacher or {}).values()):
         check_named_teacher(plans, name, results_folder)
-    replace_plans_file(plans, plans_file)
     return name
+
+
+@contextmanager
+def edited_plans_file(plans_file: str):
+    """Yields the plans of `plans_file`, read under an exclusive lock on `<plans_file>.lock`, to edit in place; when
+    the block ends without an exception and the plans changed, replaces the file (`replace_plans_file`) before
+    the lock is released. Edits of one plans file by processes running at once (a workflow's parallel add-config
+    steps, two experiments of one dataset) thus apply one after the other instead of the last undoing the others.
+    The operating system releases the lock of a process that dies."""
+    try:
+        with FileLock(plans_file + ".lock", timeout=PLANS_LOCK_TIMEOUT_S):
+            with open(plans_file) as f:
+                plans = json.load(f)
+            before = deepcopy(plans)
+            yield plans
+            if plans != before:
+                replace_plans_file(plans, plans_file)
+    except Timeout:
+        raise ConfigurationError(f"another process has been editing {plans_file} for {PLANS_LOCK_TIMEOUT_S} s "
+                                 f"(it holds {plans_file}.lock); try again when it has finished") from None
 
 
 def replace_plans_file(plans: dict, plans_file: str) -> None:

@@ -323,3 +323,31 @@ def test_a_named_teacher_must_exist_when_the_configuration_is_added(preprocessed
          "--teacher-checkpoint", "checkpoint_best.pth"], env)
     teacher = json.loads(plans_file.read_text())["configurations"]["3d_fullres_T1ce"]["protokd"]["teacher"]
     assert teacher == {"trainer": "nnUNetTrainer", "checkpoint": "checkpoint_best.pth"}
+
+
+def test_add_configurations_at_once_all_survive(plans_file, monkeypatch):
+    """Four add-config runs at once (a workflow's parallel configure steps) each re-read, change and replace the
+    plans under the plans file's lock: each configuration survives, not only the last one written."""
+    import threading
+
+    import nnunet_protokd.plans as plans_module
+    everyone_has_read = threading.Barrier(4)
+    replace = plans_module.replace_plans_file
+
+    def replace_once_everyone_has_read(plans, path):  # without the lock, each would write what it read plus its own
+        try:
+            everyone_has_read.wait(timeout=0.5)
+        except threading.BrokenBarrierError:  # the others wait for the lock: they read after this write
+            pass
+        replace(plans, path)
+
+    monkeypatch.setattr(plans_module, "replace_plans_file", replace_once_everyone_has_read)
+    threads = [threading.Thread(target=add_configuration, args=(str(plans_file), DATASET_JSON, "3d_fullres", m))
+               for m in ("T1", "T1ce", "T2", "FLAIR")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    configurations = json.loads(plans_file.read_text())["configurations"]
+    assert sorted(configurations) == ["2d", "3d_fullres", "3d_fullres_FLAIR", "3d_fullres_T1", "3d_fullres_T1ce",
+                                      "3d_fullres_T2"]
