@@ -1,7 +1,10 @@
 """Bad input that once did harm or gave a traceback: each case is refused with one message naming the file and
 what was expected, and nothing is written (every test runs in-process on tiny files)."""
+import numpy as np
 import pytest
+import SimpleITK as sitk
 
+from nnunet_protokd.data.brats_labels import ConversionError, convert_predictions_to_brats
 from nnunet_protokd.deploy.export import ExportError, export_student
 
 
@@ -27,3 +30,16 @@ def test_export_never_writes_into_nnunet_folders(nnunet_folders, variable):
             export_student("501", "3d_fullres_T1ce", "ProtoKDTrainer", ["0"], str(target), overwrite=True)
     assert (fold / "checkpoint_final.pth").read_bytes() == b"trained weights"
     assert sorted(p.name for p in fold.iterdir()) == ["checkpoint_final.pth"]
+
+
+def test_back_conversion_refuses_to_write_over_its_input(tmp_path):
+    """Run twice in place with --overwrite, it swapped labels 1 and 2 back."""
+    predictions = tmp_path / "predictions"
+    predictions.mkdir()
+    labels = np.array([[[0, 1], [2, 3]]], np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(labels), str(predictions / "case.nii.gz"))
+    (tmp_path / "link").symlink_to(predictions)
+    for output in (predictions, tmp_path / "link"):
+        with pytest.raises(ConversionError, match=rf"^the output folder {output} is the prediction folder"):
+            convert_predictions_to_brats(str(predictions), str(output), overwrite=True)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(predictions / "case.nii.gz"))), labels)

@@ -164,6 +164,10 @@ def convert_predictions_to_brats(prediction_folder: str, output_folder: str, enh
     predictions = sorted(f for f in os.listdir(prediction_folder) if f.endswith(".nii.gz"))
     if not predictions:
         raise ConversionError(f"no .nii.gz predictions in {prediction_folder}")
+    if os.path.realpath(output_folder) == os.path.realpath(prediction_folder):
+        raise ConversionError(f"the output folder {output_folder} is the prediction folder: BraTS labels written over "
+                              f"the predictions would be converted again by a second run (labels 1 and 2 swapped "
+                              f"back); write them to another folder")
     if os.path.isdir(output_folder) and os.listdir(output_folder) and not overwrite:
         raise ConversionError(f"{output_folder} is not empty; pass --overwrite to write into it")
     references = {}
