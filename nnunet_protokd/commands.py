@@ -16,6 +16,7 @@ from nnunet_protokd.deploy.prediction import check_and_predict
 from nnunet_protokd.errors import ConfigurationError
 from nnunet_protokd.evaluation.metrics import BRATS_HD95_PENALTY_MM
 from nnunet_protokd.evaluation.report import PredictionSet, build_report
+from nnunet_protokd.io import read_json
 from nnunet_protokd.lckd.subsets import every_channel_subset, subset_configuration_name, write_subset_model_folder
 from nnunet_protokd.methods import ModelKey
 from nnunet_protokd.plans import add_configuration, dataset_name, load_preprocessed, preprocessed_files
@@ -99,12 +100,8 @@ def parse_prediction_sets(specifications) -> list:
 
 
 def report(args) -> int:
-    with open(args.dataset_json) as f:
-        dataset_json = json.load(f)
-    run_info = None
-    if args.run_info:
-        with open(args.run_info) as f:
-            run_info = json.load(f)
+    dataset_json = read_json(args.dataset_json)
+    run_info = read_json(args.run_info) if args.run_info else None
     build_report(args.ground_truth, dataset_json, parse_prediction_sets(args.prediction), args.output,
                  args.images, run_info, args.seed, None if args.hd95_exclude_one_empty else BRATS_HD95_PENALTY_MM)
     print(f"report: {os.path.join(args.output, 'report.md')}")

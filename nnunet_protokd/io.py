@@ -13,6 +13,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from nnunet_protokd.errors import UserError
+
 # numpy scalars that nnU-Net stores in its checkpoints (e.g. the EMA Dice); allowed in weights-only loading
 _CHECKPOINT_SAFE_GLOBALS = [np.dtype, np._core.multiarray.scalar, np.dtypes.Float32DType,
                             np.dtypes.Float64DType, np.dtypes.Int64DType]
@@ -37,6 +39,17 @@ def atomic_file(path: str):
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+
+
+def read_json(path: str) -> dict:
+    """A JSON file the user gave; a UserError naming it when it is missing or not JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise UserError(f"{path} is not JSON: {exc}") from None
 
 
 def write_text_atomically(text: str, path: str) -> None:

@@ -192,3 +192,34 @@ def test_a_method_and_modality_given_twice_is_refused_naming_both_folders(folder
             f"METHOD:MODALITY once")):
         build_report(str(folders / "gt"), DATASET_JSON, sets, str(tmp_path / "report"))
     assert not (tmp_path / "report").exists()
+
+
+def report_error(capsys, *arguments) -> str:
+    """The `report` command run in-process: its exit status must be 1 and its output one `error:` line."""
+    from nnunet_protokd.cli import main
+    assert main(["report", *map(str, arguments)]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and len(error.strip().splitlines()) == 1, error
+    return error.strip()[len("error: "):]
+
+
+def test_report_input_errors_are_one_line_naming_the_file(folders, tmp_path, capsys):
+    dataset_json = write_json(tmp_path)
+    good = ["--dataset-json", dataset_json, "--prediction", f"teacher={folders / 'identical'}"]
+    (tmp_path / "a_file").write_text("")
+    assert report_error(capsys, "--ground-truth", folders / "gt", *good, "-o", tmp_path / "a_file") == \
+        f"the report folder {tmp_path / 'a_file'} is a file; give a folder to write the report in"
+    assert report_error(capsys, "--ground-truth", tmp_path / "nowhere", *good, "-o", tmp_path / "r") == \
+        f"ground-truth folder {tmp_path / 'nowhere'} does not exist or is not a folder"
+    (tmp_path / "broken.json").write_text("{labels: 1")
+    assert report_error(capsys, "--ground-truth", folders / "gt", "--dataset-json", tmp_path / "broken.json",
+                        "--prediction", f"teacher={folders / 'identical'}", "-o", tmp_path / "r").startswith(
+        f"{tmp_path / 'broken.json'} is not JSON: Expecting property name")
+    assert report_error(capsys, "--ground-truth", folders / "gt", "--dataset-json", dataset_json, "--prediction",
+                        f"unimodal={folders / 'identical'}", "-o", tmp_path / "r") == \
+        f"prediction set unimodal={folders / 'identical'} names no modality: give unimodal:MODALITY=FOLDER (only " \
+        f"the teacher reads every modality)"
+    (tmp_path / "empty").mkdir()
+    assert report_error(capsys, "--ground-truth", tmp_path / "empty", *good, "-o", tmp_path / "r") == \
+        f"no reference label maps <case>.nii.gz in {tmp_path / 'empty'}"
+    assert not (tmp_path / "r").exists()

@@ -108,6 +108,8 @@ def evaluate_folder(ground_truth_folder: str, prediction_folder: str, regions, l
     """{case: {region: {"dice", "hd95", "hd95_one_empty"}}} over every reference case (see case_metrics); a
     missing prediction is an error."""
     cases = sorted(f[:-len(file_ending)] for f in os.listdir(ground_truth_folder) if f.endswith(file_ending))
+    if not cases:
+        raise ScoringInputError(f"no reference label maps <case>{file_ending} in {ground_truth_folder}")
     missing = [c for c in cases if not os.path.isfile(os.path.join(prediction_folder, c + file_ending))]
     if missing:
         raise ScoringInputError(f"{prediction_folder} lacks predictions of {len(missing)} reference case(s): "

@@ -18,7 +18,7 @@ from nnunet_protokd.evaluation.metrics import (
     summarise,
 )
 from nnunet_protokd.evaluation.statistics import format_p, paired_comparison
-from nnunet_protokd.methods import MODALITY_SEPARATOR, ModelKey, baseline_of, title
+from nnunet_protokd.methods import MODALITY_SEPARATOR, TEACHER, ModelKey, baseline_of, title
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,16 @@ def build_report(ground_truth_folder: str, dataset_json: dict, prediction_sets: 
                  hd95_penalty: float | None = BRATS_HD95_PENALTY_MM) -> dict:
     """Scores every prediction set and writes report.md, summary.json, dice.png and overlays.png. A case where
     exactly one of reference and prediction is empty scores HD95 = `hd95_penalty` (None: excluded)."""
+    if not os.path.isdir(ground_truth_folder):
+        raise ScoringInputError(f"ground-truth folder {ground_truth_folder} does not exist or is not a folder")
+    if os.path.exists(output_folder) and not os.path.isdir(output_folder):
+        raise ScoringInputError(f"the report folder {output_folder} is a file; give a folder to write the report in")
     folders = {}
     for prediction_set in prediction_sets:  # keyed by method and modality: a second set would replace the first
+        if prediction_set.modality is None and prediction_set.method != TEACHER.name:
+            raise ScoringInputError(f"prediction set {prediction_set.method}={prediction_set.folder} names no "
+                                    f"modality: give {prediction_set.method}:MODALITY=FOLDER (only the teacher reads "
+                                    f"every modality)")
         if prediction_set.key in folders:
             raise ScoringInputError(f"two prediction sets are {prediction_set.key}: {folders[prediction_set.key]} and "
                                     f"{prediction_set.folder}; give each METHOD:MODALITY once")
