@@ -139,3 +139,41 @@ def test_a_4d_or_vector_file_and_channels_on_different_grids_are_refused(tmp_pat
         f"is expected (a 4D series holds several volumes: give each as a file of its own)",
         f"  case vector: {folder}/vector_0000.nii.gz holds 6 values per voxel (a vector image); a scan has one value "
         f"per voxel: give each component as a file of its own"]
+
+
+def test_an_output_that_is_the_input_or_a_file_and_an_untrained_fold_are_refused(tmp_path, monkeypatch):
+    """Each ended in nnU-Net with a traceback, or mixed the predictions into the scans."""
+    import nnunet_protokd.deploy.prediction as prediction
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "nnUNet_results"))
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "nnUNet_raw"))
+    (tmp_path / "nnUNet_raw" / "Dataset501_BraTS2018").mkdir(parents=True)
+    model = tmp_path / "nnUNet_results" / "Dataset501_BraTS2018" / "UnimodalTrainer__nnUNetPlans__3d_fullres_T1ce"
+    (model / "fold_0").mkdir(parents=True)
+    (model / "dataset.json").write_text(json.dumps(STUDENT))
+    (model / "fold_0" / "checkpoint_final.pth").write_bytes(b"trained")
+    inputs = folder_with(tmp_path, "case_0000.nii.gz")
+    (tmp_path / "a_file").write_text("")
+    ran = []
+    monkeypatch.setattr(prediction, "run_nnunet_predict", ran.append)
+    model_arguments = ["-d", "501", "-c", "3d_fullres_T1ce", "-tr", "UnimodalTrainer", "-device", "cpu"]
+
+    def refusal(output, *more):
+        with pytest.raises(PredictionInputError) as raised:
+            prediction.check_and_predict("501", "UnimodalTrainer", "nnUNetPlans", "3d_fullres_T1ce", str(inputs),
+                                         ["-i", str(inputs), "-o", str(output), *model_arguments, *more],
+                                         log=lambda _: None)
+        return str(raised.value)
+
+    assert refusal(inputs, "-f", "0") == f"the output folder {inputs} is the input folder: the predictions would " \
+                                         f"be mixed into the scans; give another -o"
+    assert refusal(tmp_path / "a_file", "-f", "0") == f"the output folder {tmp_path / 'a_file'} is a file; give a " \
+                                                      f"folder for -o"
+    assert refusal(tmp_path / "out", "-f", "0", "1") == \
+        f"fold 1 of {model} is not trained: {model}/fold_1/checkpoint_final.pth does not exist (choose the trained " \
+        f"folds with -f, the checkpoint with -chk)"
+    assert refusal(tmp_path / "out", "-f", "0", "-chk", "checkpoint_best.pth").startswith("fold 0 of")
+    assert ran == [] and not (tmp_path / "out").exists()
+    prediction.check_and_predict("501", "UnimodalTrainer", "nnUNetPlans", "3d_fullres_T1ce", str(inputs),
+                                 ["-i", str(inputs), "-o", str(tmp_path / "out"), *model_arguments, "-f", "0"],
+                                 log=lambda _: None)
+    assert len(ran) == 1

@@ -11,6 +11,7 @@ its file_ending (a single-modality student: <case>_0000 only; an LCKD subset mod
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -102,6 +103,29 @@ def model_folder_dataset_json(dataset: str, trainer: str, plans: str, configurat
                                    f"-c") from None
 
 
+def check_prediction_arguments(model_folder: str, input_folder: str, nnunet_arguments: list) -> None:
+    """A PredictionInputError for nnUNetv2_predict arguments that would fail in nnU-Net with a traceback or mix
+    files: an output folder that is the input folder (predictions would join the scans) or a file, or a fold
+    (-f) without the checkpoint (-chk) to predict with."""
+    parser = argparse.ArgumentParser(add_help=False)  # nnUNetv2_predict's options read here, with its defaults
+    parser.add_argument("-o")
+    parser.add_argument("-f", nargs="+", default=("0", "1", "2", "3", "4"))
+    parser.add_argument("-chk", default="checkpoint_final.pth")
+    parser.add_argument("-c")  # declared, or argparse would read the configuration's -c as an abbreviated -chk
+    given, _ = parser.parse_known_args(nnunet_arguments)
+    if given.o is not None:
+        if os.path.realpath(given.o) == os.path.realpath(input_folder):
+            raise PredictionInputError(f"the output folder {given.o} is the input folder: the predictions would be "
+                                       f"mixed into the scans; give another -o")
+        if os.path.exists(given.o) and not os.path.isdir(given.o):
+            raise PredictionInputError(f"the output folder {given.o} is a file; give a folder for -o")
+    for fold in given.f:
+        checkpoint = os.path.join(model_folder, f"fold_{fold}", given.chk)
+        if not os.path.isfile(checkpoint):
+            raise PredictionInputError(f"fold {fold} of {model_folder} is not trained: {checkpoint} does not exist "
+                                       f"(choose the trained folds with -f, the checkpoint with -chk)")
+
+
 def run_nnunet_predict(nnunet_arguments: list) -> None:
     """nnU-Net's own `nnUNetv2_predict` with these command-line arguments, in this process."""
     argv = sys.argv
@@ -117,8 +141,9 @@ def check_and_predict(dataset: str, trainer: str, plans: str, configuration: str
     """`nnunet-protokd predict`: checks `input_folder` against the model folder's dataset.json (nothing is predicted
     when a case is at fault), then runs nnUNetv2_predict with `nnunet_arguments` (its own command line, which
     names the same model and folder) in this process. Returns the cases."""
-    _, dataset_json = model_folder_dataset_json(dataset, trainer, plans, configuration)
+    model_folder, dataset_json = model_folder_dataset_json(dataset, trainer, plans, configuration)
     cases = check_input_folder(input_folder, dataset_json)
+    check_prediction_arguments(model_folder, input_folder, nnunet_arguments)
     log(f"{len(cases)} case(s) in {input_folder}, each with exactly the files this model reads")
     run_nnunet_predict(nnunet_arguments)
     return cases
