@@ -1,15 +1,18 @@
 """`experiment`: the protocol's commands, --dry-run, and resuming a half-done experiment (commands recorded by a
 stand-in for subprocess.run, so that no training runs here; the integration test trains for real)."""
 import json
+import re
 import shutil
 import subprocess
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from conftest import BIN, nnunet_environment, run
 
 from nnunet_protokd.data.brats import NNUNET_REGIONS
+from nnunet_protokd.errors import UserError
 from nnunet_protokd.protocol.experiment import Experiment, ExperimentSettings
 
 DATASET = "Dataset777_Tiny"
@@ -118,7 +121,7 @@ def test_resuming_skips_finished_work_and_continues_half_trained_models(workspac
     (teacher / "checkpoint_final.pth").write_bytes(b"finished")
     half = results / "ProtoKDTrainer__nnUNetPlans__3d_fullres_3ep_5it_T1ce" / "fold_0"
     half.mkdir(parents=True)
-    (half / "checkpoint_latest.pth").write_bytes(b"interrupted")
+    torch.save({"current_epoch": 1}, half / "checkpoint_latest.pth")  # interrupted
     fake_preprocessing(workspace)
 
     commands = []
@@ -342,3 +345,24 @@ def test_a_custom_configuration_inheriting_a_planned_one_reads_the_parents_prepr
     experiment.write_splits()
     splits = json.loads((preprocessed / "splits_final.json").read_text())
     assert sorted(splits[0]["train"] + splits[0]["val"]) == ["tr_1", "tr_2", "tr_3", "tr_4", "tr_5"]
+
+
+def test_a_truncated_checkpoint_latest_is_named_with_what_to_do(workspace):
+    """A training killed while nnU-Net wrote checkpoint_latest.pth: every rerun with --c failed in nnU-Net's
+    loader with a traceback."""
+    fake_preprocessing(workspace)
+    experiment = Experiment(settings(workspace, methods=("unimodal",), modalities=("T1ce",)))
+    folder = workspace / "nnUNet_results" / DATASET / "ProtoKDTeacherTrainer__nnUNetPlans__3d_fullres_3ep_5it"
+    folder = folder / "fold_0"
+    folder.mkdir(parents=True)
+    torch.save({"network_weights": {"w": torch.zeros(1000)}}, folder / "checkpoint_latest.pth")
+    whole = (folder / "checkpoint_latest.pth").read_bytes()
+    (folder / "checkpoint_latest.pth").write_bytes(whole[:len(whole) // 2])
+    commands = []
+    experiment.run_command = fake_nnunet(workspace, commands)
+    with pytest.raises(UserError, match=re.escape(
+            f"{folder / 'checkpoint_latest.pth'} is damaged (a training stopped while writing it): delete it to train "
+            f"ProtoKDTeacherTrainer 3d_fullres_3ep_5it fold 0 from the start, or put back a copy of it, then run "
+            f"again")):
+        experiment.run(log=lambda _: None)
+    assert not any("nnUNetv2_train" in c[0] for c in commands)

@@ -21,6 +21,7 @@ import shlex
 import subprocess
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -31,7 +32,7 @@ from nnunetv2.utilities.crossval_split import generate_crossval_split
 
 from nnunet_protokd.channels import ChannelSubset
 from nnunet_protokd.deploy.prediction import check_and_predict
-from nnunet_protokd.errors import StepFailed
+from nnunet_protokd.errors import StepFailed, UserError
 from nnunet_protokd.evaluation.report import PredictionSet, build_report
 from nnunet_protokd.io import write_json_atomically
 from nnunet_protokd.lckd.subsets import every_channel_subset, subset_configuration_name
@@ -497,6 +498,11 @@ class Experiment:
         if step.action is not None:
             step.action()
         else:
+            # nnU-Net writes checkpoint_latest.pth in place: a run killed while writing it leaves a truncated file
+            # (torch writes zip archives), on which every rerun with --c would fail in nnU-Net's loader
+            if step.resumes() and not zipfile.is_zipfile(step.continue_from):
+                raise UserError(f"{step.continue_from} is damaged (a training stopped while writing it): delete it "
+                                f"to {step.title} from the start, or put back a copy of it, then run again")
             command = step.command + (["--c"] if step.resumes() else [])
             completed = self.run_command(command)
             if completed.returncode != 0:
