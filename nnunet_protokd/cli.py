@@ -220,7 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPU) or off; LCKDTrainer keeps its own (off)")
     p.add_argument("--trainers", nargs="+", default=None,
                    help="which of UnimodalTrainer ProtoKDTrainer KDNetTrainer LCKDTrainer LCKDTrainer:subsets "
-                        "ProtoKDTeacherTrainer to measure (default all; the ratios need UnimodalTrainer)")
+                        "ProtoKDTeacherTrainer teacher (its forward) inference to measure (default all; the ratios "
+                        "need UnimodalTrainer)")
+    p.add_argument("--patch-size", type=int, nargs="+", default=None,
+                   help="measure at this patch size (z y x) instead of the configuration's, e.g. a BraTS-size "
+                        "patch on small data or a tiny one for a quick check; in memory only, the plans are not "
+                        "changed (each axis a multiple of the network's total stride)")
     p.add_argument("--memory-limit-gb", type=float, default=None,
                    help="address-space limit of each measuring process: a trainer that needs more is reported as "
                         "failed (did not fit) instead of exhausting the machine")

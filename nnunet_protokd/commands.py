@@ -170,7 +170,7 @@ def benchmark(args) -> int:
                                             nnunet_paths.nnUNet_results.get()).checkpoint_path
     report = run_benchmark(args.dataset, args.configuration, teacher_checkpoint, args.device or _default_device(),
                            args.steps, args.warmup, args.plans, args.inference_cases, args.precision, args.compile,
-                           args.trainers, args.memory_limit_gb)
+                           args.trainers, args.memory_limit_gb, args.patch_size)
     print(format_table(report))
     if args.output:
         with open(args.output, "w") as f:

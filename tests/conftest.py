@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,3 +37,55 @@ def phantom_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("phantoms") / "MICCAI_BraTS_2018_Data_Training"
     generate_brats_phantoms(str(folder), num_hgg=3, num_lgg=2, seed=7, shape_zyx=(24, 32, 32))
     return folder
+
+
+DATASET = "Dataset501_BraTS2018"
+
+
+@pytest.fixture(scope="session")
+def preprocessed_phantoms(tmp_path_factory, phantom_folder) -> Path:
+    """`phantom_folder` converted as dataset 501 with a held-out set of three cases (imagesTs), then planned and
+    preprocessed (3d_fullres) by nnU-Net, once per session: nnU-Net's fingerprint alone samples 10^8 foreground
+    voxels per channel whatever the dataset's size (about 45 s here), so the tests copy this (`copy_phantoms`)
+    instead of planning the same data again."""
+    from nnunet_protokd.data.phantoms import generate_brats_phantoms
+    root = tmp_path_factory.mktemp("preprocessed_phantoms")
+    env = nnunet_environment(root)
+    generate_brats_phantoms(str(root / "test"), num_hgg=2, num_lgg=1, seed=2, shape_zyx=(24, 32, 32),
+                            with_segmentation=False, first_case_index=100)
+    run([BIN / "python", REPO / "dataset_conversion" / "convert_brats2018.py", phantom_folder, "501",
+         "--test", root / "test"], env)
+    run([BIN / "nnUNetv2_plan_and_preprocess", "-d", "501", "-c", "3d_fullres", "-np", "2",
+         "--verify_dataset_integrity"], env)
+    return root
+
+
+def copy_phantoms(preprocessed_phantoms: Path, root: Path, what: str = "preprocessed", dataset: str = DATASET):
+    """Into `root`'s nnU-Net folders: "preprocessed" (the raw dataset and nnU-Net's plans and preprocessed data)
+    or "fingerprint" (nnU-Net's dataset_fingerprint.json only, as that of `dataset`: nnUNetv2_plan_and_preprocess
+    reuses an existing one, so a test that converts and plans phantom_folder's cases itself skips the 45 s
+    sampling and nothing else)."""
+    source = preprocessed_phantoms / "nnUNet_preprocessed" / DATASET
+    if what == "preprocessed":
+        shutil.copytree(preprocessed_phantoms / "nnUNet_raw", root / "nnUNet_raw")
+        shutil.copytree(source, root / "nnUNet_preprocessed" / dataset)
+    elif what == "fingerprint":
+        (root / "nnUNet_preprocessed" / dataset).mkdir(parents=True)
+        shutil.copy(source / "dataset_fingerprint.json", root / "nnUNet_preprocessed" / dataset)
+    else:
+        raise ValueError(what)
+
+
+def assert_same_training_data(raw_dataset: Path, preprocessed_phantoms: Path) -> None:
+    """A test that reused the session's fingerprint (copy_phantoms(..., "fingerprint")) converted the very data
+    it was computed from: same training files, voxel for voxel, same geometry."""
+    import numpy as np
+    import SimpleITK as sitk
+    source = preprocessed_phantoms / "nnUNet_raw" / DATASET
+    names = sorted(p.relative_to(source).as_posix() for p in source.glob("[il]*Tr/*.nii.gz"))
+    converted = sorted(p.relative_to(raw_dataset).as_posix() for p in raw_dataset.glob("[il]*Tr/*.nii.gz"))
+    assert names and names == converted
+    for name in names:
+        ours, theirs = sitk.ReadImage(str(raw_dataset / name)), sitk.ReadImage(str(source / name))
+        assert ours.GetSpacing() == theirs.GetSpacing() and ours.GetOrigin() == theirs.GetOrigin(), name
+        assert np.array_equal(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(theirs)), name

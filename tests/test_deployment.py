@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import BIN, REPO, nnunet_environment, run
+from conftest import BIN, REPO, copy_phantoms, nnunet_environment, run
 
 import nnunet_protokd
 
@@ -40,11 +40,10 @@ T1CE = 1
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, phantom_folder) -> Path:
+def workspace(tmp_path_factory, preprocessed_phantoms) -> Path:
     root = tmp_path_factory.mktemp("deployment")
     env = nnunet_environment(root)
-    run([BIN / "python", REPO / "dataset_conversion" / "convert_brats2018.py", phantom_folder, "501", "-j", "1"], env)
-    run([BIN / "nnUNetv2_plan_and_preprocess", "-d", "501", "-c", "3d_fullres", "-np", "1", "-npfp", "1"], env)
+    copy_phantoms(preprocessed_phantoms, root)  # converted, planned and preprocessed once per session
     run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-c", "3d_fullres", "--name", "3d_tiny", "--epochs", "1",
          "--iterations-per-epoch", "2", "--val-iterations-per-epoch", "1", "--no-final-validation",
          "--set", "LCKDTrainer.election_batches=1"], env)
@@ -202,10 +201,10 @@ def test_nnunet_alone_installs_the_zips_and_predicts_what_the_plugin_predicts(wo
     assert sorted(os.listdir(installed)) == sorted(EXPORTED.values())
     for method in ("ProtoKD", "Unimodal"):
         run([bin_folder / "nnUNetv2_predict", "-d", "501", "-c", f"{STUDENT_CONFIGURATION}_{method}", "-f", "0",
-             "-i", workspace / "t1ce_only", "-o", clinic / method, "-device", "cpu", "-npp", "1", "-nps", "1",
+             "-i", workspace / "t1ce_only", "-o", clinic / method, "-device", "cpu", "-npp", "0", "-nps", "0",
              "--save_probabilities"], env, cwd=clinic)
     run([BIN / "nnUNetv2_predict", "-d", "501", "-c", STUDENT_CONFIGURATION, "-tr", "ProtoKDTrainer", "-f", "0",
-         "-i", workspace / "t1ce_only", "-o", tmp_path / "plugin", "-device", "cpu", "-npp", "1", "-nps", "1"],
+         "-i", workspace / "t1ce_only", "-o", tmp_path / "plugin", "-device", "cpu", "-npp", "0", "-nps", "0"],
         nnunet_environment(workspace))
     plain, plugin = labels_of(clinic / "ProtoKD"), labels_of(tmp_path / "plugin")
     assert len(plain) == 2 and plain.keys() == plugin.keys()

@@ -106,22 +106,29 @@ def test_on_cpu_training_augments_in_process_while_planning_keeps_nnunet_s_worke
     assert calls[0][1]["nnUNet_n_proc_DA"] == "0" and calls[1][1] is None
 
 
-def test_the_protocol_end_to_end_on_one_small_seed_and_resumed_without_training_again(tmp_path, monkeypatch):
+def test_the_protocol_end_to_end_on_one_small_seed_and_resumed_without_training_again(tmp_path, monkeypatch,
+                                                                                      preprocessed_phantoms):
     """Phantoms -> conversion -> seeded teacher, baseline, ProtoKD and an ablation (2 epochs of 2 iterations) ->
     held-out predictions with probabilities -> the pooled report, read from nnU-Net's own checkpoints and files."""
     import json
 
+    from conftest import assert_same_training_data, copy_phantoms
+
     from nnunet_protokd.protocol.evidence import Evidence, EvidenceSettings
     for kind in ("raw", "preprocessed", "results"):  # Evidence sets them; restored after the test
         monkeypatch.setenv(f"nnUNet_{kind}", str(tmp_path / "evidence" / f"nnUNet_{kind}"))
+    # seed 7's training phantoms are conftest's phantom_folder, case for case (checked below): nnU-Net's planning
+    # reuses their fingerprint
+    copy_phantoms(preprocessed_phantoms, tmp_path / "evidence", "fingerprint", "Dataset707_PhantomSeed7")
     settings = EvidenceSettings(
-        output_folder=str(tmp_path / "evidence"), seeds=(5,), modalities=("T1ce",), methods=("unimodal", "protokd"),
+        output_folder=str(tmp_path / "evidence"), seeds=(7,), modalities=("T1ce",), methods=("unimodal", "protokd"),
         variants=(("protokd-no_proto", "T1ce"),), epochs=2, iterations_per_epoch=2, val_iterations_per_epoch=1,
-        training_cases={"num_hgg": 4, "num_lgg": 2}, held_out_cases={"num_hgg": 2, "num_lgg": 1,
+        training_cases={"num_hgg": 3, "num_lgg": 2}, held_out_cases={"num_hgg": 2, "num_lgg": 1,
                                                                      "first_case_index": 500},
         phantom_shape_zyx=(24, 32, 32), first_dataset_id=700)
     lines = []
     report = Evidence(settings, log=lines.append).run()
+    assert_same_training_data(tmp_path / "evidence" / "nnUNet_raw" / "Dataset707_PhantomSeed7", preprocessed_phantoms)
     evidence = json.loads((tmp_path / "evidence" / "report" / "evidence.json").read_text())
     assert set(evidence["comparisons"]) == {"protokd:T1ce", "protokd-no_proto:T1ce"}
     assert evidence["comparisons"]["protokd:T1ce"]["mean"]["n"] == 3
@@ -146,7 +153,7 @@ def test_the_protocol_end_to_end_on_one_small_seed_and_resumed_without_training_
     # the seed is recorded where the model is: the model folder's plans.json
     plans = json.loads(next((tmp_path / "evidence" / "nnUNet_results").glob(
         "*/ProtoKDTrainer__nnUNetPlans__*_T1ce/plans.json")).read_text())
-    assert any(c.get("protokd", {}).get("seed") == 5 for c in plans["configurations"].values())
+    assert any(c.get("protokd", {}).get("seed") == 7 for c in plans["configurations"].values())
     # resumed: every step is found done, nothing is trained or predicted again
     lines.clear()
     Evidence(settings, log=lines.append).run()

@@ -13,9 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import BIN, REPO, nnunet_environment, run
-
-from nnunet_protokd.data.phantoms import generate_brats_phantoms
+from conftest import BIN, copy_phantoms, nnunet_environment, run
 
 DATASET = "Dataset501_BraTS2018"
 TEACHER = "ProtoKDTeacherTrainer__nnUNetPlans__3d_smoke"
@@ -28,16 +26,12 @@ T1CE = 1  # channel of T1ce in the converted dataset
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
+def workspace(tmp_path_factory, preprocessed_phantoms) -> Path:
+    """The session's converted and preprocessed phantoms (5 training cases, 3 held out: conftest), then the README's
+    commands."""
     root = tmp_path_factory.mktemp("integration")
     env = nnunet_environment(root)
-    generate_brats_phantoms(str(root / "train"), num_hgg=6, num_lgg=4, seed=1, shape_zyx=(24, 32, 32))
-    generate_brats_phantoms(str(root / "test"), num_hgg=2, num_lgg=1, seed=2, shape_zyx=(24, 32, 32),
-                            with_segmentation=False, first_case_index=100)
-    run([BIN / "python", REPO / "dataset_conversion" / "convert_brats2018.py", root / "train", "501",
-         "--test", root / "test"], env)
-    run([BIN / "nnUNetv2_plan_and_preprocess", "-d", "501", "-c", "3d_fullres", "-np", "2",
-         "--verify_dataset_integrity"], env)
+    copy_phantoms(preprocessed_phantoms, root)
     run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-c", "3d_fullres", "--name", "3d_smoke",
          "--epochs", "2", "--iterations-per-epoch", "4", "--val-iterations-per-epoch", "2"], env)
     run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-c", "3d_smoke", "-m", "T1ce"], env)
@@ -58,7 +52,7 @@ def workspace(tmp_path_factory) -> Path:
 
 def predict(workspace, input_folder, output_folder, configuration, trainer, expect_success=True):
     return run([BIN / "nnUNetv2_predict", "-i", input_folder, "-o", output_folder, "-d", "501", "-c", configuration,
-                "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"],
+                "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "0", "-nps", "0"],
                nnunet_environment(workspace), expect_success=expect_success)
 
 
@@ -69,7 +63,7 @@ def test_teacher_and_student_trained_with_the_configured_schedule(workspace):
         assert debug["num_epochs"] == "2" and debug["num_iterations_per_epoch"] == "4"
         assert (results / model / "fold_0" / "checkpoint_final.pth").is_file()
         summary = json.loads((results / model / "fold_0" / "validation" / "summary.json").read_text())
-        assert len(summary["metric_per_case"]) == 2  # nnU-Net's final validation ran on fold 0's cases
+        assert len(summary["metric_per_case"]) == 1  # nnU-Net's final validation ran on fold 0's case
         assert set(summary["mean"]) == {"(1, 2, 3)", "(2, 3)", "(3,)"}  # regions WT, TC, ET
 
 
@@ -111,7 +105,7 @@ def test_student_refuses_four_channel_input(workspace):
 def test_predict_command_checks_file_names_then_predicts_as_nnunet_does(workspace):
     env = nnunet_environment(workspace)
     arguments = ["-d", "501", "-c", "3d_smoke_T1ce", "-tr", "UnimodalTrainer", "-f", "0", "-device", "cpu", "-npp",
-                 "1", "-nps", "1"]
+                 "0", "-nps", "0"]
     result = run([BIN / "nnunet-protokd", "predict", "-i", workspace / "t1ce_only", "-o", workspace / "checked",
                   *arguments], env)
     assert f"3 case(s) in {workspace / 't1ce_only'}, each with exactly the files this model reads" in result.stdout
@@ -257,16 +251,24 @@ def test_resuming_with_a_changed_teacher_is_refused(workspace):
 def bfloat16_benchmark(workspace) -> tuple:
     """`nnunet-protokd benchmark` of every trainer, three steps each under CPU bfloat16 autocast with a GradScaler
     (the stand-in for nnU-Net's CUDA float16 autocast), run once for the tests that read it: (what it printed, its
-    JSON, the student's model folder before and after)."""
+    JSON, the student's model folder before and after).
+
+    At the smallest patch the networks take (twice their total stride): on a CPU without bfloat16 instructions
+    torch's half-precision convolutions take the reference path, measured 80-190 times slower than float32 here
+    (about 30 s per step at the configuration's own patch). The losses' half-precision safety at BraTS size is
+    test_mixed_precision's; this checks that every trainer's step runs under autocast and a GradScaler."""
     output = workspace / "benchmark.json"
     student_folder = workspace / "nnUNet_results" / DATASET / STUDENT / "fold_0"
     before = sorted(os.listdir(student_folder))
-    # 10-15 minutes: on a CPU without bfloat16 instructions torch's bfloat16 convolutions take the reference path,
-    # measured 190 times slower than float32 here (about 30 s per step of this tiny network)
+    plans = json.loads((workspace / "nnUNet_preprocessed" / DATASET / "nnUNetPlans.json").read_text())
+    strides = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["strides"]
+    patch_size = [2 * s for s in np.prod(np.array(strides), axis=0)]
     result = run([BIN / "nnunet-protokd", "benchmark", "-d", "501", "-c", "3d_smoke_T1ce", "--device", "cpu",
-                  "--precision", "bfloat16", "--steps", "3", "--warmup", "0", "--inference-cases", "1", "-o", output],
-                 nnunet_environment(workspace), timeout=2400)
-    return result.stdout, json.loads(output.read_text()), before, sorted(os.listdir(student_folder))
+                  "--precision", "bfloat16", "--steps", "3", "--warmup", "0", "--inference-cases", "1",
+                  "--patch-size", *patch_size, "-o", output], nnunet_environment(workspace))
+    report = json.loads(output.read_text())
+    assert report["patch_size"] == patch_size
+    return result.stdout, report, before, sorted(os.listdir(student_folder))
 
 
 def test_benchmark_reports_every_trainer_side_by_side(bfloat16_benchmark):

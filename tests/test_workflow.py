@@ -11,7 +11,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from conftest import BIN, REPO, nnunet_environment, run
+from conftest import BIN, REPO, assert_same_training_data, copy_phantoms, nnunet_environment, run
 from test_experiment import workspace  # noqa: F401  (a raw dataset with a held-out set, nothing trained)
 
 pytest.importorskip("snakemake", reason="the workflow tests need the extra [cluster] (pip install -e '.[cluster]')")
@@ -27,11 +27,14 @@ SMALL_RESOURCES = "resources:\n" + "".join(
     for kind in ("preprocess", "small", "train", "predict", "report"))
 
 
-def workflow_folder(root: Path, phantom_folder: Path) -> Path:
-    """The phantoms converted into nnUNet_raw under root, and the protocol written as a workflow in root/workflow."""
+def workflow_folder(root: Path, phantom_folder: Path, preprocessed_phantoms: Path) -> Path:
+    """The phantoms converted into nnUNet_raw under root (with nnU-Net's fingerprint of them, which its planning
+    reuses), and the protocol written as a workflow in root/workflow."""
     env = nnunet_environment(root)
     env.update(nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1", OMP_NUM_THREADS="1")
     run([BIN / "python", REPO / "dataset_conversion" / "convert_brats2018.py", phantom_folder, "501"], env)
+    assert_same_training_data(root / "nnUNet_raw" / "Dataset501_BraTS2018", preprocessed_phantoms)
+    copy_phantoms(preprocessed_phantoms, root, "fingerprint")
     run([BIN / "nnunet-protokd", "experiment", *PROTOCOL, "-o", root / "experiment", "--workflow", root / "workflow"],
         env)
     (root / "workflow" / "config.yaml").write_text(SMALL_RESOURCES)
@@ -62,9 +65,9 @@ def experiment_of(root: Path):
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory, phantom_folder):
+def local_run(tmp_path_factory, phantom_folder, preprocessed_phantoms):
     root = tmp_path_factory.mktemp("workflow")
-    folder = workflow_folder(root, phantom_folder)
+    folder = workflow_folder(root, phantom_folder, preprocessed_phantoms)
     planned = snakemake(folder, "-n", "-p").stdout
     completed = snakemake(folder, "--cores", "2")
     return root, folder, planned, completed.stdout + completed.stderr
@@ -145,8 +148,8 @@ SLURM_UNAVAILABLE = slurm_unavailable()
 
 
 @pytest.mark.skipif(bool(SLURM_UNAVAILABLE), reason=SLURM_UNAVAILABLE)
-def test_workflow_runs_through_slurm(tmp_path, phantom_folder):
-    folder = workflow_folder(tmp_path, phantom_folder)
+def test_workflow_runs_through_slurm(tmp_path, phantom_folder, preprocessed_phantoms):
+    folder = workflow_folder(tmp_path, phantom_folder, preprocessed_phantoms)
     completed = snakemake(folder, "--executor", "slurm", "--jobs", "2", "--slurm-status-command", "squeue",
                           "--slurm-no-account", "--slurm-init-seconds-before-status-checks", "5",
                           "--slurm-keep-successful-logs", "--latency-wait", "10", timeout=1800)

@@ -27,8 +27,9 @@ from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_protokd.channels import StudentModality
+from nnunet_protokd.errors import ConfigurationError
 from nnunet_protokd.methods import BASELINE, METHODS, TEACHER, distilling_trainers
-from nnunet_protokd.plans import load_preprocessed
+from nnunet_protokd.plans import load_preprocessed, resolved_configuration
 from nnunet_protokd.training.base import build_checked_network, seed_everything
 
 # every trainer of the registry and the teacher's. A method with one model on every channel (LCKD) trains on the
@@ -39,6 +40,7 @@ STAGE_SEPARATOR = ":"  # "LCKDTrainer:subsets": a trainer measured in one stage 
 TRAINERS = tuple(trainer for method in METHODS.values()
                  for trainer in ((method.trainer, f"{method.trainer}{STAGE_SEPARATOR}subsets") if method.every_channel
                                  else (method.trainer,))) + (TEACHER.trainer,)
+MODES = TRAINERS + ("teacher", "inference")  # what one run measures, unless told fewer
 EVERY_CHANNEL_TRAINERS = tuple(method.trainer for method in (*METHODS.values(), TEACHER) if method.every_channel)
 
 
@@ -62,6 +64,24 @@ def _trainer(name: str, plans: dict, configuration: str, dataset_json: dict, dev
         trainer.grad_scaler = torch.amp.GradScaler("cpu")
     trainer.initialize()
     return trainer
+
+
+def _measured_plans(args: dict) -> tuple[dict, dict]:
+    """(plans, dataset.json), with the patch size asked for (`--patch-size`) in the student configuration and every
+    configuration it inherits from (LCKD trains on the base): in memory only, the plans file is not touched."""
+    plans, dataset_json = load_preprocessed(args["dataset"], args["plans"])
+    patch_size = args.get("patch_size")
+    name = args["configuration"]
+    while patch_size and name is not None:
+        strides = resolved_configuration(plans, name)["architecture"]["arch_kwargs"].get("strides")
+        total_stride = np.prod(np.array(strides), axis=0).tolist() if strides is not None else None
+        if total_stride is not None and (len(total_stride) != len(patch_size)
+                                         or any(p % s for p, s in zip(patch_size, total_stride))):
+            raise ConfigurationError(f"--patch-size {' '.join(map(str, patch_size))}: configuration {name!r} needs "
+                                     f"a multiple of its network's total stride {total_stride} on each axis")
+        plans["configurations"][name]["patch_size"] = list(patch_size)
+        name = plans["configurations"][name].get("inherits_from")
+    return plans, dataset_json
 
 
 def _weights(network: torch.nn.Module) -> dict:
@@ -94,7 +114,7 @@ def worker(mode: str, args: dict) -> dict:
     if args.get("memory_limit_gb"):  # fail with an allocation error instead of driving the machine out of memory
         limit = int(args["memory_limit_gb"] * 2 ** 30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    plans, dataset_json = load_preprocessed(args["dataset"], args["plans"])
+    plans, dataset_json = _measured_plans(args)
     device, warmup = args["device"], args["warmup"]
     batches = torch.load(args["batches"], weights_only=True)
     if mode == "inference":
@@ -169,39 +189,44 @@ def _inference(plans: dict, dataset_json: dict, args: dict) -> dict:
             "ratio": float(student_median / plain_median), "cases": len(identifiers)}
 
 
-def cache_batches(dataset: str, plans_name: str, configuration: str, device: str, teacher_checkpoint: str,
-                  count: int, path: str) -> None:
+def cache_batches(args: dict, count: int) -> None:
     """`count` batches from nnU-Net's training data loader (single-threaded, so the cache itself is cheap)."""
     seed_everything(0)  # the same batches and initial weights in every run
-    plans, dataset_json = load_preprocessed(dataset, plans_name)
-    trainer = _trainer(BASELINE.trainer, plans, configuration, dataset_json, device, teacher_checkpoint)
+    plans, dataset_json = _measured_plans(args)
+    trainer = _trainer(BASELINE.trainer, plans, args["configuration"], dataset_json, args["device"],
+                       args["teacher_checkpoint"])
     loader, _ = trainer.get_dataloaders()
     batches = [next(loader) for _ in range(count)]
-    torch.save([{"data": b["data"], "target": b["target"]} for b in batches], path)
+    torch.save([{"data": b["data"], "target": b["target"]} for b in batches], args["batches"])
 
 
 def run_benchmark(dataset: str, configuration: str, teacher_checkpoint: str, device: str = "cpu",
                   steps: int = 20, warmup: int = 3, plans: str = "nnUNetPlans", inference_cases: int = 3,
                   precision: str = "float32", compile_network: str = "nnunet", trainers=None,
-                  memory_limit_gb: float = None, log=print) -> dict:
-    trainers = tuple(trainers or TRAINERS)
-    unknown = [t for t in trainers if t not in TRAINERS]
+                  memory_limit_gb: float = None, patch_size=None, log=print) -> dict:
+    """Measures `trainers` (default: every mode, TRAINERS and the teacher's forward and inference, MODES)."""
+    if steps < 1 or warmup < 0 or inference_cases < 1:
+        raise ConfigurationError(f"--steps must be at least 1 (got {steps}), --warmup at least 0 (got {warmup}) and "
+                                 f"--inference-cases at least 1 (got {inference_cases})")
+    modes = tuple(trainers or MODES)
+    unknown = [t for t in modes if t not in MODES]
     if unknown:
-        raise ValueError(f"unknown trainer(s) {unknown}: the benchmark measures {', '.join(TRAINERS)}")
+        raise ConfigurationError(f"unknown trainer(s) {unknown}: the benchmark measures {', '.join(MODES)}")
     teacher_checkpoint = os.path.abspath(teacher_checkpoint)
     if not os.path.isfile(teacher_checkpoint):
-        raise ValueError(f"teacher checkpoint {teacher_checkpoint} does not exist")
+        raise ConfigurationError(f"teacher checkpoint {teacher_checkpoint} does not exist")
     with tempfile.TemporaryDirectory(prefix="protokd_benchmark_") as scratch:
         env = dict(os.environ, nnUNet_results=scratch, nnUNet_n_proc_DA="0")
-        batches = os.path.join(scratch, "batches.pt")
         args = {"dataset": dataset, "plans": plans, "configuration": configuration, "device": device,
-                "teacher_checkpoint": teacher_checkpoint, "warmup": warmup, "batches": batches,
-                "inference_cases": inference_cases, "precision": precision, "compile": compile_network,
-                "memory_limit_gb": memory_limit_gb}
+                "teacher_checkpoint": teacher_checkpoint, "warmup": warmup,
+                "batches": os.path.join(scratch, "batches.pt"), "inference_cases": inference_cases,
+                "precision": precision, "compile": compile_network, "memory_limit_gb": memory_limit_gb,
+                "patch_size": list(patch_size) if patch_size else None}
+        _measured_plans(args)  # a patch size the networks cannot take stops here, with its reason
         log(f"caching {steps + warmup} batches from nnU-Net's data loader")
         _in_subprocess(["cache", json.dumps({**args, "count": steps + warmup})], env)
         results = {}
-        for mode in tuple(trainers) + ("teacher", "inference"):
+        for mode in modes:
             log(f"measuring {mode}")
             try:
                 results[mode] = _in_subprocess(["worker", mode, json.dumps(args)], env)
@@ -209,13 +234,13 @@ def run_benchmark(dataset: str, configuration: str, teacher_checkpoint: str, dev
                 results[mode] = {"error": str(exc).strip().splitlines()[-1]}
                 log(f"{mode} failed: {results[mode]['error']}")
     base = results.get(BASELINE.trainer)
-    for mode in trainers:
+    for mode in (m for m in modes if m in TRAINERS):
         if base and "error" not in base and "error" not in results[mode]:
             results[mode]["step_ratio"] = results[mode]["median_s"] / base["median_s"]
             results[mode]["memory_ratio"] = results[mode]["peak_memory_mb"] / base["peak_memory_mb"]
     return {"dataset": dataset, "configuration": configuration, "device": device, "steps": steps, "warmup": warmup,
             "precision": precision if device == "cpu" else "nnU-Net's CUDA autocast (float16)",
-            "compile": compile_network,
+            "compile": compile_network, "patch_size": patch_size and list(patch_size),
             "batches": "cached: drawn once from nnU-Net's training data loader, the same for every trainer; "
                        "data loading is not in the measured step",
             "torch": torch.__version__, "results": results}
@@ -234,14 +259,16 @@ def _in_subprocess(arguments: list, env: dict) -> dict:
 def format_table(report: dict) -> str:
     r = report["results"]
     lines = [f"{'':<20}{'median s/step':>14}{'IQR':>10}{'peak MB':>10}{'x step':>8}{'x memory':>10}"]
-    for mode in [m for m in TRAINERS if m in r] + ["teacher"]:
+    for mode in [m for m in TRAINERS + ("teacher",) if m in r]:
         row = r[mode]
         if "error" in row:
             lines.append(f"{mode:<20}failed: {row['error']}")
             continue
         lines.append(f"{mode:<20}{row['median_s']:>14.4f}{row['iqr_s']:>10.4f}{row['peak_memory_mb']:>10.0f}"
                      f"{row.get('step_ratio', float('nan')):>8.2f}{row.get('memory_ratio', float('nan')):>10.2f}")
-    i = r["inference"]
+    i = r.get("inference")
+    if i is None:
+        return "\n".join(lines)
     if "error" in i:
         return "\n".join(lines + [f"inference failed: {i['error']}"])
     lines.append(f"inference (sliding window, {i['cases']} cases): student {i['student_median_s']:.3f} s, plain "
@@ -252,8 +279,7 @@ def format_table(report: dict) -> str:
 if __name__ == "__main__":  # the per-trainer processes
     if sys.argv[1] == "cache":
         options = json.loads(sys.argv[2])
-        cache_batches(options["dataset"], options["plans"], options["configuration"], options["device"],
-                      options["teacher_checkpoint"], options["count"], options["batches"])
+        cache_batches(options, options["count"])
         print(json.dumps({}))
     else:
         print(json.dumps(worker(sys.argv[2], json.loads(sys.argv[3]))))
