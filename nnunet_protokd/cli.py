@@ -142,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--configuration", default=None, help="override the schedule's configuration")
     add_schedule_arguments(p, ", overriding the schedule's")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--report-only", action="store_true", help="pool the finished seeds into the report again")
+    p.add_argument("--report-only", nargs="?", const=True, default=False, metavar="EVIDENCE_JSON",
+                   help="pool the finished seeds of -o into the report again; with an evidence.json, recompute the "
+                        "report from its per-case values alone into -o (nothing trained, no seed folders read)")
     p.set_defaults(func="evidence")
 
     p = commands.add_parser("experiment", help="the paper's Table-1 protocol on a converted dataset, resumable",

@@ -22,7 +22,14 @@ from nnunet_protokd.methods import ModelKey
 from nnunet_protokd.plans import add_configuration, dataset_name, load_preprocessed, preprocessed_files
 from nnunet_protokd.protocol.benchmark import format_table, run_benchmark
 from nnunet_protokd.protocol.demo import run_demo
-from nnunet_protokd.protocol.evidence import CPU_SCHEDULE, FULL_SCHEDULE, Evidence, EvidenceSettings, requested_variants
+from nnunet_protokd.protocol.evidence import (
+    CPU_SCHEDULE,
+    FULL_SCHEDULE,
+    Evidence,
+    EvidenceSettings,
+    report_from_evidence,
+    requested_variants,
+)
 from nnunet_protokd.protocol.experiment import Experiment, ExperimentSettings
 from nnunet_protokd.protocol.workflow import write_workflow
 from nnunet_protokd.settings import SCHEDULE_FLAGS, parse_setting_assignments
@@ -139,6 +146,9 @@ def experiment(args) -> int:
 
 
 def evidence(args) -> int:
+    if isinstance(args.report_only, str):
+        print(f"The evidence report is {report_from_evidence(args.report_only, args.output)}")
+        return 0
     schedule = dict(FULL_SCHEDULE if args.schedule == "full" else CPU_SCHEDULE)
     for key in ("configuration", "epochs", "iterations_per_epoch", "val_iterations_per_epoch"):
         if getattr(args, key) is not None:

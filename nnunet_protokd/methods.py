@@ -132,6 +132,11 @@ VARIANTS = {variant.name: variant for variant in (
     Variant("kdnet-no_kd", "kdnet", {"KDNetTrainer": {"lambda": 0.0}}, "KD-Net without L_KD"),
 )}
 
+# a method's control: its own trainer with every distillation term at weight 0. It trains on L_seg like the baseline,
+# as another training run, so the method and its ablations are also compared with it: a difference from the
+# baseline that the control shows too is run-to-run variation, not distillation
+CONTROLS = {"protokd": "protokd-seg_only"}
+
 METHOD_ORDER = (TEACHER.name, *METHODS)
 # what `experiment`, `evidence` and the demo train unless told otherwise: a student per modality of each method
 # (a method with one model on every channel is added by asking for it)
@@ -205,6 +210,15 @@ class ModelKey(NamedTuple):
             return None
         return ModelKey(BASELINE.name, self.modality)
 
+    @property
+    def control(self) -> "ModelKey | None":
+        """The control of the same modality that this method or variant is also compared with (CONTROLS); None for
+        the control itself, a method without one and a model without a single modality."""
+        control = CONTROLS.get(self.base_method)
+        if control is None or self.method == control or not self.modality or MODALITY_SEPARATOR in self.modality:
+            return None
+        return ModelKey(control, self.modality)
+
     def sort_key(self) -> tuple:
         """Report order: the teacher first, then per modality the baseline, each method in registry order with its
         variants after it; unknown methods last."""
@@ -218,3 +232,9 @@ def baseline_of(results: dict, key: str):
     model `key` is compared with (ModelKey.baseline); None when it has none or the mapping lacks it."""
     baseline = ModelKey.parse(key).baseline
     return None if baseline is None else results.get(baseline.text)
+
+
+def control_of(results: dict, key: str):
+    """As `baseline_of`, for the model's control (ModelKey.control)."""
+    control = ModelKey.parse(key).control
+    return None if control is None else results.get(control.text)

@@ -1,56 +1,248 @@
 """The evidence protocol's statistics on synthetic per-case scores whose answers are known."""
+import json
+from dataclasses import asdict
+
 import numpy as np
 import pytest
+from scipy import stats
+from statsmodels.stats.multitest import multipletests
 
+from nnunet_protokd.evaluation.statistics import (
+    detectable_difference,
+    hierarchical_bootstrap_ci,
+    replicate_comparison,
+    verdict,
+)
 from nnunet_protokd.protocol.evidence import (
+    EvidenceSettings,
     bernoulli_kl,
     compare_with_baseline,
+    evidence_from_raw,
     gradient_shares,
     headline,
     plateaus,
     pooled_dice,
+    write_evidence_report,
 )
 
 REGIONS = ["WT", "TC", "ET"]
 
 
-def summary(per_method: dict) -> dict:
-    """A report summary.json with the given {key: {case: (WT, TC, ET)}} Dice values."""
-    return {"regions": REGIONS, "results": {
-        key: {"per_case": {case: {r: {"dice": v} for r, v in zip(REGIONS, values)} for case, values in cases.items()}}
-        for key, cases in per_method.items()}}
+def per_case(cases: dict) -> dict:
+    """A report's per-case scores of one model from {case: (WT, TC, ET)} Dice values."""
+    return {case: {r: {"dice": float(v), "hd95": 2.0, "hd95_one_empty": False} for r, v in zip(REGIONS, values)}
+            for case, values in cases.items()}
 
 
-def scores(rng, offset):
-    return {f"case_{i}": tuple(np.clip(0.6 + offset + rng.normal(0, 0.05, 3), 0, 1)) for i in range(10)}
+def scores(rng, offset, n=10):
+    return {f"case_{i}": tuple(np.clip(0.6 + offset + rng.normal(0, 0.05, 3), 0, 1)) for i in range(n)}
+
+
+def shifted(baseline: dict, shift) -> dict:
+    """The baseline's cases plus `shift(case)` on every region."""
+    return {c: tuple(v + shift(c) for v in values) for c, values in baseline.items()}
+
+
+def paired(differences: dict, rng) -> tuple:
+    """{(seed, case): value} of a baseline and a student whose difference is `differences[seed][i]` on case i."""
+    baseline, student = {}, {}
+    for seed, values in differences.items():
+        for i, d in enumerate(values):
+            baseline[(seed, f"case_{i}")] = b = rng.uniform(0.5, 0.8)
+            student[(seed, f"case_{i}")] = b + d
+    return student, baseline
 
 
 def test_a_better_student_is_reported_better_and_an_equal_one_as_no_difference():
     rng = np.random.default_rng(0)
-    summaries = {}
-    for seed in (0, 1, 2):
+    raw = {}
+    for seed in ("0", "1", "2"):
         baseline = scores(rng, 0.0)
-        summaries[seed] = summary({
-            "unimodal:T1": baseline,
-            "protokd:T1": {c: tuple(v + 0.05 + rng.normal(0, 0.01) for v in values) for c, values in baseline.items()},
-            "kdnet:T1": {c: tuple(v + rng.normal(0, 0.02) for v in values) for c, values in baseline.items()},
-            "teacher": scores(rng, 0.2)})
-    dice = pooled_dice(summaries, REGIONS)
-    assert len(dice["protokd:T1"]) == 30 and (1, "case_3") in dice["kdnet:T1"]
+        raw[seed] = {"unimodal:T1": per_case(baseline),
+                     "protokd:T1": per_case(shifted(baseline, lambda c: 0.05 + rng.normal(0, 0.01))),
+                     "kdnet:T1": per_case(shifted(baseline, lambda c: rng.normal(0, 0.02))),
+                     "teacher": per_case(scores(rng, 0.2))}
+    dice = pooled_dice(raw, REGIONS)
+    assert len(dice["protokd:T1"]) == 30 and ("1", "case_3") in dice["kdnet:T1"]
     comparisons = compare_with_baseline(dice, REGIONS)
     assert set(comparisons) == {"protokd:T1", "kdnet:T1"}  # teacher and baseline have no baseline
     better = comparisons["protokd:T1"]["mean"]
-    assert better["n"] == 30 and better["ci95"][0] > 0.04 and better["wilcoxon_p"] < 1e-4
-    # per-seed mean differences: the variation between training runs, which the case-level test does not see
-    assert len(better["per_seed"]) == 3 and all(0.04 < d < 0.06 for d in better["per_seed"].values())
-    assert comparisons["kdnet:T1"]["mean"]["ci95"][0] < 0 < comparisons["kdnet:T1"]["mean"]["ci95"][1]
+    assert better["n"] == 30 and better["replicates"] == 3 and better["hierarchical_ci95"][0] > 0.04
+    # the seed is the unit: the per-seed mean differences and a t-test over them (df = 2)
+    assert len(better["per_replicate"]) == 3 and all(0.04 < d < 0.06 for d in better["per_replicate"].values())
+    assert better["seed_level"]["p"] == pytest.approx(stats.ttest_1samp(list(better["per_replicate"].values()),
+                                                                         0).pvalue)
+    assert better["seed_level"]["df"] == 2 and better["case_level"]["wilcoxon_p"] < 1e-4  # kept, descriptive
+    equal = comparisons["kdnet:T1"]["mean"]
+    assert equal["hierarchical_ci95"][0] < 0 < equal["hierarchical_ci95"][1]
     sentence = headline({"comparisons": comparisons})
     assert "ProtoKD (T1): better than the unimodal baseline, mean Dice +0.05" in sentence
-    assert "KD-Net (T1): no significant difference at this budget from the unimodal baseline" in sentence
-    # the demo quotes the committed evidence run beside its own figures
-    one_seed = compare_with_baseline({k: {p: v for p, v in d.items() if p[0] == 0} for k, d in dice.items()}, REGIONS)
+    assert "KD-Net (T1): no significant difference at this budget (" in sentence
+    assert "the hierarchical CI includes 0" in sentence and "smallest detectable difference" in sentence
+    # one seed (the demo): no seed-level verdict, said plainly; the committed run's figures beside its own
+    one_seed = compare_with_baseline({k: {p: v for p, v in d.items() if p[0] == "0"} for k, d in dice.items()},
+                                     REGIONS)
+    assert verdict(one_seed["protokd:T1"]["mean"]).direction is None
     demo = headline({"comparisons": one_seed}, {"settings": {"seeds": [0, 1, 2]}, "comparisons": comparisons})
-    assert "n = 10 (seed, case) pairs (the evidence run, seeds 0, 1, 2: +0.05" in demo and "per seed" not in demo
+    assert "ProtoKD (T1): no significant difference at this budget (one trained model per method: no seed-level " \
+           "verdict is possible) from the unimodal baseline" in demo
+    assert "(descriptive: the cases share one trained model) (the evidence run, seeds 0, 1, 2: better, +0.05" in demo
+
+
+def test_an_earlier_report_without_the_seed_level_statistics_is_quoted_from_its_per_seed_means():
+    """The committed evidence.json predates the seed-level statistics: the demo recomputes its seed-level test."""
+    earlier = {"n": 60, "mean_difference": -0.074, "ci95": [-0.101, -0.051], "wilcoxon_p": 9.5e-10,
+               "per_seed": {"0": -0.072, "1": -0.039, "2": -0.112}}
+    rng = np.random.default_rng(1)
+    student, baseline = paired({0: rng.normal(-0.07, 0.02, 5)}, rng)
+    ours = compare_with_baseline({"kdnet:T1ce": {p: {"mean": v} for p, v in student.items()},
+                                  "unimodal:T1ce": {p: {"mean": v} for p, v in baseline.items()}}, [])
+    demo = headline({"comparisons": ours}, {"settings": {"seeds": [0, 1, 2]},
+                                            "comparisons": {"kdnet:T1ce": {"mean": earlier}}})
+    p = stats.ttest_1samp([-0.072, -0.039, -0.112], 0).pvalue
+    assert f"seeds 0, 1, 2: -0.074, seed-level p = {p:.2g} over 3 trained models" in demo and p > 0.05
+
+
+def test_a_mean_pulled_up_by_a_few_cases_against_the_median_is_not_called_better():
+    """The direction example: 50 differences of -0.01 and 10 of +0.2 over 3 seeds. The old rule (Wilcoxon p < 0.05
+    and the CI of the mean excluding 0, the direction from the mean) called it better."""
+    rng = np.random.default_rng(2)
+    student, baseline = paired({0: [0.2] * 4 + [-0.01] * 16, 1: [0.2] * 3 + [-0.01] * 17,
+                                2: [0.2] * 3 + [-0.01] * 17}, rng)
+    c = replicate_comparison(student, baseline)
+    assert c["mean_difference"] == pytest.approx(0.025) and c["median_difference"] == pytest.approx(-0.01)
+    assert c["case_level"]["wilcoxon_p"] < 0.05 and c["case_level"]["ci95"][0] > 0  # what the old rule saw
+    decision = verdict(c)
+    assert decision.direction is None
+    assert decision.failed == ("the median difference (-0.010) and the mean (+0.025) point different ways",)
+    sentence = headline({"comparisons": {"protokd:T1": {"mean": c}}})
+    assert sentence.startswith("ProtoKD (T1): no significant difference at this budget (the median difference")
+
+
+def test_three_seeds_with_a_consistent_effect_are_better_and_holm_is_shown_per_modality():
+    rng = np.random.default_rng(3)
+    raw = {}
+    for seed in ("0", "1", "2"):
+        t1, t1ce = scores(rng, 0.0, 20), scores(rng, 0.1, 20)
+        raw[seed] = {"unimodal:T1": per_case(t1), "unimodal:T1ce": per_case(t1ce),
+                     "protokd:T1": per_case(shifted(t1, lambda c: 0.04 + rng.normal(0, 0.02))),
+                     "kdnet:T1": per_case(shifted(t1, lambda c: rng.normal(0, 0.02))),
+                     "protokd-seg_only:T1": per_case(shifted(t1, lambda c: rng.normal(0, 0.02))),
+                     "protokd:T1ce": per_case(shifted(t1ce, lambda c: -0.04 + rng.normal(0, 0.02))),
+                     "teacher": per_case(scores(rng, 0.2, 20))}
+    evidence = evidence_from_raw(raw_values(raw), {}, {})
+    protokd = evidence["comparisons"]["protokd:T1"]["mean"]
+    assert verdict(protokd).direction == "better" and verdict(protokd).failed == ()
+    assert verdict(evidence["comparisons"]["protokd:T1ce"]["mean"]).direction == "worse"
+    assert verdict(evidence["comparisons"]["kdnet:T1"]["mean"]).direction is None
+    # ProtoKD against its control too (methods.CONTROLS); not the control against itself
+    assert set(evidence["comparisons_with_control"]) == {"protokd:T1"}
+    # the T1 family of the mean: ProtoKD, KD-Net and the control against the baseline, ProtoKD against the control
+    family = [evidence["comparisons"][k]["mean"] for k in ("protokd:T1", "kdnet:T1", "protokd-seg_only:T1")]
+    family.append(evidence["comparisons_with_control"]["protokd:T1"]["mean"])
+    expected = multipletests([c["seed_level"]["p"] for c in family], method="holm")[1]
+    assert [c["holm_p"] for c in family] == pytest.approx(list(expected))
+    assert protokd["seed_level"]["p"] < protokd["holm_p"] < 0.05
+    # T1ce is a family of its own: one comparison, nothing to adjust
+    t1ce = evidence["comparisons"]["protokd:T1ce"]["mean"]
+    assert t1ce["holm_p"] == pytest.approx(t1ce["seed_level"]["p"])
+    assert "seed-level p = " in evidence["headline"] and "(Holm " in evidence["headline"]
+
+
+def test_a_case_level_effect_that_the_seeds_do_not_share_is_no_difference_and_says_why():
+    """Pseudo-replication: 20 cases per seed make the case-level tests certain of an effect two seeds show and one
+    does not."""
+    rng = np.random.default_rng(4)
+    student, baseline = paired({s: rng.normal(effect, 0.01, 20) for s, effect in enumerate((0.06, 0.05, -0.01))},
+                               rng)
+    c = replicate_comparison(student, baseline)
+    assert c["case_level"]["wilcoxon_p"] < 1e-4 and c["case_level"]["ci95"][0] > 0
+    decision = verdict(c)
+    assert decision.direction is None
+    assert decision.failed[0].startswith("seed-level p = 0.") and " over 3 trained models" in decision.failed[0]
+    assert "the hierarchical CI includes 0" in decision.failed
+    assert decision.text.startswith("no significant difference at this budget (seed-level p = ")
+    # two of five seeds against the mean: the direction condition fails too
+    student, baseline = paired({s: rng.normal(e, 0.01, 20) for s, e in enumerate((0.1, 0.1, 0.1, -0.01, -0.01))},
+                               rng)
+    assert "2 of 5 trained models point the other way" in verdict(replicate_comparison(student, baseline)).failed
+
+
+def test_the_hierarchical_bootstrap_resamples_seeds_and_the_detectable_difference_shrinks_with_seeds():
+    # no spread within a seed: the interval is that of resampling three seed means
+    assert hierarchical_bootstrap_ci([[0.0] * 5, [0.1] * 5, [0.2] * 5]) == pytest.approx([0.0, 0.2])
+    groups = [np.random.default_rng(i).normal(0.02, 0.05, 20) for i in range(3)]
+    assert hierarchical_bootstrap_ci(groups, seed=5) == hierarchical_bootstrap_ci(groups, seed=5)  # seeded
+    # 80 % power at alpha 0.05 (two-sided): close to (t_0.975 + t_0.8) sd / sqrt(k) with df = k - 1
+    for k in (3, 5, 10):
+        approximate = (stats.t.ppf(0.975, k - 1) + stats.t.ppf(0.8, k - 1)) * 0.01 / np.sqrt(k)
+        assert detectable_difference(0.01, k) == pytest.approx(approximate, rel=0.1)
+    assert detectable_difference(0.01, 3) > detectable_difference(0.01, 5) > detectable_difference(0.01, 10)
+    assert detectable_difference(0.01, 1) is None
+
+
+def raw_values(scores_by_seed: dict) -> dict:
+    """An evidence.json's "raw" section around per-case scores: agreement and learning curves made up."""
+    agreement, curves = {}, {}
+    for seed, per_key in scores_by_seed.items():
+        for key, cases in per_key.items():
+            measures = {case: {"entropy": 0.1 + 0.01 * i, "volume_ratio": {r: 1.0 + 0.1 * i for r in REGIONS}}
+                        for i, case in enumerate(cases)}
+            if key != "teacher":
+                for i, case in enumerate(cases):
+                    measures[case].update(dice=0.7 + 0.01 * i + 0.02 * ("protokd" in key), kl=0.2 - 0.001 * i)
+            agreement.setdefault(seed, {})[key] = measures
+            curves.setdefault(seed, {})[key] = {"iterations": [25, 50, 75, 100, 125],
+                                                "pseudo_dice": [0.1, 0.4, 0.6, 0.65, 0.66],
+                                                "grad_norms": {"seg_loss": [3.0, 1.0], "kd_loss": [1.0, 1.0]}
+                                                if "protokd" in key else {}}
+    return {"regions": REGIONS, "scores": scores_by_seed, "teacher_agreement": agreement, "learning_curves": curves}
+
+
+def test_the_report_is_regenerated_from_evidence_json_alone(tmp_path):
+    """evidence.json keeps every per-case value; `evidence --report-only FILE -o FOLDER` recomputes the same report
+    from it, and the headline's figures follow from the raw Dice by hand."""
+    from nnunet_protokd.cli import main
+    rng = np.random.default_rng(5)
+    raw = {}
+    for seed in ("0", "1", "2"):
+        baseline = scores(rng, 0.0)
+        raw[seed] = {"unimodal:T1": per_case(baseline), "teacher": per_case(scores(rng, 0.2)),
+                     "protokd:T1": per_case(shifted(baseline, lambda c: -0.03 + rng.normal(0, 0.02))),
+                     "protokd-seg_only:T1": per_case(shifted(baseline, lambda c: rng.normal(0, 0.02)))}
+    settings = json.loads(json.dumps({**asdict(EvidenceSettings(str(tmp_path / "run"))), "wall_time_seconds": 60,
+                                      "runs": [{"variants": [], "seeds": [0, 1, 2], "wall_time_seconds": 60}]}))
+    audit = {"cases": 2, "seed": 0, "cnr": {"WT/brain": {"T1": 1.0, "T1ce": 2.0}}, "inter_rater_dice": {"WT": 0.8}}
+    first = write_evidence_report(evidence_from_raw(raw_values(raw), settings, audit), str(tmp_path / "first"))
+    stored = json.loads((tmp_path / "first" / "evidence.json").read_text())
+    assert stored["raw"]["scores"]["2"]["protokd:T1"]["case_4"]["ET"]["hd95"] == 2.0
+    assert set(stored["raw"]["teacher_agreement"]["1"]["protokd:T1"]["case_0"]) == {"entropy", "volume_ratio",
+                                                                                     "dice", "kl"}
+    assert main(["evidence", "--report-only", tmp_path / "first" / "evidence.json", "-o", tmp_path / "again"]) == 0
+    assert (tmp_path / "again" / "evidence.md").read_text() == open(first).read()
+    assert json.loads((tmp_path / "again" / "evidence.json").read_text()) == stored
+    for figure in ("learning_curves.png", "paired_differences.png"):
+        assert (tmp_path / "again" / figure).stat().st_size > 10_000
+    # the headline by hand from the raw Dice: per seed, the mean over cases of (student - baseline) of the mean
+    # over regions; a t-test over the three
+    per_seed = []
+    for seed, per_key in stored["raw"]["scores"].items():
+        student, baseline = per_key["protokd:T1"], per_key["unimodal:T1"]
+        per_seed.append(np.mean([np.mean([student[c][r]["dice"] - baseline[c][r]["dice"] for r in REGIONS])
+                                 for c in baseline]))
+    p = stats.ttest_1samp(per_seed, 0).pvalue
+    assert f"seed-level p = {p:.2g}" in stored["headline"]
+    assert f"mean Dice {np.mean(per_seed):+.3f} [" in stored["headline"]
+    assert f"per seed {', '.join(f'{d:+.3f}' for d in per_seed)}" in stored["headline"]
+    assert "## Paired difference to the control" in open(first).read()
+
+
+def test_report_only_refuses_an_evidence_json_without_per_case_values(tmp_path, capsys):
+    from nnunet_protokd.cli import main
+    old = tmp_path / "evidence.json"
+    old.write_text(json.dumps({"settings": {}, "comparisons": {}}))
+    assert main(["evidence", "--report-only", old, "-o", tmp_path / "r"]) == 1
+    assert "holds no per-case values" in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 
 def test_bernoulli_kl_is_zero_for_agreement_positive_otherwise_and_finite_for_certain_probabilities():
@@ -74,15 +266,6 @@ def test_plateau_and_gradient_shares_from_learning_curves():
     assert set(shares) == {"protokd:T1"}
     assert shares["protokd:T1"]["first_epoch"] == {"seg_loss": 0.75, "kd_loss": 0.25}
     assert shares["protokd:T1"]["last_epoch"] == {"seg_loss": 0.5, "kd_loss": 0.5}
-
-
-def test_a_difference_is_significant_only_when_the_rank_test_and_the_interval_agree():
-    from nnunet_protokd.evaluation.statistics import significant
-    assert significant({"wilcoxon_p": 0.01, "ci95": [0.01, 0.03]})
-    assert significant({"wilcoxon_p": 0.01, "ci95": [-0.03, -0.01]})
-    assert not significant({"wilcoxon_p": 0.01, "ci95": [-0.01, 0.03]})  # the CI includes 0
-    assert not significant({"wilcoxon_p": 0.2, "ci95": [0.01, 0.03]})
-    assert not significant({"wilcoxon_p": None, "ci95": [0.01, 0.03]})  # no test (too few pairs)
 
 
 def test_diagnosis_adds_its_variants_for_the_modalities_asked_for_only():

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_protokd.evaluation.statistics import significant
+from nnunet_protokd.evaluation.statistics import verdict
 from nnunet_protokd.methods import TEACHER, ModelKey, title
 
 matplotlib.use("Agg")  # files only: no display on the machines that train
@@ -119,8 +119,9 @@ def plot_learning_curves(curves: dict, path: str) -> None:
 
 
 def plot_paired_differences(comparisons: dict, path: str) -> None:
-    """Forest plot: each student's paired Dice difference to its baseline with the bootstrap 95 % CI, per region
-    and for the mean."""
+    """Forest plot: each student's paired Dice difference to its baseline with the hierarchical bootstrap 95 % CI
+    and each trained model's mean difference (crosses), per region and for the mean; red where `verdict` says
+    better or worse."""
     keys = list(comparisons)
     panels = list(next(iter(comparisons.values()))) if keys else []
     with matplotlib.rc_context(matplotlib.rcParamsDefault):
@@ -131,17 +132,19 @@ def plot_paired_differences(comparisons: dict, path: str) -> None:
         for axis, region in zip(axes[0], panels):
             for row, key in enumerate(keys):
                 c = comparisons[key][region]
-                axis.errorbar(c["mean_difference"], row, xerr=[[c["mean_difference"] - c["ci95"][0]],
-                                                               [c["ci95"][1] - c["mean_difference"]]],
-                              fmt="o", color="C3" if significant(c) else "C0", capsize=3)
+                low, high = c["hierarchical_ci95"]
+                axis.errorbar(c["mean_difference"], row, xerr=[[c["mean_difference"] - low],
+                                                               [high - c["mean_difference"]]],
+                              fmt="o", color="C3" if verdict(c).direction else "C0", capsize=3)
+                axis.plot(list(c["per_replicate"].values()), [row] * c["replicates"], "x", color="0.4", ms=4)
             axis.axvline(0, color="k", lw=1)
             axis.set_title(region)
             axis.set_xlabel("Dice minus baseline")
             axis.grid(True, axis="x", alpha=0.3)
         axes[0][0].set_yticks(range(len(keys)), labels)
         axes[0][0].invert_yaxis()
-        figure.suptitle("Paired difference to the unimodal baseline, bootstrap 95 % CI "
-                        "(red: Wilcoxon p < 0.05 and the CI excludes 0)", fontsize=10)
+        figure.suptitle("Paired difference to the unimodal baseline, hierarchical bootstrap 95 % CI, x: each seed's "
+                        "mean\n(red: better or worse by the seed-level rule)", fontsize=10)
         figure.tight_layout()
         figure.savefig(path, dpi=90)
         plt.close(figure)

@@ -6,7 +6,10 @@ KD-Net variants on the modalities asked for; every model on one schedule) -> pre
 with probabilities. Then `aggregate` pools the seeds:
 
 - Dice WT/TC/ET and their mean per method and modality, and each student's paired difference to the unimodal
-  baseline over (seed, case) pairs, with a bootstrap 95 % CI, Wilcoxon and paired t-test p-values;
+  baseline (and each ProtoKD model's to the control) with the trained model as the unit: the seed-level t-test over
+  the seeds' mean differences, a hierarchical bootstrap CI, Holm-adjusted p per modality, the smallest difference
+  the seeds could detect, and one verdict rule (evaluation/statistics.py `verdict`); the case-level figures are
+  kept as a description;
 - knowledge transfer measured directly: each student's agreement with the teacher on the held-out cases (Dice
   between the two segmentations; mean Bernoulli KL(teacher || student) of their region probabilities over brain
   voxels), paired against the baseline's agreement;
@@ -15,7 +18,9 @@ with probabilities. Then `aggregate` pools the seeds:
 - per-term gradient shares of the distilling students (training.py's probe), first and last epoch: the loss
   balance, for the diagnosis of a method that does not help.
 
-Everything is resumable (phantoms, conversion and experiment skip what exists). `--schedule full` runs
+evidence.json keeps every per-case value the report is computed from (Dice, HD95, agreement with the teacher,
+calibration, learning curves of every seed and model): `report_from_evidence` regenerates the report from it
+alone. Everything is resumable (phantoms, conversion and experiment skip what exists). `--schedule full` runs
 nnU-Net's own schedule (1000 epochs of 250 iterations) and 3d_fullres on a GPU with the same command.
 """
 from __future__ import annotations
@@ -36,7 +41,13 @@ from nnunet_protokd.data.phantoms import audit_phantoms, generate_brats_phantoms
 from nnunet_protokd.data.regions import evaluation_regions
 from nnunet_protokd.errors import UserError
 from nnunet_protokd.evaluation.figures import plot_learning_curves, plot_paired_differences
-from nnunet_protokd.evaluation.statistics import format_p, paired_comparison, rank_test_rejects, significant
+from nnunet_protokd.evaluation.statistics import (
+    format_p,
+    holm_adjust,
+    replicate_comparison,
+    seed_level_test,
+    verdict,
+)
 from nnunet_protokd.io import staged_folder
 from nnunet_protokd.methods import (
     DEFAULT_METHODS,
@@ -44,6 +55,7 @@ from nnunet_protokd.methods import (
     TEACHER,
     ModelKey,
     baseline_of,
+    control_of,
     method_trainer,
     title,
 )
@@ -172,35 +184,24 @@ class Evidence:
                                 f"command without --report-only to finish it")
             with open(summary_file) as f:
                 summaries[seed] = json.load(f)
-        regions = summaries[self.settings.seeds[0]]["regions"]
-        dice = pooled_dice(summaries, regions)
-        agreement = {seed: teacher_agreement(experiment, regions) for seed, experiment in experiments.items()}
-        curves = {seed: training_curves(experiment) for seed, experiment in experiments.items()}
-        evidence = {
-            "settings": {**asdict(self.settings), "wall_time_seconds": wall_time_seconds,
-                         "runs": self.run_history(output_folder, wall_time_seconds)},
-            "regions": regions,
-            "dice": summarise_dice(dice, regions),
-            "comparisons": compare_with_baseline(dice, regions),
-            "teacher_agreement": summarise_agreement(agreement),
-            "learning_curves": pool_curves(curves),
-            "plateau": plateaus(curves),
-            "gradient_shares": gradient_shares(curves),
-        }
-        evidence["phantom_audit"] = audit_phantoms(seed=self.settings.seeds[0],
-                                                   shape_zyx=tuple(self.settings.phantom_shape_zyx))
+        raw = {"regions": summaries[self.settings.seeds[0]]["regions"],
+               "scores": {str(seed): {key: result["per_case"] for key, result in summary["results"].items()}
+                          for seed, summary in summaries.items()}}
+        raw["teacher_agreement"] = {str(seed): teacher_agreement(experiment, raw["regions"])
+                                    for seed, experiment in experiments.items()}
+        raw["learning_curves"] = {str(seed): training_curves(experiment) for seed, experiment in experiments.items()}
+        settings = {**asdict(self.settings), "wall_time_seconds": wall_time_seconds,
+                    "runs": self.run_history(output_folder, wall_time_seconds)}
+        audit = audit_phantoms(seed=self.settings.seeds[0], shape_zyx=tuple(self.settings.phantom_shape_zyx))
         reference = None
         if self.settings.reference_evidence and os.path.isfile(self.settings.reference_evidence):
             with open(self.settings.reference_evidence) as f:
-                reference = json.load(f)
-        evidence["headline"] = headline(evidence, reference)
-        with open(os.path.join(output_folder, "evidence.json"), "w") as f:
-            json.dump(evidence, f, indent=1)
-        plot_learning_curves(evidence["learning_curves"], os.path.join(output_folder, "learning_curves.png"))
-        plot_paired_differences(evidence["comparisons"], os.path.join(output_folder, "paired_differences.png"))
-        write_evidence_markdown(evidence, os.path.join(output_folder, "evidence.md"))
+                reference = reference_figures(json.load(f))
+        # through JSON once: the report of a run and the report regenerated from its evidence.json are one text
+        evidence = evidence_from_raw(json.loads(json.dumps(raw)), json.loads(json.dumps(settings)), audit, reference)
+        report = write_evidence_report(evidence, output_folder)
         self.log(evidence["headline"])
-        return os.path.join(output_folder, "evidence.md")
+        return report
 
     def run_history(self, output_folder: str, wall_time_seconds: float | None) -> list:
         """The invocations that trained this folder, oldest first (from the previous report), plus this one.
@@ -222,12 +223,79 @@ class Evidence:
         return runs
 
 
-def pooled_dice(summaries: dict, regions) -> dict:
-    """{key: {(seed, case): {region: Dice, "mean": mean over regions}}} over every seed's per-case results."""
+def evidence_from_raw(raw: dict, settings: dict, phantom_audit: dict, reference: dict | None = None) -> dict:
+    """The whole evidence (every table, figure and sentence of the report) from the raw per-case values alone:
+    raw = {"regions", "scores": {seed: {key: {case: {region: {"dice", "hd95", "hd95_one_empty"}}}}},
+    "teacher_agreement": {seed: {key: {case: measures}}}, "learning_curves": {seed: {key: curve}}}, seeds as text.
+    `reference`: an earlier run's figures (reference_figures) that the headline quotes beside ours."""
+    regions = raw["regions"]
+    dice = pooled_dice(raw["scores"], regions)
+    comparisons = compare_with_baseline(dice, regions)
+    with_control = compare_with_control(dice, regions)
+    adjust_per_modality([comparisons, with_control])
+    evidence = {
+        "settings": settings,
+        "regions": regions,
+        "dice": summarise_dice(dice, regions),
+        "comparisons": comparisons,
+        "comparisons_with_control": with_control,
+        "teacher_agreement": summarise_agreement(raw["teacher_agreement"]),
+        "learning_curves": pool_curves(raw["learning_curves"]),
+        "plateau": plateaus(raw["learning_curves"]),
+        "gradient_shares": gradient_shares(raw["learning_curves"]),
+        "phantom_audit": phantom_audit,
+        "reference": reference,
+    }
+    evidence["headline"] = headline(evidence, reference)
+    evidence["raw"] = raw
+    return evidence
+
+
+def write_evidence_report(evidence: dict, output_folder: str) -> str:
+    """evidence.json, evidence.md and the figures in `output_folder`; returns evidence.md's path."""
+    os.makedirs(output_folder, exist_ok=True)
+    with open(os.path.join(output_folder, "evidence.json"), "w") as f:
+        json.dump(evidence, f, indent=1)
+    plot_learning_curves(evidence["learning_curves"], os.path.join(output_folder, "learning_curves.png"))
+    plot_paired_differences(evidence["comparisons"], os.path.join(output_folder, "paired_differences.png"))
+    write_evidence_markdown(evidence, os.path.join(output_folder, "evidence.md"))
+    return os.path.join(output_folder, "evidence.md")
+
+
+def report_from_evidence(evidence_file: str, output_folder: str) -> str:
+    """`evidence --report-only FILE`: the report recomputed from an evidence.json's raw values alone, into
+    `output_folder`; returns evidence.md's path."""
+    if not os.path.isfile(evidence_file):
+        raise UserError(f"{evidence_file} is not a file: give the evidence.json of an evidence report")
+    if os.path.exists(output_folder) and not os.path.isdir(output_folder):
+        raise UserError(f"the report folder {output_folder} is a file; give a folder to write the report in")
+    try:
+        with open(evidence_file) as f:
+            stored = json.load(f)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{evidence_file} is not JSON ({error})") from None
+    if not isinstance(stored, dict) or "raw" not in stored:
+        raise UserError(f"{evidence_file} holds no per-case values (no \"raw\"): it was written before the report kept "
+                        f"them; run `nnunet-protokd evidence --report-only` in its evidence folder to pool the seeds "
+                        f"again")
+    evidence = evidence_from_raw(stored["raw"], stored["settings"], stored["phantom_audit"], stored.get("reference"))
+    return write_evidence_report(evidence, output_folder)
+
+
+def reference_figures(evidence: dict) -> dict:
+    """What the headline quotes of an earlier evidence.json (the committed run, for the demo): its seeds and each
+    comparison's mean-Dice figures. Kept inside our evidence.json, so that it stays the report's only input."""
+    return {"settings": {"seeds": evidence["settings"]["seeds"]},
+            "comparisons": {key: {"mean": per_region["mean"]} for key, per_region in evidence["comparisons"].items()}}
+
+
+def pooled_dice(scores: dict, regions) -> dict:
+    """{key: {(seed, case): {region: Dice, "mean": mean over regions}}} from every seed's per-case scores
+    ({seed: {key: {case: {region: {"dice", ...}}}}})."""
     pooled = {}
-    for seed, summary in summaries.items():
-        for key, result in summary["results"].items():
-            for case, metrics in result["per_case"].items():
+    for seed, per_key in scores.items():
+        for key, per_case in per_key.items():
+            for case, metrics in per_case.items():
                 values = {region: metrics[region]["dice"] for region in regions}
                 pooled.setdefault(key, {})[(seed, case)] = {**values, "mean": float(np.mean(list(values.values())))}
     return pooled
@@ -248,27 +316,37 @@ def summarise_dice(dice: dict, regions) -> dict:
     return summary
 
 
-def compare_with_baseline(dice: dict, regions) -> dict:
-    """{student key: {region or "mean": paired_comparison over the (seed, case) pairs both have, with "per_seed":
-    the mean difference of each seed}}."""
+def compare_with_baseline(dice: dict, regions, reference_of=baseline_of) -> dict:
+    """{student key: {region or "mean": replicate_comparison over the (seed, case) pairs it and its baseline
+    have}}: the seed is the trained model, the unit of the seed-level test."""
     comparisons = {}
     for key, per_pair in dice.items():
-        baseline = baseline_of(dice, key)
-        if baseline is None:
+        reference = reference_of(dice, key)
+        if reference is None:
             continue
-        pairs = sorted(set(per_pair) & set(baseline))
-        comparisons[key] = {}
-        for region in list(regions) + ["mean"]:
-            comparison = paired_comparison([per_pair[p][region] for p in pairs], [baseline[p][region] for p in pairs])
-            # the cases of one seed share a trained model: the per-seed means show the variation between training
-            # runs, which a test over (seed, case) pairs does not see
-            per_seed = {}
-            for seed, case in pairs:
-                difference = per_pair[(seed, case)][region] - baseline[(seed, case)][region]
-                per_seed.setdefault(str(seed), []).append(difference)
-            comparisons[key][region] = {**comparison,
-                                        "per_seed": {seed: float(np.mean(d)) for seed, d in per_seed.items()}}
+        comparisons[key] = {region: replicate_comparison({p: v[region] for p, v in per_pair.items()},
+                                                         {p: v[region] for p, v in reference.items()})
+                            for region in list(regions) + ["mean"]}
     return comparisons
+
+
+def compare_with_control(dice: dict, regions) -> dict:
+    """As compare_with_baseline, against each model's control (methods.CONTROLS) where it was trained."""
+    return compare_with_baseline(dice, regions, reference_of=control_of)
+
+
+def adjust_per_modality(families: list) -> None:
+    """Adds "holm_p" beside each comparison's seed-level p: Holm's adjustment over one modality's comparisons of one
+    region (against the baseline and against the control together), the family a reader scans for that modality."""
+    grouped = {}
+    for family_index, comparisons in enumerate(families):
+        for key, per_region in comparisons.items():
+            for region, c in per_region.items():
+                grouped.setdefault((ModelKey.parse(key).modality, region), {})[(family_index, key)] = c
+    for members in grouped.values():
+        adjusted = holm_adjust({name: c["seed_level"]["p"] for name, c in members.items()})
+        for name, c in members.items():
+            c["holm_p"] = adjusted[name]
 
 
 def bernoulli_kl(teacher: np.ndarray, student: np.ndarray) -> np.ndarray:
@@ -352,10 +430,9 @@ def summarise_agreement(agreement: dict) -> dict:
             entry.update({measure: float(np.mean([v[measure] for v in values])) for measure in ("dice", "kl")})
         baseline = baseline_of(pooled, key)
         if baseline is not None:
-            pairs = sorted(set(per_pair) & set(baseline))
             for measure in ("dice", "kl"):
-                entry[f"{measure}_vs_baseline"] = paired_comparison([per_pair[p][measure] for p in pairs],
-                                                                    [baseline[p][measure] for p in pairs])
+                entry[f"{measure}_vs_baseline"] = replicate_comparison({p: v[measure] for p, v in per_pair.items()},
+                                                                       {p: v[measure] for p, v in baseline.items()})
         summary[key] = entry
     return summary
 
@@ -443,33 +520,59 @@ def _title(key: str) -> str:
 
 
 def headline(evidence: dict, reference: dict | None = None) -> str:
-    """One sentence per method and modality: a significant change of mean Dice with its CI, or none at this
-    budget; with `reference` (an earlier evidence.json) its figures for the same student beside ours."""
+    """One sentence per method and modality against the unimodal baseline: `verdict`'s answer on mean Dice (or why
+    there is none), the seed-level figures and the smallest difference the seeds could detect; with one seed, the
+    case-level figures, marked as a description. With `reference` (reference_figures of an earlier run) its
+    figures for the same student beside ours."""
     sentences = []
     for key, per_region in evidence["comparisons"].items():
         if ModelKey.parse(key).is_variant:
             continue
         c = per_region["mean"]
-        test_says = rank_test_rejects(c)
-        verdict = ("better than" if c["mean_difference"] > 0 else "worse than") if significant(c) \
-            else "no significant difference at this budget" \
-            + (" (the CI of the mean includes 0)" if test_says else "") + " from"
-        per_seed = c.get("per_seed", {})
-        seeds = f"; per seed {', '.join(f'{d:+.3f}' for d in per_seed.values())}" if len(per_seed) > 1 else ""
-        sentence = (f"{_title(key)}: {verdict} the unimodal baseline, mean Dice {c['mean_difference']:+.3f} "
-                    f"[95 % CI {c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}], Wilcoxon p = {format_p(c['wilcoxon_p'])}, "
-                    f"n = {c['n']} (seed, case) pairs{seeds}")
+        decision = verdict(c)
+        stated = f"{decision.direction} than" if decision.direction else f"{decision.text} from"
+        sentence = f"{_title(key)}: {stated} the unimodal baseline, mean Dice {_figures(c)}"
         earlier = (reference or {}).get("comparisons", {}).get(key, {}).get("mean")
         if earlier is not None:
-            run = reference["settings"]
-            sentence += (f" (the evidence run, seeds {', '.join(map(str, run['seeds']))}: "
-                         f"{_ci(earlier)}, p = {format_p(earlier['wilcoxon_p'])}, n = {earlier['n']})")
+            sentence += (f" (the evidence run, seeds {', '.join(map(str, reference['settings']['seeds']))}: "
+                         f"{_earlier_figures(earlier)})")
         sentences.append(sentence)
     return "; ".join(sentences) + "."
 
 
+def _figures(c: dict) -> str:
+    """A comparison's figures in a sentence: seed-level with several trained models, case-level (descriptive) with
+    one."""
+    if c["replicates"] < 2:
+        case = c["case_level"]
+        return (f"{c['mean_difference']:+.3f} [95 % CI over its {c['n']} cases {case['ci95'][0]:+.3f}, "
+                f"{case['ci95'][1]:+.3f}], Wilcoxon p = {format_p(case['wilcoxon_p'])} (descriptive: the cases share "
+                f"one trained model)")
+    level = c["seed_level"]
+    holm = f" (Holm {format_p(c['holm_p'])})" if "holm_p" in c else ""
+    detectable = level["detectable_difference"]
+    return (f"{_ci(c)}, seed-level p = {format_p(level['p'])}{holm} over {c['replicates']} trained models "
+            f"(per seed {_per_seed(c)})"
+            + (f", smallest detectable difference {detectable:.3f}" if detectable is not None else ""))
+
+
+def _earlier_figures(c: dict) -> str:
+    """An earlier run's mean-Dice comparison, whichever report wrote it: one that predates the seed-level
+    statistics kept only its per-seed means, from which the seed-level test is recomputed here."""
+    if "seed_level" in c:
+        return f"{verdict(c).direction or 'no significant difference'}, {_figures(c)}"
+    level = seed_level_test(c["per_seed"].values())
+    return (f"{c['mean_difference']:+.3f}, seed-level p = {format_p(level['p'])} over {level['replicates']} trained "
+            f"models (per seed {', '.join(f'{d:+.3f}' for d in c['per_seed'].values())})")
+
+
+def _per_seed(c: dict) -> str:
+    return ", ".join(f"{d:+.3f}" for d in c["per_replicate"].values())
+
+
 def _ci(c: dict) -> str:
-    return f"{c['mean_difference']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
+    """Mean difference [hierarchical bootstrap 95 % CI]."""
+    return f"{c['mean_difference']:+.3f} [{c['hierarchical_ci95'][0]:+.3f}, {c['hierarchical_ci95'][1]:+.3f}]"
 
 
 def _wall_times(settings: dict) -> str:
@@ -502,21 +605,37 @@ def write_evidence_markdown(evidence: dict, path: str) -> None:
         method, modality = ModelKey.parse(key)
         lines.append(f"| {modality or 'all'} | {title(method)} | " + " | ".join(
             f"{per_region[r]['mean']:.3f} ± {per_region[r]['std']:.3f}" for r in list(regions) + ["mean"]) + " |")
-    lines += ["", "## Paired difference to the unimodal baseline (Dice; mean [bootstrap 95 % CI], Wilcoxon p, "
-                  "paired t p)", "",
-              "| Modality | Method | n | " + " | ".join(regions) + " | Mean | Wilcoxon p (mean) | t-test p (mean) |",
-              "|---|---|---|" + "---|" * (len(regions) + 3)]
-    for key, per_region in _ordered(evidence["comparisons"]):
-        method, modality = ModelKey.parse(key)
-        cells = [f"{_ci(per_region[r])} (p {format_p(per_region[r]['wilcoxon_p'])})" for r in regions]
-        lines.append(f"| {modality} | {title(method)} | {per_region['mean']['n']} | "
-                     + " | ".join(cells) + f" | {_ci(per_region['mean'])} | "
-                     f"{format_p(per_region['mean']['wilcoxon_p'])} | {format_p(per_region['mean']['ttest_p'])} |")
+    lines += ["", "## Paired difference to the unimodal baseline, the trained model as the unit (Dice)", "",
+              "Each seed trains its own models, so a method's replicates are its seeds, not the cases one model "
+              "predicts. Per cell: the mean difference [hierarchical bootstrap 95 % CI: seeds resampled, then cases "
+              "within each] (seed-level p: one-sample t-test of the per-seed mean differences, df = seeds - 1). "
+              "Holm: the seed-level p adjusted over the modality's comparisons of that region (against the baseline "
+              "and the control together). Smallest detectable: the difference the seeds would detect with 80 % "
+              "power at alpha 0.05, from the spread between seeds (a null rules out effects of about this size, not "
+              "smaller ones). Verdict (mean Dice): better or worse only with seed-level p < 0.05, the hierarchical "
+              "CI excluding 0, and the mean, the median case difference and all seeds but at most one pointing the "
+              "same way.", "", *_comparison_table(evidence["comparisons"], regions)]
+    if evidence.get("comparisons_with_control"):
+        lines += ["", "## Paired difference to the control (ProtoKDTrainer with both distillation terms at weight 0; "
+                      "Dice, as above)", "", *_comparison_table(evidence["comparisons_with_control"], regions)]
+    lines += ["", "## Case-level figures (descriptive: the cases of one seed share a trained model, so these "
+                  "p-values count them as independent and decide nothing)", "",
+              "| Modality | Method | Against | n | Mean [bootstrap 95 % CI over pairs] | Wilcoxon p | Paired t p | "
+              "Random-intercept p (cross-check) |", "|---|---|---|---|---|---|---|---|"]
+    for against, comparisons in (("baseline", evidence["comparisons"]),
+                                 ("control", evidence.get("comparisons_with_control") or {})):
+        for key, per_region in _ordered(comparisons):
+            method, modality = ModelKey.parse(key)
+            c = per_region["mean"]
+            case, mixed = c["case_level"], c["mixed_model"]
+            lines.append(f"| {modality} | {title(method)} | {against} | {c['n']} | {c['mean_difference']:+.3f} "
+                         f"[{case['ci95'][0]:+.3f}, {case['ci95'][1]:+.3f}] | {format_p(case['wilcoxon_p'])} | "
+                         f"{format_p(case['ttest_p'])} | {format_p(mixed['p']) if mixed else 'n/a'} |")
     lines += ["", "## Knowledge transfer: agreement with the teacher on the held-out cases", "",
               "Dice between the student's and the teacher's segmentations (mean over regions) and the mean "
               "KL(teacher || student) of their region probabilities over brain voxels; the differences are paired "
               "against the unimodal baseline of the same modality (a student that distils agrees more: Dice up, "
-              "KL down).", "",
+              "KL down), as mean [hierarchical 95 % CI] (seed-level p).", "",
               "| Modality | Method | Dice to teacher | vs baseline | KL to teacher | vs baseline (p) |",
               "|---|---|---|---|---|---|"]
     for key, entry in _ordered(evidence["teacher_agreement"]):
@@ -524,7 +643,7 @@ def write_evidence_markdown(evidence: dict, path: str) -> None:
         if method == TEACHER.name:
             continue
         dice_change = _ci(entry["dice_vs_baseline"]) if "dice_vs_baseline" in entry else "-"
-        kl_change = (f"{_ci(entry['kl_vs_baseline'])} ({format_p(entry['kl_vs_baseline']['wilcoxon_p'])})"
+        kl_change = (f"{_ci(entry['kl_vs_baseline'])} ({format_p(entry['kl_vs_baseline']['seed_level']['p'])})"
                      if "kl_vs_baseline" in entry else "-")
         lines.append(f"| {modality} | {title(method)} | {entry['dice']:.3f} | {dice_change} | "
                      f"{entry['kl']:.4f} | {kl_change} |")
@@ -565,21 +684,44 @@ def write_evidence_markdown(evidence: dict, path: str) -> None:
 
 
 def headline_table(evidence: dict) -> list:
-    """Markdown lines: per model, mean Dice (mean of the regions), its paired difference to the baseline and the
-    agreement with the teacher (KL change against the baseline's: negative = moved towards the teacher)."""
-    lines = ["| Modality | Method | n | Mean Dice | vs baseline [95 % CI] | Wilcoxon p | per seed | "
-             "KL to teacher | vs baseline [95 % CI] |", "|---|---|---|---|---|---|---|---|---|"]
+    """Markdown lines: per model, mean Dice (mean of the regions), its paired difference to the baseline with the
+    seed-level figures and `verdict`'s answer, and the agreement with the teacher (KL change against the baseline's:
+    negative = moved towards the teacher)."""
+    lines = ["| Modality | Method | n | Mean Dice | vs baseline [hierarchical 95 % CI] | seed-level p (Holm) | "
+             "per seed | smallest detectable | verdict | KL to teacher | vs baseline [95 % CI] |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, per_region in _ordered(evidence["dice"]):
         method, modality = ModelKey.parse(key)
         comparison = evidence["comparisons"].get(key, {}).get("mean")
         agreement = evidence["teacher_agreement"].get(key, {})
         cells = [modality or "all", title(method), str(per_region["mean"]["n"]),
                  f"{per_region['mean']['mean']:.3f}"]
-        cells += [_ci(comparison), format_p(comparison["wilcoxon_p"]),
-                  ", ".join(f"{d:+.3f}" for d in comparison.get("per_seed", {}).values())] if comparison else ["-"] * 3
+        cells += _seed_level_cells(comparison) if comparison else ["-"] * 5
         cells += [f"{agreement['kl']:.3f}" if "kl" in agreement else "-",
                   _ci(agreement["kl_vs_baseline"]) if "kl_vs_baseline" in agreement else "-"]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _seed_level_cells(c: dict) -> list:
+    """[mean [CI], seed-level p (Holm), per seed, smallest detectable difference, verdict] of one comparison."""
+    detectable = c["seed_level"]["detectable_difference"]
+    decision = verdict(c)
+    return [_ci(c), f"{format_p(c['seed_level']['p'])} ({format_p(c.get('holm_p'))})", _per_seed(c),
+            f"{detectable:.3f}" if detectable is not None else "n/a",
+            decision.direction or ("one seed: none" if c["replicates"] < 2 else "no significant difference")]
+
+
+def _comparison_table(comparisons: dict, regions) -> list:
+    """Markdown lines: per model, each region's and the mean's difference with the seed-level figures."""
+    lines = ["| Modality | Method | seeds | n | " + " | ".join(regions) + " | Mean | seed-level p (Holm) | per seed | "
+             "smallest detectable | verdict |", "|---|---|---|---|" + "---|" * (len(regions) + 5)]
+    for key, per_region in _ordered(comparisons):
+        method, modality = ModelKey.parse(key)
+        cells = [f"{_ci(per_region[r])} (p {format_p(per_region[r]['seed_level']['p'])})" for r in regions]
+        mean = per_region["mean"]
+        lines.append(f"| {modality} | {title(method)} | {mean['replicates']} | {mean['n']} | " + " | ".join(cells)
+                     + " | " + " | ".join(_seed_level_cells(mean)) + " |")
     return lines
 
 
