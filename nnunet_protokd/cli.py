@@ -94,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="voxels along x, y, z, as in the NIfTI header (default 48 48 32)")
     p.add_argument("--spacing", type=float, nargs=3, default=(1.2, 1.2, 2.0), metavar=("X", "Y", "Z"),
                    help="voxel size in mm along x, y, z (default 1.2 1.2 2.0)")
-    p.add_argument("--naming", choices=("brats2018", "brats2023"), default="brats2018")
+    p.add_argument("--naming", choices=("brats2018", "brats2023", "brats2024"), default="brats2018",
+                   help="file names and labels: BraTS 2018-2021, 2023 or 2024 post-treatment glioma (2023 names, "
+                        "a small resection cavity, label 4, in every case)")
     p.add_argument("--no-seg", action="store_true", help="validation/test layout: images only")
     p.add_argument("--first-case-index", type=int, default=0, help="number of the first case (held-out sets)")
     p.set_defaults(func="phantoms")

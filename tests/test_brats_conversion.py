@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from conftest import BIN, REPO, run
 
 from nnunet_protokd.data.brats import (
-    BRATS2023,
+    CONVENTIONS,
     ConversionError,
     brats_to_nnunet_labels,
     convert_brats_dataset,
@@ -51,7 +51,9 @@ def test_label_round_trip_brats_to_nnunet_to_brats():
     np.testing.assert_array_equal(nnunet == 3, seg == 4)
     np.testing.assert_array_equal(nnunet_to_brats_labels(nnunet), seg)
     seg2023 = np.where(seg == 4, 3, seg)
-    np.testing.assert_array_equal(nnunet_to_brats_labels(brats_to_nnunet_labels(seg2023, BRATS2023), 3), seg2023)
+    brats2023 = CONVENTIONS["brats2023"]
+    np.testing.assert_array_equal(nnunet_to_brats_labels(brats_to_nnunet_labels(seg2023, brats2023), brats2023),
+                                  seg2023)
 
 
 def test_conversion_writes_complete_region_dataset(phantom_folder, tmp_path):
@@ -180,7 +182,8 @@ def damage_labels(folder):
     array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
     array[0, 0, 0] = 3
     write_like(path, array, path)
-    return r"_seg.nii.gz: label values \[3\] outside the allowed \[0, 1, 2, 4\]"
+    return r"_seg.nii.gz: label 3 is not in the BraTS 2018-2021 labels \(1 NCR/NET, 2 ED, 4 ET\); label 3 is ET in " \
+           r"BraTS 2023 \(--label-convention brats2023\)"
 
 
 def damage_nan(folder):
@@ -346,10 +349,11 @@ def test_brats2023_predictions_get_the_2023_enhancing_label(tmp_path):
     assert 3 in labels
     predictions = tmp_path / "predictions"
     predictions.mkdir()
-    write_like(predictions / f"{case}.nii.gz", brats_to_nnunet_labels(labels, BRATS2023), seg)
+    write_like(predictions / f"{case}.nii.gz", brats_to_nnunet_labels(labels, CONVENTIONS["brats2023"]), seg)
     result = run([BIN / "python", REPO / "dataset_conversion" / "convert_predictions_to_brats.py", predictions,
                   tmp_path / "out", "--reference", source])
-    assert f"(enhancing tumour = 3, from the BraTS naming of {source})" in result.stdout
+    assert f"(BraTS 2024 post-treatment glioma labels 1 NETC, 2 SNFH, 3 ET, 4 RC, from the BraTS naming of " \
+           f"{source})" in result.stdout
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / f"{case}.nii.gz"))),
                                   labels)
     run([BIN / "python", REPO / "dataset_conversion" / "convert_predictions_to_brats.py", predictions,

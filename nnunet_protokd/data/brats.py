@@ -1,10 +1,10 @@
-"""BraTS (2018-2023) folders <-> nnU-Net raw datasets.
+"""BraTS (2018-2024) folders <-> nnU-Net raw datasets.
 
-BraTS labels (see brats_labels.py, which also converts predictions back): 1 = necrotic / non-enhancing core
-(NCR), 2 = oedema (ED), 4 = enhancing tumour (ET; 3 from BraTS 2023 on). nnU-Net's own BraTS practice renumbers
-them so that the regions nest in increasing order: 1 = ED, 2 = NCR, 3 = ET, which gives whole tumour = {1,2,3},
-tumour core = {2,3}, enhancing = {3} and lets `regions_class_order` (1, 2, 3) paint a region prediction back
-into this label map.
+BraTS labels differ by generation (brats_labels.py: LabelConvention, which also converts predictions back).
+nnU-Net's own BraTS practice renumbers them so that the regions nest in increasing order: 1 = oedema, 2 =
+necrosis / non-enhancing core, 3 = enhancing tumour, which gives whole tumour = {1,2,3}, tumour core = {2,3},
+enhancing = {3} and lets `regions_class_order` (1, 2, 3) paint a region prediction back into this label map.
+BraTS 2024's resection cavity is label 4 and a region of its own, outside the tumour regions.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -20,6 +19,7 @@ from contextlib import contextmanager
 from multiprocessing import Pool
 from typing import Iterable
 
+import numpy as np
 import SimpleITK as sitk
 from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 from tqdm import tqdm
@@ -28,23 +28,29 @@ from tqdm import tqdm
 from nnunet_protokd.data.brats_labels import (  # noqa: F401
     BRATS2018,
     BRATS2023,
+    CONVENTIONS,
     SEG_SUFFIX,
     BratsNaming,
     ConversionError,
+    LabelConvention,
+    back_conversion_convention,
     brats_to_nnunet_labels,
+    convention_named_in,
     convert_predictions_to_brats,
     detect_naming,
-    enhancing_label_of,
     find_case_folders,
     geometry_mismatch,
+    label_problem,
     nnunet_to_brats_labels,
 )
 from nnunet_protokd.data.images import count_non_finite, scan_problem  # noqa: F401 (count_non_finite: part of this API)
+from nnunet_protokd.io import Owner
 
 CHANNEL_NAMES = ("T1", "T1ce", "T2", "FLAIR")
-NNUNET_LABELS = {"background": 0, "edema": 1, "necrosis and non-enhancing core": 2, "enhancing tumor": 3}
-NNUNET_REGIONS = {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3]}
-REGIONS_CLASS_ORDER = (1, 2, 3)
+# the BraTS 2018-2023 dataset.json entries (BraTS 2024 adds the resection cavity: LabelConvention)
+NNUNET_LABELS = CONVENTIONS["brats2018"].nnunet_labels
+NNUNET_REGIONS = CONVENTIONS["brats2018"].nnunet_regions
+REGIONS_CLASS_ORDER = CONVENTIONS["brats2018"].regions_class_order
 
 
 def _read(path: str, case_id: str, errors: list) -> sitk.Image | None:
@@ -55,10 +61,12 @@ def _read(path: str, case_id: str, errors: list) -> sitk.Image | None:
         return None
 
 
-def _convert_case(args) -> tuple[str, bool, list]:
-    """Checks one case and writes it into the (temporary) dataset folder. Returns (case, has_seg, errors)."""
-    case, naming, images_folder, labels_folder = args
+def _convert_case(args) -> tuple[str, bool, list, tuple]:
+    """Checks one case and writes it into the (temporary) dataset folder under the label convention given.
+    Returns (case, has_seg, errors, the BraTS label values of its segmentation)."""
+    case, naming, convention, images_folder, labels_folder = args
     errors: list = []
+    values: tuple = ()
     expected = [naming.file_name(case.case_id, s) for s in naming.modality_suffixes]
     seg_name = naming.file_name(case.case_id, SEG_SUFFIX)
     present = {f for f in os.listdir(case.folder) if f.endswith((".nii.gz", ".nii"))}
@@ -70,7 +78,7 @@ def _convert_case(args) -> tuple[str, bool, list]:
             errors.append(f"case {case.case_id}: missing modality file {os.path.join(case.folder, name)}")
     has_seg = seg_name in present
     if errors:
-        return case.case_id, has_seg, errors
+        return case.case_id, has_seg, errors, values
 
     reference = None
     for channel, name in enumerate(expected):
@@ -101,17 +109,35 @@ def _convert_case(args) -> tuple[str, bool, list]:
             if (problem := geometry_mismatch(seg, reference)) is not None:
                 errors.append(f"case {case.case_id}: {seg_path}: {problem} of {reference_path}")
             else:
+                array = sitk.GetArrayFromImage(seg)
+                values = tuple(int(v) for v in np.unique(array))
                 try:
-                    labels = brats_to_nnunet_labels(sitk.GetArrayFromImage(seg), naming)
+                    labels = brats_to_nnunet_labels(array, convention)
                 except ConversionError as exc:
                     errors.append(f"case {case.case_id}: {seg_path}: {exc}")
                 else:
                     out = sitk.GetImageFromArray(labels)
                     out.CopyInformation(seg)
                     sitk.WriteImage(out, os.path.join(labels_folder, f"{case.case_id}.nii.gz"), True)
-    return case.case_id, has_seg, errors
+    return case.case_id, has_seg, errors, values
 
 
+def choose_convention(naming: BratsNaming, label_convention: str | None, names: Iterable[str]) -> tuple:
+    """(convention to convert with, why, whether the segmentations decide between BraTS 2023 and 2024).
+
+    Never a silent guess: the user's --label-convention; else BraTS 2018-2021's for its file names; else for
+    2023+ names the generation a dataset or folder name in `names` states; else BraTS 2024's, label 4 being the
+    resection cavity, recorded as BraTS 2023 when no case has a label 4."""
+    if label_convention is not None:
+        if label_convention not in CONVENTIONS:
+            raise ConversionError(f"label convention {label_convention!r} is not one of {', '.join(CONVENTIONS)}")
+        return CONVENTIONS[label_convention], f"--label-convention {label_convention}", False
+    if naming is BRATS2018:
+        return CONVENTIONS["brats2018"], "the BraTS 2018-2021 file names (_t1ce.nii.gz)", False
+    for name in names:
+        if name and (convention := convention_named_in(name)) is not None:
+            return convention, f"the name {name!r}", False
+    return CONVENTIONS["brats2024"], "the BraTS 2023+ file names (-t1c.nii.gz)", True
 
 
 def _dataset_folders(nnunet_raw: str, dataset_id: int) -> list[str]:
@@ -128,20 +154,8 @@ _LEGACY_SCRATCH_FOLDER = re.compile(r"\.Dataset\d{3}_incomplete_[a-z0-9_]+")  # 
 
 
 def _scratch_folder(nnunet_raw: str, dataset_id: int, kind: str) -> str:
-    return tempfile.mkdtemp(prefix=f".Dataset{dataset_id:03d}_{kind}.pid{os.getpid()}.{socket.gethostname()}.",
-                            dir=nnunet_raw)
-
-
-def _process_is_running(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+    me = Owner.this_process()
+    return tempfile.mkdtemp(prefix=f".Dataset{dataset_id:03d}_{kind}.pid{me.pid}.{me.host}.", dir=nnunet_raw)
 
 
 def remove_stale_scratch_folders(nnunet_raw: str) -> list[str]:
@@ -151,7 +165,7 @@ def remove_stale_scratch_folders(nnunet_raw: str) -> list[str]:
     for entry in sorted(os.listdir(nnunet_raw)) if os.path.isdir(nnunet_raw) else []:
         path = os.path.join(nnunet_raw, entry)
         match = _SCRATCH_FOLDER.fullmatch(entry)
-        if match and match[3] == socket.gethostname() and not _process_is_running(int(match[2])):
+        if match and Owner(int(match[2]), match[3]).is_gone():
             try:
                 shutil.rmtree(path)
                 removed.append(path)
@@ -196,13 +210,15 @@ def _run_cases(jobs: list, num_processes: int, description: str) -> list:
 
 def convert_brats_dataset(input_folder: str, dataset_id: int, nnunet_raw: str, dataset_name: str | None = None,
                           test_folder: str | None = None, region_based: bool = True, overwrite: bool = False,
-                          num_processes: int = 2) -> str:
+                          num_processes: int = 2, label_convention: str | None = None) -> str:
     """Writes nnUNet_raw/DatasetXXX_NAME from a BraTS training folder (and optionally a validation/test folder,
     into imagesTs, with labelsTs when its cases have segmentations).
 
     The dataset is assembled in a temporary folder next to its destination and moved into place only when
     every case converted; on any error nothing is left behind and ConversionError lists all problems.
-    Returns the path of the new dataset folder.
+    `label_convention` (a name of brats_labels.CONVENTIONS) says which BraTS generation's labels the
+    segmentations hold; by default `choose_convention` decides and says why. A segmentation with a label the
+    convention lacks is refused. Returns the path of the new dataset folder.
     """
     if not 1 <= int(dataset_id) <= 999:
         raise ConversionError(f"dataset id must be 1..999, got {dataset_id}")
@@ -215,10 +231,11 @@ def convert_brats_dataset(input_folder: str, dataset_id: int, nnunet_raw: str, d
     clash = {c.case_id for c in train_cases} & {c.case_id for c in test_cases}
     if clash:
         raise ConversionError(f"cases in both the training and the test folder: {sorted(clash)[:10]}")
-    dataset_name = dataset_name or ("BraTS2018" if naming is BRATS2018 else "BraTS2023")
-    if not re.fullmatch(r"[A-Za-z0-9_\-]+", dataset_name):
+    convention, reason, decided_by_labels = choose_convention(
+        naming, label_convention, [dataset_name, os.path.basename(os.path.abspath(input_folder)),
+                                   os.path.basename(os.path.dirname(os.path.abspath(input_folder)))])
+    if dataset_name is not None and not re.fullmatch(r"[A-Za-z0-9_\-]+", dataset_name):
         raise ConversionError(f"dataset name {dataset_name!r} may only hold letters, digits, '_' and '-'")
-    target = os.path.join(nnunet_raw, f"Dataset{int(dataset_id):03d}_{dataset_name}")
     existing = _dataset_folders(nnunet_raw, int(dataset_id))
     if existing and not overwrite:
         raise ConversionError(f"{os.path.join(nnunet_raw, existing[0])} already exists; pass --overwrite to replace it")
@@ -234,48 +251,63 @@ def convert_brats_dataset(input_folder: str, dataset_id: int, nnunet_raw: str, d
             folders = {k: os.path.join(staging, k) for k in ("imagesTr", "labelsTr", "imagesTs", "labelsTs")}
             for folder in folders.values():
                 os.makedirs(folder)
-            jobs = [(c, naming, folders["imagesTr"], folders["labelsTr"]) for c in train_cases]
-            jobs += [(c, naming, folders["imagesTs"], folders["labelsTs"]) for c in test_cases]
+            jobs = [(c, naming, convention, folders["imagesTr"], folders["labelsTr"]) for c in train_cases]
+            jobs += [(c, naming, convention, folders["imagesTs"], folders["labelsTs"]) for c in test_cases]
             results = _run_cases(jobs, num_processes, f"converting {len(jobs)} BraTS cases")
-            errors = [e for _, _, case_errors in results for e in case_errors]
-            for case_id, has_seg, _ in results[:len(train_cases)]:
+            errors = [e for _, _, case_errors, _ in results for e in case_errors]
+            for case_id, has_seg, _, _ in results[:len(train_cases)]:
                 if not has_seg:
                     errors.append(f"case {case_id}: missing segmentation {naming.file_name(case_id, SEG_SUFFIX)} "
                                   f"in the training folder (a validation/test folder without labels goes in --test)")
             test_results = results[len(train_cases):]
-            labelled_tests = sum(has_seg for _, has_seg, _ in test_results)
+            labelled_tests = sum(has_seg for _, has_seg, _, _ in test_results)
             if 0 < labelled_tests < len(test_results):  # labelsTs must describe every test case or none
                 errors += [f"case {case_id}: missing segmentation {naming.file_name(case_id, SEG_SUFFIX)}; other cases "
-                           f"of {test_folder} have one" for case_id, has_seg, _ in test_results if not has_seg]
+                           f"of {test_folder} have one" for case_id, has_seg, _, _ in test_results if not has_seg]
             if errors:
                 shown = "\n  ".join(errors[:30])
                 more = f"\n  ... and {len(errors) - 30} more" if len(errors) > 30 else ""
-                raise ConversionError(f"{len(errors)} problem(s) in the input; nothing was written:\n  {shown}{more}")
+                # where a label is refused, say which convention refused it and why that one
+                labels = f" under the {convention.title} labels ({convention.describe()}; from {reason})" if any(
+                    label_problem(values, convention) for _, _, _, values in results) else ""
+                raise ConversionError(f"{len(errors)} problem(s) in the input{labels}; nothing was written:\n  "
+                                      f"{shown}{more}")
+            with_cavity = [case_id for case_id, _, _, values in results if 4 in values]
+            if decided_by_labels and not with_cavity:  # labels 1-3 mean the same in BraTS 2023 and 2024
+                convention, reason = CONVENTIONS["brats2023"], f"{reason}, and no case has a label 4"
+            elif decided_by_labels:
+                reason = (f"{reason}, and label 4 (resection cavity) in {len(with_cavity)} case(s), e.g. "
+                          f"{with_cavity[0]}; give --label-convention if these are not BraTS 2024 post-treatment "
+                          f"labels")
+            dataset_name = dataset_name or {"brats2018": "BraTS2018", "brats2023": "BraTS2023",
+                                            "brats2024": "BraTS2024"}[convention.name]
+            target = os.path.join(nnunet_raw, f"Dataset{int(dataset_id):03d}_{dataset_name}")
             for kind in ("imagesTs", "labelsTs"):
                 if not os.listdir(folders[kind]):
                     os.rmdir(folders[kind])
-            write_dataset_json(staging, len(train_cases), region_based, dataset_name, naming)
+            write_dataset_json(staging, len(train_cases), region_based, dataset_name, naming, convention)
             _move_into_place(staging, target, [os.path.join(nnunet_raw, e) for e in existing],
                                  int(dataset_id))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+    print(f"label convention: {convention.title} ({convention.describe()}), from {reason}")
     return target
 
 
 def write_dataset_json(folder: str, num_training_cases: int, region_based: bool, dataset_name: str,
-                       naming: BratsNaming) -> None:
+                       naming: BratsNaming, convention: LabelConvention) -> None:
+    nnunet = ", ".join(f"{k} = {name}" for name, k in list(convention.nnunet_labels.items())[1:])
     generate_dataset_json(
         folder, channel_names=dict(enumerate(CHANNEL_NAMES)),
-        labels=NNUNET_REGIONS if region_based else NNUNET_LABELS,
+        labels=convention.nnunet_regions if region_based else convention.nnunet_labels,
         num_training_cases=num_training_cases, file_ending=".nii.gz",
-        regions_class_order=REGIONS_CLASS_ORDER if region_based else None,
+        regions_class_order=convention.regions_class_order if region_based else None,
         dataset_name=dataset_name, reference="https://www.synapse.org/brats",
-        description=f"BraTS converted by nnunet-protokd from the {naming.name} layout. nnU-Net labels: 1 = edema, "
-                    f"2 = necrosis/non-enhancing core, 3 = enhancing tumour "
-                    f"(BraTS 2, 1, {naming.enhancing_labels[0]}).",
+        description=f"BraTS converted by nnunet-protokd from the {naming.name} layout with the {convention.title} "
+                    f"labels. nnU-Net labels: {nnunet} (BraTS {', '.join(map(str, convention.brats_labels[1:]))}).",
         license="see the BraTS challenge data terms", converted_by="nnunet-protokd",
-        brats_naming=naming.name)
+        brats_naming=naming.name, brats_generation=convention.name)
 
 
 def _move_into_place(staging: str, target: str, replaced: Iterable[str], dataset_id: int) -> None:

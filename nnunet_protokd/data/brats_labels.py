@@ -7,13 +7,17 @@ Self-contained on purpose (Python's standard library, numpy and SimpleITK, which
 exported student ships this file as `convert_predictions_to_brats.py`, so that a site with only nnU-Net installed
 can convert its predictions; nnunet_protokd.data.brats imports the same definitions for the forward conversion.
 
-BraTS labels: 1 = necrotic / non-enhancing core (NCR), 2 = oedema (ED), 4 = enhancing tumour (ET; 3 from
-BraTS 2023 on). The nnU-Net datasets written by nnunet-protokd use 1 = ED, 2 = NCR, 3 = ET.
+BraTS labels by generation (`LabelConvention`, `CONVENTIONS`): BraTS 2018-2021 1 = necrotic / non-enhancing core
+(NCR/NET), 2 = oedema (ED), 4 = enhancing tumour (ET); BraTS 2023 (GLI, MEN, MET, PED, SSA) 1 = non-enhancing
+tumour core (NETC), 2 = surrounding FLAIR hyperintensity (SNFH), 3 = ET; BraTS 2024 post-treatment glioma the same
+plus 4 = resection cavity (RC). The nnU-Net datasets written by nnunet-protokd use 1 = ED/SNFH, 2 = NCR/NETC,
+3 = ET and, for BraTS 2024, 4 = RC.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Sequence
@@ -31,20 +35,90 @@ class ConversionError(ValueError):
 
 @dataclass(frozen=True)
 class BratsNaming:
-    """How one generation of BraTS names its files: `<case><separator><suffix>.nii.gz`."""
+    """How one generation of BraTS names its files: `<case><separator><suffix>.nii.gz`. File names say nothing
+    certain about the labels (BraTS 2023 and 2024 share them): see LabelConvention."""
     name: str
     separator: str
     modality_suffixes: tuple  # in nnU-Net channel order T1, T1ce, T2, FLAIR
-    enhancing_labels: tuple  # label values that mean ET in this generation
 
     def file_name(self, case: str, suffix: str) -> str:
         return f"{case}{self.separator}{suffix}.nii.gz"
 
 
-BRATS2018 = BratsNaming("brats2018", "_", ("t1", "t1ce", "t2", "flair"), (4,))  # also 2019-2021
-BRATS2023 = BratsNaming("brats2023", "-", ("t1n", "t1c", "t2w", "t2f"), (3, 4))
+BRATS2018 = BratsNaming("brats2018", "_", ("t1", "t1ce", "t2", "flair"))  # also 2019-2021
+BRATS2023 = BratsNaming("brats2023", "-", ("t1n", "t1c", "t2w", "t2f"))  # also 2024
 NAMINGS = {n.name: n for n in (BRATS2018, BRATS2023)}
 SEG_SUFFIX = "seg"
+
+# nnU-Net label -> (its name in dataset.json, short name); the order nests the BraTS regions (below)
+NNUNET_CLASSES = {1: ("edema", "ED"), 2: ("necrosis and non-enhancing core", "NCR"), 3: ("enhancing tumor", "ET"),
+                  4: ("resection cavity", "RC")}
+# region name in dataset.json -> (short name, nnU-Net labels). The challenge's regions: whole tumour and tumour
+# core never include the resection cavity (BraTS 2024 scores it as a region of its own)
+REGIONS = {"whole tumor": ("WT", (1, 2, 3)), "tumor core": ("TC", (2, 3)), "enhancing tumor": ("ET", (3,)),
+           "resection cavity": ("RC", (4,))}
+REGION_ABBREVIATIONS = {name: short for name, (short, _) in REGIONS.items()}
+
+
+@dataclass(frozen=True)
+class LabelConvention:
+    """What the label values of one BraTS generation's segmentations mean, and their nnU-Net labels."""
+    name: str  # the value of --label-convention and of dataset.json's "brats_generation"
+    title: str
+    brats_labels: tuple  # BraTS label of nnU-Net label 0, 1, 2, ...: the convention's labels
+    names: tuple  # the organisers' short name of each BraTS label in brats_labels
+
+    def describe(self) -> str:
+        return ", ".join(f"{label} {name}" for label, name in sorted(zip(self.brats_labels[1:], self.names[1:])))
+
+    @property
+    def nnunet_of_brats(self) -> dict:
+        return {brats: nnunet for nnunet, brats in enumerate(self.brats_labels)}
+
+    @property
+    def nnunet_labels(self) -> dict:
+        """dataset.json's "labels" of a label-based (softmax) dataset."""
+        return {"background": 0, **{NNUNET_CLASSES[k][0]: k for k in range(1, len(self.brats_labels))}}
+
+    @property
+    def nnunet_regions(self) -> dict:
+        """dataset.json's "labels" of a region-based dataset; regions_class_order paints them back in this
+        order, so that each voxel gets its innermost region's label."""
+        return {"background": 0, **{name: list(labels) for name, (_, labels) in REGIONS.items()
+                                    if max(labels) < len(self.brats_labels)}}
+
+    @property
+    def regions_class_order(self) -> tuple:
+        """The label each region paints: the regions nest (WT > TC > ET), so its smallest label."""
+        return tuple(min(labels) for labels in list(self.nnunet_regions.values())[1:])
+
+
+CONVENTIONS = {c.name: c for c in (
+    LabelConvention("brats2018", "BraTS 2018-2021", (0, 2, 1, 4), ("", "ED", "NCR/NET", "ET")),
+    LabelConvention("brats2023", "BraTS 2023", (0, 2, 1, 3), ("", "SNFH", "NETC", "ET")),
+    LabelConvention("brats2024", "BraTS 2024 post-treatment glioma", (0, 2, 1, 3, 4),
+                    ("", "SNFH", "NETC", "ET", "RC")))}
+
+
+def generation_of(dataset_json: dict) -> LabelConvention | None:
+    """The label convention of a dataset converted by nnunet-protokd (None for any other dataset). Datasets
+    converted before "brats_generation" was recorded had BraTS 2018-2021 labels or, with 2023 names, no RC."""
+    if dataset_json.get("brats_generation"):
+        return CONVENTIONS[dataset_json["brats_generation"]]
+    if dataset_json.get("brats_naming"):
+        return CONVENTIONS["brats2018" if dataset_json["brats_naming"] == "brats2018" else "brats2023"]
+    return None
+
+
+def convention_named_in(text: str) -> LabelConvention | None:
+    """The convention a dataset or folder name states (BraTS2023..., BraTS2024...GLI...), else None. A 2024 name
+    counts only for glioma (GLI): the other 2024 sub-challenges do not have the post-treatment labels."""
+    text = text.lower()
+    if re.search(r"2024", text) and "gli" in text:
+        return CONVENTIONS["brats2024"]
+    if re.search(r"brats[-_ ]?2023", text):
+        return CONVENTIONS["brats2023"]
+    return None
 
 
 @dataclass(frozen=True)
@@ -91,31 +165,38 @@ def detect_naming(cases: Sequence[BratsCase]) -> BratsNaming:
                           f"or {cases[0].case_id}-t1c.nii.gz (BraTS 2023); first case folder: {cases[0].folder}")
 
 
-def brats_to_nnunet_labels(seg: np.ndarray, naming: BratsNaming = BRATS2018) -> np.ndarray:
-    """BraTS label map -> nnU-Net labels (0 bg, 1 ED, 2 NCR, 3 ET) as uint8. Raises on foreign values."""
-    values = np.unique(seg)
-    allowed = {0, 1, 2, *naming.enhancing_labels}
-    foreign = [v for v in values.tolist() if v not in allowed]
-    if foreign:
-        raise ConversionError(f"label values {foreign} outside the allowed {sorted(allowed)}")
-    present_et = [v for v in naming.enhancing_labels if v in values]
-    if len(present_et) > 1:
-        raise ConversionError(f"both {present_et} used as enhancing tumour; a BraTS label map uses one of them")
-    out = np.zeros(seg.shape, dtype=np.uint8)
-    out[seg == 2] = 1
-    out[seg == 1] = 2
-    for et in naming.enhancing_labels:
-        out[seg == et] = 3
-    return out
+def label_problem(values, convention: LabelConvention) -> str | None:
+    """A sentence naming the label values that `convention` does not have, and what they mean elsewhere."""
+    foreign = sorted(set(int(v) for v in values) - set(convention.brats_labels))
+    if not foreign:
+        return None
+    elsewhere = [f"label {v} is {c.names[c.brats_labels.index(v)]} in {c.title} (--label-convention {c.name})"
+                 for v in foreign for c in CONVENTIONS.values() if v in c.brats_labels]
+    return (f"label{'s' if len(foreign) > 1 else ''} {', '.join(map(str, foreign))} "
+            f"{'are' if len(foreign) > 1 else 'is'} not in the {convention.title} labels ({convention.describe()})"
+            + (f"; {'; '.join(elsewhere)}" if elsewhere else ""))
 
 
-def nnunet_to_brats_labels(labels: np.ndarray, enhancing_label: int = 4) -> np.ndarray:
-    """nnU-Net labels (0 bg, 1 ED, 2 NCR, 3 ET) -> BraTS label map (ET = `enhancing_label`) as uint8."""
-    foreign = sorted(set(np.unique(labels).tolist()) - {0, 1, 2, 3})
+def brats_to_nnunet_labels(seg: np.ndarray, convention: LabelConvention = CONVENTIONS["brats2018"]) -> np.ndarray:
+    """BraTS label map of `convention` -> nnU-Net labels (0 bg, 1 ED, 2 NCR, 3 ET, 4 RC) as uint8. Raises on
+    values the convention does not have."""
+    if (problem := label_problem(np.unique(seg), convention)) is not None:
+        raise ConversionError(problem)
+    lookup = np.zeros(max(convention.brats_labels) + 1, dtype=np.uint8)
+    for brats, nnunet in convention.nnunet_of_brats.items():
+        lookup[brats] = nnunet
+    return lookup[seg.astype(np.int64)]
+
+
+def nnunet_to_brats_labels(labels: np.ndarray, convention: LabelConvention = CONVENTIONS["brats2018"]) -> np.ndarray:
+    """nnU-Net labels (0 bg, 1 ED, 2 NCR, 3 ET, 4 RC) -> BraTS label map of `convention` as uint8."""
+    known = range(len(convention.brats_labels))
+    foreign = sorted(set(np.unique(labels).tolist()) - set(known))
     if foreign:
-        raise ConversionError(f"label values {foreign} are not nnU-Net BraTS labels 0-3")
-    lookup = np.array([0, 2, 1, enhancing_label], dtype=np.uint8)
-    return lookup[labels.astype(np.int64)]
+        hint = "; label 4 is the resection cavity of BraTS 2024 (--label-convention brats2024)" if 4 in foreign else ""
+        raise ConversionError(f"label values {foreign} are not nnU-Net labels of {convention.title} "
+                              f"(0-{known[-1]}){hint}")
+    return np.asarray(convention.brats_labels, dtype=np.uint8)[labels.astype(np.int64)]
 
 
 def geometry_mismatch(image: sitk.Image, reference: sitk.Image) -> str | None:
@@ -131,12 +212,13 @@ def geometry_mismatch(image: sitk.Image, reference: sitk.Image) -> str | None:
     return None
 
 
-def enhancing_label_of(reference_folder: str | None) -> int:
-    """The BraTS label of enhancing tumour in the generation of `reference_folder`'s names: 3 for BraTS 2023
-    (-t1c.nii.gz), 4 for BraTS 2018-2021 (_t1ce.nii.gz) and when there is no reference."""
-    if not reference_folder:
-        return BRATS2018.enhancing_labels[0]
-    return detect_naming(find_case_folders(reference_folder)).enhancing_labels[0]
+def back_conversion_convention(reference_folder: str | None) -> LabelConvention:
+    """The labels to write when the user names none: BraTS 2018-2021's without a reference or for its names; for
+    2023+ names BraTS 2024's, where label 4 is the resection cavity (a BraTS 2023 model predicts no cavity, so its
+    output is BraTS 2023's labels too)."""
+    if reference_folder and detect_naming(find_case_folders(reference_folder)) is BRATS2023:
+        return CONVENTIONS["brats2024"]
+    return CONVENTIONS["brats2018"]
 
 
 def _read_image(path: str, case_id: str, what: str) -> sitk.Image:
@@ -147,18 +229,19 @@ def _read_image(path: str, case_id: str, what: str) -> sitk.Image:
                               f"{str(exc).strip().splitlines()[-1]}") from None
 
 
-def convert_predictions_to_brats(prediction_folder: str, output_folder: str, enhancing_label: int | None = None,
-                                 reference_folder: str | None = None, overwrite: bool = False) -> list[str]:
-    """nnU-Net predictions (<case>.nii.gz, labels 0-3) -> BraTS label maps <case>.nii.gz (0/1/2 and
-    `enhancing_label`; by default that of the reference's BraTS generation, see `enhancing_label_of`).
+def convert_predictions_to_brats(prediction_folder: str, output_folder: str,
+                                 convention: LabelConvention | None = None, reference_folder: str | None = None,
+                                 overwrite: bool = False) -> list[str]:
+    """nnU-Net predictions (<case>.nii.gz, labels 0-3, 4 = RC for BraTS 2024) -> BraTS label maps <case>.nii.gz
+    in `convention`'s labels (by default see `back_conversion_convention`).
 
     With `reference_folder` (the original BraTS folder), each prediction must lie on the grid of the case's
     original T1 file (shape, spacing, origin and direction, as nnU-Net writes it from the image it predicted
     on) and the output takes that file's exact header; a prediction on another grid is refused, never moved
     onto it. Without, the output keeps the prediction's grid. Every case is checked before anything is written.
     """
-    if enhancing_label is None:
-        enhancing_label = enhancing_label_of(reference_folder)
+    if convention is None:
+        convention = back_conversion_convention(reference_folder)
     if not os.path.isdir(prediction_folder):
         raise ConversionError(f"prediction folder {prediction_folder} does not exist or is not a folder")
     predictions = sorted(f for f in os.listdir(prediction_folder) if f.endswith(".nii.gz"))
@@ -182,7 +265,7 @@ def convert_predictions_to_brats(prediction_folder: str, output_folder: str, enh
         path = os.path.join(prediction_folder, name)
         prediction = _read_image(path, case_id, "prediction")
         try:
-            brats = nnunet_to_brats_labels(sitk.GetArrayFromImage(prediction), enhancing_label)
+            brats = nnunet_to_brats_labels(sitk.GetArrayFromImage(prediction), convention)
         except ConversionError as exc:
             raise ConversionError(f"case {case_id}: {path}: {exc}") from None
         out = sitk.GetImageFromArray(brats)
@@ -205,28 +288,37 @@ def convert_predictions_to_brats(prediction_folder: str, output_folder: str, enh
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("prediction_folder", help="nnUNetv2_predict output (<case>.nii.gz, labels 0-3)")
+    parser.add_argument("prediction_folder", help="nnUNetv2_predict output (<case>.nii.gz, labels 0-3, 4 = resection "
+                                                  "cavity for BraTS 2024)")
     parser.add_argument("output_folder", help="where <case>.nii.gz BraTS label maps are written")
     parser.add_argument("--reference", default=None, metavar="BRATS_FOLDER",
                         help="original BraTS folder: each prediction must lie on its case's T1 grid (refused "
                              "otherwise) and the output takes that file's exact header")
+    parser.add_argument("--label-convention", choices=tuple(CONVENTIONS), default=None,
+                        help="the BraTS generation whose labels to write: " + "; ".join(
+                            f"{c.name}: {c.title}, {c.describe()}" for c in CONVENTIONS.values()) +
+                        " (default: brats2024 for a --reference folder with 2023+ names, whose label 4 is the "
+                        "resection cavity and which a BraTS 2023 model never predicts; brats2018 otherwise)")
     parser.add_argument("--et-label", type=int, choices=(3, 4), default=None,
-                        help="label of enhancing tumour in the output (default: that of the --reference folder's "
-                             "BraTS generation, 3 for BraTS 2023 names and 4 for BraTS 2018-2021; 4 without "
-                             "--reference)")
+                        help="older spelling: 4 is --label-convention brats2018, 3 is brats2024")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
     args = parser.parse_args(argv)
+    if args.et_label is not None and args.label_convention is not None:
+        parser.error("give --label-convention or --et-label, not both")
     try:
-        enhancing_label = args.et_label if args.et_label is not None else enhancing_label_of(args.reference)
-        cases = convert_predictions_to_brats(args.prediction_folder, args.output_folder, enhancing_label,
+        if args.label_convention or args.et_label:
+            convention = CONVENTIONS[args.label_convention or {4: "brats2018", 3: "brats2024"}[args.et_label]]
+            source = "--label-convention" if args.label_convention else "--et-label"
+        else:
+            convention = back_conversion_convention(args.reference)
+            source = f"the BraTS naming of {args.reference}" if args.reference else "the BraTS 2018-2021 default"
+        cases = convert_predictions_to_brats(args.prediction_folder, args.output_folder, convention,
                                              args.reference, args.overwrite)
     except ConversionError as exc:  # bad input: one line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    source = "--et-label" if args.et_label is not None else \
-        f"the BraTS naming of {args.reference}" if args.reference else "the BraTS 2018-2021 default"
-    print(f"wrote {len(cases)} BraTS label maps to {args.output_folder} (enhancing tumour = {enhancing_label}, "
-          f"from {source})")
+    print(f"wrote {len(cases)} BraTS label maps to {args.output_folder} ({convention.title} labels "
+          f"{convention.describe()}, from {source})")
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Real BraTS data cannot be downloaded in tests or demos, so this module builds small, skull-stripped
 four-modality volumes with a glioma (oedema, tumour core, enhancing tumour) and writes them exactly
-as the BraTS 2018-2020 or BraTS 2023 releases are laid out on disk. Each choice below follows an MRI or
+as the BraTS 2018-2020 or BraTS 2023 releases are laid out on disk; the BraTS 2024 post-treatment glioma
+naming adds a resection cavity beside the tumour core. Each choice below follows an MRI or
 annotation fact, written beside it; none was chosen by looking at a segmentation method's result.
 
 The realism audit (`audit_phantoms`, reported by `nnunet-protokd evidence`) measures two facts of real data:
@@ -38,14 +39,14 @@ from scipy import ndimage
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 
-_NAMINGS = ("brats2018", "brats2023")
+_NAMINGS = ("brats2018", "brats2023", "brats2024")
 _BRATS2023_SUFFIX = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}
 # BraTS volumes are stored with the x and y axes flipped relative to the index grid (LPS vs RAS).
 _DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
 _BASE_ORIGIN_XYZ = np.array([-90.0, 126.0, -72.0])
 
 # Tissue classes of the internal label map (0 = outside the brain).
-_CSF, _GM, _WM, _OEDEMA, _NECROSIS, _NON_ENHANCING, _ENHANCING = range(1, 8)
+_CSF, _GM, _WM, _OEDEMA, _NECROSIS, _NON_ENHANCING, _ENHANCING, _CAVITY = range(1, 9)
 # Mean intensity per class (index = class) in arbitrary MRI-like units, from textbook appearance:
 # T1 WM > GM > CSF with enhancing tumour ~iso to GM; T1ce the same but enhancing tumour very bright;
 # T2 CSF and fluid-rich lesions bright; FLAIR like T2 with CSF suppressed, oedema brightest.
@@ -59,9 +60,11 @@ _TISSUE_INTENSITIES = {
 # Standard deviation (voxels, per axis) of the smooth displacement between the tissue map and its annotation:
 # the amplitude at which two annotations of one phantom agree as two BraTS raters do (see the module docstring)
 ANNOTATION_DISPLACEMENT_VOXELS = 0.5
-# Tumour class -> segmentation label; BraTS 2023 renamed enhancing tumour from 4 to 3.
+# Tumour class -> segmentation label; BraTS 2023 renamed enhancing tumour from 4 to 3, BraTS 2024's post-treatment
+# glioma labels the resection cavity 4.
 _SEG_LABELS = {"brats2018": {_OEDEMA: 2, _NECROSIS: 1, _NON_ENHANCING: 1, _ENHANCING: 4},
-               "brats2023": {_OEDEMA: 2, _NECROSIS: 1, _NON_ENHANCING: 1, _ENHANCING: 3}}
+               "brats2023": {_OEDEMA: 2, _NECROSIS: 1, _NON_ENHANCING: 1, _ENHANCING: 3},
+               "brats2024": {_OEDEMA: 2, _NECROSIS: 1, _NON_ENHANCING: 1, _ENHANCING: 3, _CAVITY: 4}}
 
 
 def generate_brats_phantoms(output_folder: str, num_hgg: int = 8, num_lgg: int = 4, seed: int = 0,
@@ -72,7 +75,8 @@ def generate_brats_phantoms(output_folder: str, num_hgg: int = 8, num_lgg: int =
 
     naming="brats2018" (also the 2019/2020 layout) writes HGG/<case>/<case>_<modality>.nii.gz and
     LGG/...; naming="brats2023" writes a flat <case>/<case>-t1n|t1c|t2w|t2f.nii.gz layout (HGG cases
-    first, then LGG). with_segmentation=False omits the seg file (validation/test layout).
+    first, then LGG); naming="brats2024" the same layout with a small resection cavity (label 4) in every
+    case. with_segmentation=False omits the seg file (validation/test layout).
     Case numbers start at first_case_index, so that held-out sets get ids of their own.
     Returns the absolute case folders written, HGG cases first, in case-number order.
     """
@@ -100,7 +104,7 @@ def generate_brats_phantoms(output_folder: str, num_hgg: int = 8, num_lgg: int =
             seg_name = f"{case_id}-seg.nii.gz"
 
         rng = np.random.default_rng(case_seed)
-        images, tissue = _simulate_case(rng, shape_zyx, high_grade=(grade == "HGG"))
+        images, tissue = _simulate_case(rng, shape_zyx, high_grade=(grade == "HGG"), cavity=naming == "brats2024")
         origin = tuple(float(v) for v in _BASE_ORIGIN_XYZ + rng.uniform(-3.0, 3.0, size=3))
         os.makedirs(case_folder)
         for modality in MODALITIES:
@@ -175,8 +179,8 @@ def _irregular_blob(rng, grid, shape, centre, radii, roughness):
     return distance * (1.0 + roughness * _smooth_field(rng, shape, 0.2)) < 1.0
 
 
-def _simulate_case(rng, shape, high_grade):
-    """Return ({modality: float32 image}, int tissue-class map) for one case."""
+def _simulate_case(rng, shape, high_grade, cavity=False):
+    """Return ({modality: float32 image}, int tissue-class map) for one case; `cavity`: after resection."""
     # Coordinates in units of the image extent (each axis spans about [-0.5, 0.5]), so the anatomy
     # scales with shape_zyx instead of being tied to a voxel size.
     grid = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) / n for n in shape], indexing="ij", sparse=True)
@@ -201,6 +205,8 @@ def _simulate_case(rng, shape, high_grade):
         tissue[_ellipsoid_distance(grid, brain_centre + offset, ventricle_radii) < 1.0] = _CSF
 
     tissue = _add_tumour(rng, grid, shape, brain, depth, tissue, high_grade)
+    if cavity:  # after every other draw, so that the other namings' phantoms stay what they were
+        tissue = _add_cavity(rng, grid, shape, brain, tissue)
 
     # Within-class texture shared by all modalities (the underlying microstructure), stronger in tumour.
     texture = 1.0 + 0.04 * _smooth_field(rng, shape, 0.08)
@@ -209,6 +215,8 @@ def _simulate_case(rng, shape, high_grade):
     images = {}
     for modality in MODALITIES:
         class_means = np.array(_TISSUE_INTENSITIES[modality]) * rng.uniform(0.93, 1.07, size=8)
+        # a resection cavity fills with fluid: CSF's signal in every sequence (dark on T1 and FLAIR, bright on T2)
+        class_means = np.append(class_means, class_means[_CSF])
         gain = np.exp(rng.uniform(np.log(0.5), np.log(2.0)))  # scanner-dependent global scaling
         wm_level = class_means[_WM] * gain
         clean = ndimage.gaussian_filter(class_means[tissue] * texture, sigma=0.5)  # partial volume
@@ -266,6 +274,24 @@ def _add_tumour(rng, grid, shape, brain, depth, tissue, high_grade):
         if all(counts[c] > 0 for c in required) and (not high_grade or counts[_ENHANCING] >= min_enhancing):
             return candidate
     raise RuntimeError("could not place a valid tumour; the volume shape is probably too small")
+
+
+def _add_cavity(rng, grid, shape, brain, tissue):
+    """A resection cavity: an ellipsoid about half the core's size centred on the core's edge, in a random
+    direction, replacing the tumour (and oedema) there, as where part of the tumour was removed."""
+    core_voxels = np.argwhere(np.isin(tissue, (_NECROSIS, _NON_ENHANCING, _ENHANCING)))
+    size = np.array(shape)
+    centre = (core_voxels.mean(0) - (size - 1) / 2) / size
+    half_extent = (np.ptp(core_voxels, axis=0) + 1) / size / 2
+    radii = np.maximum(0.5 * half_extent, 1.5 / size)
+    for _ in range(20):
+        direction = rng.standard_normal(3)
+        cavity = brain & (_ellipsoid_distance(grid, centre + half_extent * direction / np.linalg.norm(direction),
+                                              radii) < 1.0)
+        candidate = np.where(cavity, _CAVITY, tissue).astype(tissue.dtype)
+        if cavity.sum() >= 4 and np.isin(candidate, (_NECROSIS, _NON_ENHANCING, _ENHANCING)).any():
+            return candidate
+    raise RuntimeError("could not place a resection cavity; the volume shape is probably too small")
 
 
 # the region boundaries the audit measures: (name, the region's tissue classes, the classes it borders)

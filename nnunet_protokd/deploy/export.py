@@ -323,15 +323,16 @@ def model_card(source: str, name: str, export_folder: str, export_configuration:
                  "nnunet-protokd register-trainers", f"nnUNetv2_install_pretrained_model_from_zip {zip_name}", predict]
     back_conversion = None
     if brats:
-        enhancing = brats_labels.NAMINGS[dataset_json["brats_naming"]].enhancing_labels[0]
-        lookup = brats_labels.nnunet_to_brats_labels(np.arange(4), enhancing).tolist()
+        convention = brats_labels.generation_of(dataset_json)
+        lookup = brats_labels.nnunet_to_brats_labels(np.arange(len(convention.brats_labels)), convention).tolist()
         back_conversion = {
+            "generation": convention.name,
             "nnunet_to_brats": {str(k): v for k, v in enumerate(lookup)},
-            "meaning": {"0": "background", "1": "oedema (BraTS 2)", "2": "necrosis / non-enhancing core (BraTS 1)",
-                        "3": f"enhancing tumour (BraTS {enhancing})"},
+            "meaning": {"0": "background", **{
+                str(k): f"{brats_labels.NNUNET_CLASSES[k][0]} (BraTS {v}, {convention.names[k]})"
+                for k, v in enumerate(lookup) if k}},
             "command": f"python $nnUNet_results/{name}/{export_folder}/{BACK_CONVERSION_SCRIPT} OUTPUT_FOLDER "
-                       f"BRATS_LABELS_FOLDER --reference ORIGINAL_BRATS_FOLDER" + (
-                           f" --et-label {enhancing}" if enhancing != 4 else ""),
+                       f"BRATS_LABELS_FOLDER --reference ORIGINAL_BRATS_FOLDER --label-convention {convention.name}",
             "needs": "numpy and SimpleITK (installed with nnU-Net); --reference is optional: with it, each "
                      "prediction must lie on the grid of the case's original T1 file (refused otherwise) and the "
                      "output takes that file's exact header"}

@@ -487,10 +487,16 @@ class Experiment:
         return os.path.join(self.raw, "imagesTs" if self.evaluate_on_test_set else "imagesTr")
 
     def write_report(self) -> None:
+        # cross-validation: each fold's model predicts its own cases, so with several folds the fold is the trained
+        # model the comparisons count as a replicate; the test set is predicted by the folds' ensemble, one model
+        model_of_case = None
         if not self.evaluate_on_test_set:
             self.gather_fold_predictions()
+            model_of_case = {case: f"fold {fold}" for fold in self.settings.folds
+                             for case in self.evaluation_cases(fold)}
         build_report(self.ground_truth_folder(), self.dataset_json, self.prediction_sets(),
-                     os.path.join(self.settings.output_folder, "report"), self.images_folder(), self.run_info())
+                     os.path.join(self.settings.output_folder, "report"), self.images_folder(), self.run_info(),
+                     model_of_case=model_of_case)
 
     # ----- running
     def execute(self, step: Step, log=print) -> None:
