@@ -74,8 +74,9 @@ def test_label_4_with_2023_names_is_the_resection_cavity_by_default(cavity_phant
     source, case, seg = cavity_phantoms
     target = convert(source, tmp_path / "raw")
     assert target.name == "Dataset501_BraTS2024"
+    said = capsys.readouterr().out
     assert "label convention: BraTS 2024 post-treatment glioma (1 NETC, 2 SNFH, 3 ET, 4 RC), from the BraTS 2023+ " \
-           f"file names (-t1c.nii.gz), and label 4 (resection cavity) in 1 case(s), e.g. {case}" in capsys.readouterr().out
+           f"file names (-t1c.nii.gz), and label 4 (resection cavity) in 1 case(s), e.g. {case}" in said
     dataset = json.loads((target / "dataset.json").read_text())
     assert dataset["brats_generation"] == "brats2024" and dataset["labels"] == BRATS2024_REGIONS
     assert dataset["regions_class_order"] == [1, 2, 3, 4]
