@@ -129,6 +129,37 @@ def test_paired_statistics_are_scipys():
     assert paired_comparison([0.5, 0.6], [0.5, 0.6])["wilcoxon_p"] is None  # no difference at all
 
 
+def test_table_1_over_several_folds_takes_the_trained_model_as_the_unit(tmp_path):
+    """Cross-validation with three folds: each fold's models predict their own cases, so the comparison is over the
+    folds' mean differences and carries the one verdict rule; with one model per method it stays case-level."""
+    from nnunet_protokd.evaluation.statistics import verdict
+    reference = reference_case()
+    for folder in ("gt", "unimodal", "protokd"):
+        (tmp_path / folder).mkdir()
+    model_of_case = {}
+    for i in range(6):
+        case = f"case_{i}"
+        model_of_case[case] = f"fold {i // 2}"
+        write(tmp_path / "gt" / f"{case}.nii.gz", reference)
+        write(tmp_path / "protokd" / f"{case}.nii.gz", reference)
+        baseline = reference.copy()
+        baseline[1:2 + i % 3] = 0  # the baseline misses one to three slices of the tumour
+        write(tmp_path / "unimodal" / f"{case}.nii.gz", baseline)
+    sets = [PredictionSet("unimodal", "T1ce", str(tmp_path / "unimodal")),
+            PredictionSet("protokd", "T1ce", str(tmp_path / "protokd"))]
+    summary = build_report(str(tmp_path / "gt"), DATASET_JSON, sets, str(tmp_path / "folds"),
+                           model_of_case=model_of_case)
+    assert summary["comparison_unit"] == "trained model"
+    wt = summary["comparisons_with_unimodal"]["protokd:T1ce"]["WT"]
+    assert wt["replicates"] == 3 and wt["n"] == 6 and set(wt["per_replicate"]) == {"fold 0", "fold 1", "fold 2"}
+    assert wt["seed_level"]["df"] == 2 and wt["holm_p"] is not None
+    text = (tmp_path / "folds" / "report.md").read_text()
+    assert "the trained model (fold) as the unit" in text and f"| {verdict(wt).text} |" in text
+    one_model = build_report(str(tmp_path / "gt"), DATASET_JSON, sets, str(tmp_path / "one"))
+    assert one_model["comparison_unit"] == "case"
+    assert "descriptive: the cases share one trained model" in (tmp_path / "one" / "report.md").read_text()
+
+
 def test_missing_predictions_are_named(folders, tmp_path):
     (folders / "identical" / "case_b.nii.gz").unlink()
     result = run([BIN / "nnunet-protokd", "report", "--ground-truth", folders / "gt", "--dataset-json",

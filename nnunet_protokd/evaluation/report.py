@@ -17,7 +17,13 @@ from nnunet_protokd.evaluation.metrics import (
     evaluate_folder,
     summarise,
 )
-from nnunet_protokd.evaluation.statistics import format_p, paired_comparison
+from nnunet_protokd.evaluation.statistics import (
+    format_p,
+    holm_adjust,
+    paired_comparison,
+    replicate_comparison,
+    verdict,
+)
 from nnunet_protokd.methods import MODALITY_SEPARATOR, TEACHER, ModelKey, baseline_of, title
 
 
@@ -39,9 +45,14 @@ def _format(mean, std, digits=3):
 
 def build_report(ground_truth_folder: str, dataset_json: dict, prediction_sets: list, output_folder: str,
                  images_folder: str | None = None, run_info: dict | None = None, seed: int = 0,
-                 hd95_penalty: float | None = BRATS_HD95_PENALTY_MM) -> dict:
+                 hd95_penalty: float | None = BRATS_HD95_PENALTY_MM, model_of_case: dict | None = None) -> dict:
     """Scores every prediction set and writes report.md, summary.json, dice.png and overlays.png. A case where
-    exactly one of reference and prediction is empty scores HD95 = `hd95_penalty` (None: excluded)."""
+    exactly one of reference and prediction is empty scores HD95 = `hd95_penalty` (None: excluded).
+
+    model_of_case: {case: the trained model that predicted it} (cross-validation: its fold). With two models or
+    more, the comparisons take the trained model as the unit and carry statistics.verdict's rule
+    (replicate_comparison, Holm over each modality's comparisons of a region); otherwise they are case-level and
+    descriptive."""
     if not os.path.isdir(ground_truth_folder):
         raise ScoringInputError(f"ground-truth folder {ground_truth_folder} does not exist or is not a folder")
     if os.path.exists(output_folder) and not os.path.isdir(output_folder):
@@ -68,19 +79,34 @@ def build_report(ground_truth_folder: str, dataset_json: dict, prediction_sets: 
                                        "folder": os.path.abspath(prediction_set.folder),
                                        "summary": summarise(per_case, regions), "per_case": per_case}
     comparisons = {}
+    several_models = len(set((model_of_case or {}).values())) > 1
     for key, result in results.items():
         baseline = baseline_of(results, key)
         if baseline is None:
             continue
-        comparisons[key] = {name: paired_comparison(
-            [result["per_case"][c][name]["dice"] for c in sorted(result["per_case"])],
-            [baseline["per_case"][c][name]["dice"] for c in sorted(result["per_case"])], seed)
-            for name in region_names}
+        cases = sorted(result["per_case"])
+        if several_models:
+            comparisons[key] = {name: replicate_comparison(
+                {(model_of_case[c], c): result["per_case"][c][name]["dice"] for c in cases},
+                {(model_of_case[c], c): baseline["per_case"][c][name]["dice"] for c in cases}, seed)
+                for name in region_names}
+        else:
+            comparisons[key] = {name: paired_comparison([result["per_case"][c][name]["dice"] for c in cases],
+                                                        [baseline["per_case"][c][name]["dice"] for c in cases], seed)
+                                for name in region_names}
+    if several_models:
+        for modality in {results[key]["modality"] for key in comparisons}:
+            for name in region_names:
+                family = {key: per_region[name] for key, per_region in comparisons.items()
+                          if results[key]["modality"] == modality}
+                for key, p in holm_adjust({k: c["seed_level"]["p"] for k, c in family.items()}).items():
+                    family[key]["holm_p"] = p
     summary = {"n_cases": len(next(iter(results.values()))["per_case"]) if results else 0,
                "regions": region_names, "empty_reference_rule": empty_reference_rule(hd95_penalty),
                "hd95_penalty_mm": hd95_penalty,
                "ground_truth_folder": os.path.abspath(ground_truth_folder),
-               "results": results, "comparisons_with_unimodal": comparisons, "run": run_info or {}}
+               "results": results, "comparisons_with_unimodal": comparisons,
+               "comparison_unit": "trained model" if several_models else "case", "run": run_info or {}}
     os.makedirs(output_folder, exist_ok=True)  # only once every file scored: bad input leaves nothing behind
     with open(os.path.join(output_folder, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -140,8 +166,11 @@ def _write_markdown(summary: dict, path: str) -> None:
             lines.append(f"| {result['modality']} | "
                          + " | ".join(_format(s[r]["dice_mean"], s[r]["dice_std"]) for r in regions)
                          + f" | {_format(s['mean']['dice_mean'], s['mean']['dice_std'])} |")
-    if summary["comparisons_with_unimodal"]:
-        lines += ["", "## Students vs the unimodal baseline of their modality (paired over cases, Dice)", "",
+    if summary["comparisons_with_unimodal"] and summary["comparison_unit"] == "trained model":
+        lines += _model_level_comparison_lines(summary)
+    elif summary["comparisons_with_unimodal"]:
+        lines += ["", "## Students vs the unimodal baseline of their modality (paired over cases, Dice; "
+                      "descriptive: the cases share one trained model per method)", "",
                   "| Modality | Method | Region | n | Mean difference | Bootstrap 95 % CI | Wilcoxon p | Paired t p |",
                   "|---|---|---|---|---|---|---|---|"]
         for key, per_region in summary["comparisons_with_unimodal"].items():
@@ -155,3 +184,24 @@ def _write_markdown(summary: dict, path: str) -> None:
         lines += ["", "## What ran", "", "```", json.dumps(summary["run"], indent=2), "```"]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def _model_level_comparison_lines(summary: dict) -> list:
+    """Table 1's comparisons over several trained models (folds): the model is the unit (statistics.verdict)."""
+    lines = ["", "## Students vs the unimodal baseline of their modality, the trained model (fold) as the unit (Dice)",
+             "", "Mean difference [hierarchical bootstrap 95 % CI: models, then cases]; p: one-sample t-test of the "
+             "models' mean differences (df = models - 1), Holm over the modality's comparisons of the region; "
+             "verdict: better or worse only with p < 0.05, the CI excluding 0 and the mean, the median and all "
+             "models but one agreeing. Wilcoxon p over the cases is descriptive.", "",
+             "| Modality | Method | Region | models | n | Mean difference [95 % CI] | p (Holm) | per model | "
+             "Verdict | Wilcoxon p (cases) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, per_region in summary["comparisons_with_unimodal"].items():
+        result = summary["results"][key]
+        for region, c in per_region.items():
+            low, high = c["hierarchical_ci95"]
+            lines.append(f"| {result['modality']} | {title(result['method'])} | {region} | {c['replicates']} | "
+                         f"{c['n']} | {c['mean_difference']:+.3f} [{low:+.3f}, {high:+.3f}] | "
+                         f"{format_p(c['seed_level']['p'])} ({format_p(c.get('holm_p'))}) | "
+                         + ", ".join(f"{d:+.3f}" for d in c["per_replicate"].values())
+                         + f" | {verdict(c).text} | {format_p(c['case_level']['wilcoxon_p'])} |")
+    return lines

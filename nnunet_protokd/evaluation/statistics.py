@@ -176,11 +176,13 @@ def verdict(comparison: dict) -> Verdict:
         failed.append(f"seed-level p = {format_p(level['p'])} over {comparison['replicates']} trained models")
     if interval[0] <= 0 <= interval[1]:
         failed.append("the hierarchical CI includes 0")
-    if sign == 0 or np.sign(comparison["median_difference"]) != sign:
+    if sign == 0:
+        failed.append("the mean difference is 0")
+    elif np.sign(comparison["median_difference"]) != sign:
         failed.append(f"the median difference ({comparison['median_difference']:+.3f}) and the mean "
                       f"({mean:+.3f}) point different ways")
     against = sum(np.sign(d) != sign for d in comparison["per_replicate"].values())
-    if against > 1:
+    if sign != 0 and against > 1:
         failed.append(f"{against} of {comparison['replicates']} trained models point the other way")
     if failed:
         return Verdict(None, tuple(failed))
