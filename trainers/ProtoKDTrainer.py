@@ -16,9 +16,10 @@ class ProtoKDTrainer(DistillationTrainer):
     of a label dataset, a Bernoulli KL per sigmoid output of a region dataset (there is no softmax to match).
     L_proto: the squared difference of student and teacher similarity maps between the last decoder features and
     the ground-truth class prototypes (Eqs. 2-4). Its classes are the labels of a label dataset and, by default,
-    the disjoint classes of a region dataset's regions (BraTS: background, WT-TC, TC-ET, ET, the authors' four;
-    setting `classes`), the same for every item and batch. Deep-supervision outputs below full resolution get the
-    segmentation loss only: the teacher runs without deep supervision and the paper distils one output. Settings
+    the disjoint classes of a region dataset's regions (BraTS: background, WT-TC, TC-ET, ET, the authors' four, and
+    RC for BraTS 2024; setting `classes`), the same for every item and batch. Deep-supervision outputs below full
+    resolution get the segmentation loss only: the teacher runs without deep supervision and the paper distils one
+    output. Settings
     come from the configuration; a zero weight drops a term from the loss (it is still computed without gradient
     and logged, to show how far the student is from the teacher).
     """

@@ -63,7 +63,8 @@ def disjoint_region_classes(regions) -> tuple[list[tuple], list[tuple]]:
 
     Labels contained in the same regions form one class; the background (label 0, in no region) comes first, the
     others follow in the order of their smallest label. For BraTS's regions WT {1,2,3} ⊃ TC {2,3} ⊃ ET {3} these are
-    background, WT-TC (oedema), TC-ET (necrosis) and ET: the four classes of ProtoKD's authors.
+    background, WT-TC (oedema), TC-ET (necrosis) and ET: the four classes of ProtoKD's authors; BraTS 2024's resection
+    cavity, a region {4} outside WT, adds a fifth.
 
     Args:
         regions: the dataset's regions in output-channel order (nnU-Net's LabelManager.foreground_regions), each a
