@@ -19,9 +19,8 @@ class ProtoKDTrainer(DistillationTrainer):
     the disjoint classes of a region dataset's regions (BraTS: background, WT-TC, TC-ET, ET, the authors' four, and
     RC for BraTS 2024; setting `classes`), the same for every item and batch. Deep-supervision outputs below full
     resolution get the segmentation loss only: the teacher runs without deep supervision and the paper distils one
-    output. Settings
-    come from the configuration; a zero weight drops a term from the loss (it is still computed without gradient
-    and logged, to show how far the student is from the teacher).
+    output. Settings come from the configuration; a zero weight drops a term from the loss (it is still computed
+    without gradient and logged, to show how far the student is from the teacher).
     """
     loss_terms = ("kd_loss", "proto_loss")
 
