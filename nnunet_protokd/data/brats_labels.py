@@ -114,7 +114,7 @@ def convention_named_in(text: str) -> LabelConvention | None:
     """The convention a dataset or folder name states (BraTS2023..., BraTS2024...GLI...), else None. A 2024 name
     counts only for glioma (GLI): the other 2024 sub-challenges do not have the post-treatment labels."""
     text = text.lower()
-    if re.search(r"2024", text) and "gli" in text:
+    if "2024" in text and "gli" in text:
         return CONVENTIONS["brats2024"]
     if re.search(r"brats[-_ ]?2023", text):
         return CONVENTIONS["brats2023"]
