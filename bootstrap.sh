@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything on a fresh machine with only Python 3, then runs one job:
 #   ./bootstrap.sh demo [demo args]     the main job on built-in phantoms (nnunet-protokd demo)
-#   ./bootstrap.sh test [pytest args]   the test suite (CPU, about 40 minutes on 2 cores)
+#   ./bootstrap.sh test [pytest args]   the test suite (CPU, two pytest-xdist workers; PROTOKD_TEST_WORKERS=0 runs
+#                                       it in one process)
 #   ./bootstrap.sh lint                 ruff and the import-linter contracts of pyproject.toml (CI runs it first)
 #   ./bootstrap.sh install              only the set-up
 # The set-up: a virtual environment in .venv (override with PROTOKD_VENV), this project installed into it in
@@ -27,7 +28,11 @@ case "$job" in
     test)
         # two data-augmentation workers and two export processes: the CPU machines have 2 cores
         export nnUNet_n_proc_DA="${nnUNet_n_proc_DA:-2}" nnUNet_def_n_proc="${nnUNet_def_n_proc:-2}"
-        exec "$venv/bin/python" -m pytest "$@" ;;
+        # two workers, each a whole test module at a time (a module's trained models are its fixture), in the
+        # order conftest.py gives (longest first): the suite is mostly single-threaded imports and nnU-Net's
+        # start-up, so two modules side by side use the 2 cores that one leaves half idle
+        workers="${PROTOKD_TEST_WORKERS:-2}"
+        exec "$venv/bin/python" -m pytest -n "$workers" --dist loadfile --no-loadscope-reorder "$@" ;;
     demo) exec "$venv/bin/nnunet-protokd" demo "$@" ;;
     lint) "$venv/bin/ruff" check . && "$venv/bin/lint-imports" ;;
     install) echo "ready: $venv/bin/nnunet-protokd, $venv/bin/nnUNetv2_train, ..." ;;

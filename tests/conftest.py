@@ -21,7 +21,7 @@ def nnunet_environment(root: Path) -> dict:
     return env
 
 
-def run(command: list, env: dict = None, timeout: int = 600, expect_success: bool = True, cwd=None):
+def run(command: list, env: dict = None, timeout: int = 1200, expect_success: bool = True, cwd=None):
     """Runs a command; on an unexpected exit status the assertion shows the end of its output."""
     result = subprocess.run([str(c) for c in command], env=env, capture_output=True, text=True, timeout=timeout,
                             cwd=cwd)
@@ -42,6 +42,26 @@ def phantom_folder(tmp_path_factory) -> Path:
 DATASET = "Dataset501_BraTS2018"
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder that `build(folder)` fills, built once per test session: under pytest-xdist the first worker that
+    needs it builds it (under a file lock, in the session's shared temporary folder) and the others wait and read
+    it; a build that failed is not reused. Users of the folder copy what they change."""
+    from filelock import FileLock
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    shared = tmp_path_factory.getbasetemp().parent  # this run's, common to its workers
+    folder, done = shared / name, shared / f"{name}.done"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def preprocessed_phantoms(tmp_path_factory, phantom_folder) -> Path:
     """`phantom_folder` converted as dataset 501 with a held-out set of three cases (imagesTs), then planned and
@@ -49,15 +69,16 @@ def preprocessed_phantoms(tmp_path_factory, phantom_folder) -> Path:
     voxels per channel whatever the dataset's size (about 45 s here), so the tests copy this (`copy_phantoms`)
     instead of planning the same data again."""
     from nnunet_protokd.data.phantoms import generate_brats_phantoms
-    root = tmp_path_factory.mktemp("preprocessed_phantoms")
-    env = nnunet_environment(root)
-    generate_brats_phantoms(str(root / "test"), num_hgg=2, num_lgg=1, seed=2, shape_zyx=(24, 32, 32),
-                            with_segmentation=False, first_case_index=100)
-    run([BIN / "python", REPO / "dataset_conversion" / "convert_brats2018.py", phantom_folder, "501",
-         "--test", root / "test"], env)
-    run([BIN / "nnUNetv2_plan_and_preprocess", "-d", "501", "-c", "3d_fullres", "-np", "2",
-         "--verify_dataset_integrity"], env)
-    return root
+
+    def build(root: Path):
+        env = nnunet_environment(root)
+        generate_brats_phantoms(str(root / "test"), num_hgg=2, num_lgg=1, seed=2, shape_zyx=(24, 32, 32),
+                                with_segmentation=False, first_case_index=100)
+        run([BIN / "python", REPO / "dataset_conversion" / "convert_brats2018.py", phantom_folder, "501",
+             "--test", root / "test"], env)
+        run([BIN / "nnUNetv2_plan_and_preprocess", "-d", "501", "-c", "3d_fullres", "-np", "2",
+             "--verify_dataset_integrity"], env)
+    return built_once(tmp_path_factory, "preprocessed_phantoms", build)
 
 
 def copy_phantoms(preprocessed_phantoms: Path, root: Path, what: str = "preprocessed", dataset: str = DATASET):
@@ -89,3 +110,15 @@ def assert_same_training_data(raw_dataset: Path, preprocessed_phantoms: Path) ->
         ours, theirs = sitk.ReadImage(str(raw_dataset / name)), sitk.ReadImage(str(source / name))
         assert ours.GetSpacing() == theirs.GetSpacing() and ours.GetOrigin() == theirs.GetOrigin(), name
         assert np.array_equal(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(theirs)), name
+
+
+# the modules that train (minutes each) first, longest first: under pytest-xdist (./bootstrap.sh test runs two
+# workers, a whole module each at a time, in this order) the short modules then fill the gaps at the end instead of
+# a long one starting last and running alone
+LONGEST_FIRST = ("test_integration.py", "test_deployment.py", "test_evidence.py", "test_benchmark.py",
+                 "test_workflow.py", "test_resenc.py", "test_experiment.py", "test_teacher.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # a stable sort: other files keep their order

@@ -3,7 +3,7 @@
 Slow (45-60 minutes on 2 cores, up to about 20 GB of memory) and therefore marked `slow`, which the default
 test run (and CI) deselects. Run it alone, on an otherwise idle machine:
 
-    ./bootstrap.sh test -m slow tests/test_brats_size.py -s
+    PROTOKD_TEST_WORKERS=0 ./bootstrap.sh test -m slow tests/test_brats_size.py -s
 
 PROTOKD_BRATS_SIZE_DIR keeps the work folder (default: a pytest temporary folder); the figures are written to
 brats_size.json and brats_size.md there and printed. Phantoms at BraTS geometry go through the converter,

@@ -41,7 +41,7 @@ def workflow_folder(root: Path, phantom_folder: Path, preprocessed_phantoms: Pat
     return root / "workflow"
 
 
-def snakemake(folder: Path, *arguments, timeout=600):
+def snakemake(folder: Path, *arguments, timeout=1500):
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}  # the Snakefile sets them itself
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     return run([BIN / "snakemake", "-s", folder / "Snakefile", "-d", folder, *arguments], env, timeout=timeout)
