@@ -22,6 +22,9 @@ class Method(NamedTuple):
     title: str  # its name in tables and figures
     distils: bool = False  # learns from its fold's frozen teacher (which must be trained first)
     every_channel: bool = False  # one model on every channel (predicted from subsets), not a student per modality
+    # its subset model folders (`lckd-subset`) hold nnU-Net's own network with the first convolution sliced to the
+    # subset's channels (plain nnU-Net predicts them); otherwise they link to the trained checkpoints
+    sliced_subsets: bool = False
     # {name: Setting}: what a configuration may set for its trainer (`--set TRAINER.NAME=VALUE`), with the
     # paper's value as the default; stored under the trainer's name, e.g. {"protokd": {"modality": "T1ce",
     # "ProtoKDTrainer": {"beta": 0.0}}}
@@ -88,6 +91,17 @@ LCKD_SETTINGS = {
     "election_batches": Setting(int, 10, minimum=1, meaning="fixed patches each election scores"),
 }
 
+# modality dropout (ivadomed's; Grovik et al., npj Digital Medicine 2021): nnU-Net's own network and loss on every
+# channel, each training item keeping a random non-empty subset of its channels (the others 0 after normalisation)
+MODALITY_DROPOUT_SETTINGS = {
+    "subset_sampling": Setting(str, "per_size", choices=("per_size", "per_subset"),
+                               meaning="the number of kept channels uniform in 1..M, then a uniform subset of that "
+                                       "size (ivadomed's), or one of the 2^M-1 non-empty subsets uniformly"),
+    "keep_all_probability": Setting(float, 0.0, minimum=0, maximum=1,
+                                    meaning="probability that an item keeps every channel; otherwise its subset "
+                                            "is drawn (which is all M channels 1/M of the time per_size)"),
+}
+
 TEACHER = Method("teacher", "ProtoKDTeacherTrainer", "Teacher (all modalities)", every_channel=True)
 BASELINE = Method("unimodal", "UnimodalTrainer", "Unimodal")
 # in report order
@@ -96,6 +110,8 @@ METHODS = {method.name: method for method in (
     Method("protokd", "ProtoKDTrainer", "ProtoKD", distils=True, settings=MappingProxyType(PROTOKD_SETTINGS)),
     Method("kdnet", "KDNetTrainer", "KD-Net", distils=True, settings=MappingProxyType(KDNET_SETTINGS)),
     Method("lckd", "LCKDTrainer", "LCKD", every_channel=True, settings=MappingProxyType(LCKD_SETTINGS)),
+    Method("moddrop", "ModalityDropoutTrainer", "Modality dropout", every_channel=True, sliced_subsets=True,
+           settings=MappingProxyType(MODALITY_DROPOUT_SETTINGS)),
 )}
 # {trainer: {name: Setting}} of every method with settings, and their defaults
 METHOD_SETTINGS = {method.trainer: dict(method.settings) for method in METHODS.values() if method.settings}
@@ -171,6 +187,11 @@ def title(name: str) -> str:
 
 def distilling_trainers() -> tuple:
     return tuple(method.trainer for method in METHODS.values() if method.distils)
+
+
+def method_of_trainer(trainer: str) -> Method | None:
+    """The registered method that `trainer` trains (None for another trainer)."""
+    return next((method for method in METHODS.values() if method.trainer == trainer), None)
 
 
 def every_channel_methods() -> tuple:

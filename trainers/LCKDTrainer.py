@@ -14,7 +14,7 @@ from nnunet_protokd.lckd.election import (
     split_election_cases,
 )
 from nnunet_protokd.lckd.network import ModalityFusionUNet, build_fusion_network
-from nnunet_protokd.lckd.subsets import validate_subsets
+from nnunet_protokd.lckd.subsets import validate_and_log_subsets
 from nnunet_protokd.training.base import MultiModalityTrainer, step_autocast
 from nnunet_protokd.training.features import FeatureCapture, unwrap
 from nnunet_protokd.training.losses import cross_modal_kd_loss
@@ -137,9 +137,4 @@ class LCKDTrainer(RecordedSettings, MultiModalityTrainer):
         super().perform_actual_validation(save_probabilities)
         if not self.final_validation or self.local_rank != 0:
             return
-        self.set_deep_supervision_enabled(False)
-        summary = validate_subsets(self, os.path.join(self.output_folder, "validation_subsets"))
-        self.set_deep_supervision_enabled(True)
-        for subset, result in summary.items():
-            self.print_to_log_file(f"validation with {subset}: mean Dice {result['foreground_mean']:.4f} "
-                                   f"{json.dumps(result['mean'])}", also_print_to_console=True)
+        validate_and_log_subsets(self)
