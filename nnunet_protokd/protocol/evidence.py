@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -60,6 +59,7 @@ from nnunet_protokd.methods import (
     title,
 )
 from nnunet_protokd.protocol.experiment import Experiment, ExperimentSettings
+from nnunet_protokd.protocol.running import run_command
 
 # the CPU schedule: 2d (nnU-Net plans batch 32 of whole 32x32 slices for these phantoms; an epoch of 25 steps took
 # 6-8.5 s on 2 cores against about 0.5 s per step for a small 3d patch), 15 epochs of 25 iterations: 3 seeds of
@@ -84,7 +84,7 @@ def train_with_augmentation_in_process(command: list):
     augmentation workers, which only compete with training for the cores. Only for training: nnU-Net's planner
     sets torch's thread count from the same variable and fails at 0."""
     env = dict(os.environ, nnUNet_n_proc_DA="0") if os.path.basename(command[0]) == "nnUNetv2_train" else None
-    return subprocess.run(command, env=env)
+    return run_command(command, env)
 
 
 def requested_variants(variants: tuple | None, diagnosis: bool, modalities: tuple) -> tuple:

@@ -18,10 +18,10 @@ import os
 import platform
 import re
 import shlex
-import subprocess
 import sys
 import time
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,7 +34,7 @@ from nnunet_protokd.channels import ChannelSubset
 from nnunet_protokd.deploy.prediction import check_and_predict
 from nnunet_protokd.errors import StepFailed, UserError
 from nnunet_protokd.evaluation.report import PredictionSet, build_report
-from nnunet_protokd.io import write_json_atomically
+from nnunet_protokd.io import held_exclusively, write_json_atomically
 from nnunet_protokd.lckd.subsets import every_channel_subset, subset_configuration_name
 from nnunet_protokd.methods import (
     DEFAULT_METHODS,
@@ -47,9 +47,11 @@ from nnunet_protokd.methods import (
     method_trainer,
 )
 from nnunet_protokd.plans import dataset_name, preprocessed_data_folder
+from nnunet_protokd.protocol.running import run_command
 from nnunet_protokd.settings import schedule_arguments, setting_assignment
 
 LCKD = METHODS["lckd"]  # trained once on every channel, predicted from every subset of them
+TRAINING_LOCK = ".training.lock"  # in a model's fold folder while a training of it runs (Experiment.training_lock)
 
 
 # What a job of each kind of step needs on a cluster (Snakemake resources; `runtime` in minutes). Defaults for
@@ -202,7 +204,8 @@ class Experiment:
             if LCKD.name in s.methods else []
         self.evaluate_on_test_set = os.path.isdir(os.path.join(self.raw, "labelsTs"))
         self.timings: dict = {}
-        self.run_command = subprocess.run  # how a step's command is run (tests record the commands instead)
+        # how a step's command is run: a child stopped with this process (protocol/running.py); tests record them
+        self.run_command = run_command
 
     # ----- names and folders
     def student_configuration(self, modality: str, method: str | None = None) -> str:
@@ -504,13 +507,14 @@ class Experiment:
         if step.action is not None:
             step.action()
         else:
-            # nnU-Net writes checkpoint_latest.pth in place: a run killed while writing it leaves a truncated file
-            # (torch writes zip archives), on which every rerun with --c would fail in nnU-Net's loader
-            if step.resumes() and not zipfile.is_zipfile(step.continue_from):
-                raise UserError(f"{step.continue_from} is damaged (a training stopped while writing it): delete it "
-                                f"to {step.title} from the start, or put back a copy of it, then run again")
-            command = step.command + (["--c"] if step.resumes() else [])
-            completed = self.run_command(command)
+            with self.training_lock(step, log):
+                # nnU-Net writes checkpoint_latest.pth in place: a run killed while writing it leaves a truncated
+                # file (torch writes zip archives), on which every rerun with --c would fail in nnU-Net's loader
+                if step.resumes() and not zipfile.is_zipfile(step.continue_from):
+                    raise UserError(f"{step.continue_from} is damaged (a training stopped while writing it): delete "
+                                    f"it to {step.title} from the start, or put back a copy of it, then run again")
+                command = step.command + (["--c"] if step.resumes() else [])
+                completed = self.run_command(command)
             if completed.returncode != 0:
                 raise StepFailed(f"step {step.name} ({step.title}) failed with exit status "
                                  f"{completed.returncode}: {shlex.join(command)}")
@@ -518,6 +522,19 @@ class Experiment:
             if not os.path.exists(marker):  # its age is what Snakemake compares: keep the first one
                 os.makedirs(os.path.dirname(marker), exist_ok=True)
                 open(marker, "w").close()
+
+    @contextmanager
+    def training_lock(self, step: Step, log=print):
+        """A training holds its model folder's lock file (io.held_exclusively: the owner's pid and host) from before
+        it decides on --c until nnUNetv2_train has ended: a second experiment, a workflow job's `--step` or a rerun
+        while an earlier training of the same model still runs is refused instead of training it a second time."""
+        if not step.continue_from:
+            yield
+            return
+        folder = os.path.dirname(step.continue_from)
+        os.makedirs(folder, exist_ok=True)
+        with held_exclusively(os.path.join(folder, TRAINING_LOCK), f"the model folder {folder}", log):
+            yield
 
     def run_step(self, name: str, log=print) -> None:
         """One step by name, whatever its outputs say (the workflow engine decided that it must run)."""
