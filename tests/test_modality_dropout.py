@@ -2,6 +2,7 @@
 (equal to the full model fed zeros), written as a subset model folder that plain nnU-Net predicts."""
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -225,3 +226,43 @@ def test_a_model_that_cannot_be_sliced_leaves_no_folder(tmp_path):
     checkpoint = {"network_weights": NormalisedInput().state_dict(), "init_args": {"configuration": "3d_fullres"}}
     with pytest.raises(RuntimeError):  # not nnU-Net's network of these plans: its weights do not load
         sliced_checkpoint(checkpoint, plans, DATASET_JSON, "3d_fullres", ChannelSubset.of_names(DATASET_JSON, ["T1"]))
+
+
+def test_the_trainer_zeroes_the_dropped_channels_of_each_item_and_keeps_the_others():
+    from trainers.ModalityDropoutTrainer import ModalityDropoutTrainer
+    seen = []
+    stub = SimpleNamespace(settings={"subset_sampling": "per_size", "keep_all_probability": 0.0},
+                           network=lambda x: seen.append(x) or x.sum(), loss=lambda output, target: output)
+    data = torch.rand(64, 4, 2, 3, 3) + 1  # normalised data is never exactly 0 here
+    torch.manual_seed(0)
+    terms = ModalityDropoutTrainer.weighted_loss_terms(stub, data, None)
+    assert set(terms) == {"seg_loss"} and terms["seg_loss"][0] == 1.0
+    kept = seen[0].flatten(2).ne(0).all(dim=2)
+    assert bool((seen[0].flatten(2).eq(0).all(dim=2) | kept).all())  # a channel is kept whole or zero whole
+    assert bool(kept.any(dim=1).all()) and not bool(kept.all(dim=1).all())  # never none, not always all
+    torch.testing.assert_close(seen[0], data * kept[:, :, None, None, None])
+    stub.settings = {**stub.settings, "keep_all_probability": 1.0}
+    ModalityDropoutTrainer.weighted_loss_terms(stub, data, None)
+    torch.testing.assert_close(seen[1], data)
+
+
+def test_a_subset_folder_of_modality_dropout_exports_for_nnunet_alone(tmp_path, monkeypatch):
+    from nnunet_protokd.deploy.export import export_student
+    for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (tmp_path / variable).mkdir()
+        monkeypatch.setenv(variable, str(tmp_path / variable))
+    results = tmp_path / "nnUNet_results" / "Dataset501_BraTS2018"
+    results.mkdir()
+    plans = network_plans()
+    plans["configurations"]["3d_fullres"].update(spacing=[1.0, 1.0, 1.0], patch_size=[4, 8, 8])
+    source = make_trained_folder(results, plans, plain_network(plans, 4))
+    summary = {"cases": ["a"], "subsets": {"T1ce": {"mean": {"(1, 2, 3)": 0.5}, "foreground_mean": 0.5}}}
+    (source / "fold_0" / "validation_subsets").mkdir()
+    (source / "fold_0" / "validation_subsets" / "summary.json").write_text(json.dumps(summary))
+    write_subset_model_folder(str(results), TRAINER, "nnUNetPlans", "3d_fullres",
+                              ChannelSubset.of_names(DATASET_JSON, ["T1ce"]))
+    exported = export_student("501", "3d_fullres_T1ce", TRAINER, ["0"], str(tmp_path / "model.zip"))
+    assert exported.model_folder == f"Dataset501_BraTS2018/{TRAINER}__nnUNetPlans__3d_fullres_T1ce"
+    assert exported.card["model"]["needs_plugin"] is False
+    assert not any("nnunet-protokd" in line for line in exported.card["usage"])
+    assert exported.card["validation"]["0"]["dice"]["whole tumor"] == 0.5  # the trained model's T1ce row

@@ -41,6 +41,7 @@ import nnunet_protokd
 from nnunet_protokd.channels import describe_input_files, model_channel_names
 from nnunet_protokd.data import brats_labels
 from nnunet_protokd.io import atomic_file, load_checkpoint_weights_only
+from nnunet_protokd.lckd.subsets import SLICED_FROM_KEY
 from nnunet_protokd.methods import METHOD_DEFAULTS, MODALITY_SEPARATOR
 from nnunet_protokd.plans import (
     configuration_settings,
@@ -138,8 +139,12 @@ def export_student(dataset: str, configuration: str, trainer: str, folds, output
         export_configuration, export_folder, export_plans = configuration, os.path.basename(source), plans
     prefix = f"{name}/{export_folder}/"
     subset_label = None if plain else MODALITY_SEPARATOR.join(plans[SETTINGS_KEY]["channels"])
-    # an LCKD subset folder's checkpoints link to the trained model's fold folders, which hold its other files
-    fold_folders = {fold: os.path.dirname(os.path.realpath(checkpoint_files[fold, checkpoints[0]])) for fold in folds}
+    # an LCKD subset folder's checkpoints link to the trained model's fold folders, which hold its other files; a
+    # modality-dropout subset folder's are nnU-Net's own network sliced from them (and name them)
+    first_checkpoints = {fold: _load_checkpoint(checkpoint_files[fold, checkpoints[0]]) for fold in folds}
+    fold_folders = {fold: os.path.dirname(_trained_checkpoint(checkpoint_files[fold, checkpoints[0]],
+                                                              first_checkpoints[fold])) for fold in folds}
+    needs_plugin = not plain and first_checkpoints[folds[0]]["trainer_name"] != EXPORT_TRAINER
     fold_files = FOLD_FILES if plain else tuple(f for f in FOLD_FILES if f != "validation/summary.json")
 
     with atomic_file(output_file) as partial:
@@ -174,7 +179,7 @@ def export_student(dataset: str, configuration: str, trainer: str, folds, output
                 archive.write(os.path.join(source, "dataset_fingerprint.json"), prefix + "dataset_fingerprint.json")
             card = model_card(source, name, export_folder, export_configuration, trainer, plans_name, plans,
                               dataset_json, configuration, trained_configuration, folds, list(checkpoints), records,
-                              plain, os.path.basename(output_file))
+                              plain, needs_plugin, os.path.basename(output_file))
             archive.writestr(prefix + CARD_NAME + ".json", json.dumps(card, indent=2))
             archive.writestr(prefix + CARD_NAME + ".md", card_markdown(card))
             if card["labels"]["brats_back_conversion"]:
@@ -188,6 +193,14 @@ def _read_json(path: str, source: str) -> dict:
             return json.load(f)
     except (OSError, ValueError) as exc:
         raise ExportError(f"cannot read {path} of the model folder {source}: {exc}") from None
+
+
+def _trained_checkpoint(path: str, checkpoint: dict) -> str:
+    """The trained checkpoint that the checkpoint at `path` is: itself, the one an LCKD subset folder links to, or
+    the one a modality-dropout subset folder's was sliced from."""
+    if SLICED_FROM_KEY in checkpoint:
+        return os.path.normpath(os.path.join(os.path.dirname(path), checkpoint[SLICED_FROM_KEY]["checkpoint"]))
+    return os.path.realpath(path)
 
 
 def _load_checkpoint(path: str) -> dict:
@@ -289,9 +302,11 @@ def _normalisation_sentence(scheme: str, use_mask: bool) -> str:
 
 def model_card(source: str, name: str, export_folder: str, export_configuration: str, trainer: str, plans_name: str,
                plans: dict, dataset_json: dict, configuration: str, trained_configuration: str, folds: list,
-               checkpoints: list, records: dict, plain: bool, zip_name: str) -> dict:
+               checkpoints: list, records: dict, plain: bool, needs_plugin: bool, zip_name: str) -> dict:
     """The model card's content (model_card.json; model_card.md is its rendering). `trained_configuration` is
-    the one in the checkpoints (an LCKD subset folder's is the configuration LCKD trained on)."""
+    the one in the checkpoints (a subset folder's is the configuration its model trained on). `plain`: a
+    one-modality student, exported as nnU-Net's trainer; `needs_plugin`: an LCKD subset folder (a
+    modality-dropout one is nnU-Net's own network)."""
     channels = model_channel_names(dataset_json)
     trained = resolved_configuration(plans, trained_configuration)
     settings = configuration_settings(trained)
@@ -311,13 +326,11 @@ def model_card(source: str, name: str, export_folder: str, export_configuration:
     folds_text = " ".join(map(str, folds))
     versions = _versions()
     install_nnunet = f"pip install nnunetv2=={versions['nnunetv2']}" if versions["nnunetv2"] else "pip install nnunetv2"
-    if plain:
-        predict = (f"nnUNetv2_predict -d {name} -c {export_configuration} -tr {EXPORT_TRAINER} -p {plans_name} "
-                   f"-f {folds_text} -i INPUT_FOLDER -o OUTPUT_FOLDER")
+    predict = (f"nnUNetv2_predict -d {name} -c {export_configuration} -tr {EXPORT_TRAINER if plain else trainer} "
+               f"-p {plans_name} -f {folds_text} -i INPUT_FOLDER -o OUTPUT_FOLDER")
+    if not needs_plugin:
         usage = [install_nnunet, f"nnUNetv2_install_pretrained_model_from_zip {zip_name}", predict]
     else:
-        predict = (f"nnUNetv2_predict -d {name} -c {export_configuration} -tr {trainer} -p {plans_name} "
-                   f"-f {folds_text} -i INPUT_FOLDER -o OUTPUT_FOLDER")
         usage = [install_nnunet, f"pip install -e nnunet-protokd/  # a checkout of the plugin, version "
                                  f"{versions['nnunet_protokd']}: this model's network is LCKD's",
                  "nnunet-protokd register-trainers", f"nnUNetv2_install_pretrained_model_from_zip {zip_name}", predict]
@@ -341,7 +354,7 @@ def model_card(source: str, name: str, export_folder: str, export_configuration:
     return {
         "model": {"folder": f"{name}/{export_folder}", "dataset": name, "trainer": EXPORT_TRAINER if plain else trainer,
                   "plans": plans_name, "configuration": export_configuration, "folds": folds,
-                  "checkpoints": checkpoints, "needs_plugin": not plain,
+                  "checkpoints": checkpoints, "needs_plugin": needs_plugin,
                   "exported_from": {"model_folder": source, "trainer": trainer, "configuration": configuration}},
         "usage": usage,
         "method": {"name": method_label(trainer), "trainer": trainer, "settings": method_settings_used,
