@@ -235,18 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "failed (did not fit) instead of exhausting the machine")
     p.set_defaults(func="benchmark")
 
-    p = commands.add_parser("lckd-subset", help="model folder(s) of a trained LCKD model for a subset of the "
-                                                "modalities, to predict from (weights shared, not copied)",
+    p = commands.add_parser("lckd-subset", help="model folder(s) of a trained LCKD or modality-dropout model for a "
+                                                "subset of the modalities, to predict from",
                             description="Writes <trainer>__<plans>__<configuration>_<A+B> next to the trained "
-                                        "model: its dataset.json lists only those channels, its checkpoints link "
-                                        "to the trained ones. Then: nnunet-protokd predict -c "
-                                        "<configuration>_<A+B> -tr LCKDTrainer -i <folder with only those files per "
-                                        "case> ...")
+                                        "model: its dataset.json lists only those channels. LCKDTrainer: its "
+                                        "checkpoints link to the trained ones (the plugin predicts them). "
+                                        "ModalityDropoutTrainer: its checkpoints are nnU-Net's own network with the "
+                                        "first convolution sliced to those channels (plain nnUNetv2_predict and "
+                                        "export). Then: nnunet-protokd predict -c <configuration>_<A+B> -tr TRAINER "
+                                        "-i <folder with only those files per case> ...")
     p.add_argument("-d", "--dataset", required=True, help="dataset id or name")
-    p.add_argument("-c", "--configuration", required=True, help="the configuration the LCKD model was trained on")
+    p.add_argument("-c", "--configuration", required=True, help="the configuration the model was trained on")
     p.add_argument("-m", "--modalities", nargs="+", default=None, help="the modalities available at prediction")
     p.add_argument("--all", action="store_true", help="a folder for every non-empty subset (15 for BraTS)")
-    p.add_argument("-tr", "--trainer", default="LCKDTrainer", help="default LCKDTrainer")
+    p.add_argument("-tr", "--trainer", default="LCKDTrainer",
+                   help="LCKDTrainer (default) or ModalityDropoutTrainer")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     p.add_argument("--overwrite", action="store_true", help="replace a different folder of that name")
     p.set_defaults(func="lckd_subset")
