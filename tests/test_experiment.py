@@ -101,12 +101,14 @@ def fake_nnunet(workspace, commands):
             folder = results / f"{trainer}__nnUNetPlans__{configuration}" / f"fold_{fold}"
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "checkpoint_final.pth").write_bytes(b"trained")
-        if "lckd-subset" in command:  # a model folder per subset
+        if "lckd-subset" in command:  # a model folder per subset (--all) or for the one given (-m)
             from nnunet_protokd.lckd.subsets import all_subsets
             names = list(CHANNELS.values())
-            for subset in all_subsets(4):
-                label = "+".join(names[c] for c in subset)
-                folder = results / f"LCKDTrainer__nnUNetPlans__{command[command.index('-c') + 1]}_{label}"
+            trainer = command[command.index("-tr") + 1] if "-tr" in command else "LCKDTrainer"
+            labels = ["+".join(names[c] for c in subset) for subset in all_subsets(4)] if "--all" in command else \
+                [command[command.index("-m") + 1]]
+            for label in labels:
+                folder = results / f"{trainer}__nnUNetPlans__{command[command.index('-c') + 1]}_{label}"
                 folder.mkdir(parents=True, exist_ok=True)
                 (folder / "dataset.json").write_text("{}")
         return subprocess.CompletedProcess(command, 0)
@@ -191,6 +193,29 @@ def test_lckd_is_trained_once_and_predicts_from_every_subset(workspace):
     assert len(rows) == 15 and rows[0].startswith("| T1 |") and rows[-1].startswith("| T1+T1ce+T2+FLAIR |")
     comparisons = summary["comparisons_with_unimodal"]
     assert "protokd:T1ce" not in comparisons and "lckd:T1ce" in comparisons
+
+
+def test_modality_dropout_is_trained_once_and_predicts_from_each_student_modality_through_its_subset_folder(
+        workspace):
+    experiment = Experiment(settings(workspace, methods=("unimodal", "moddrop"), modalities=("T1ce", "FLAIR")))
+    fake_preprocessing(workspace)
+    commands = []
+    experiment.run_command = fake_nnunet(workspace, commands)
+    experiment.run(log=lambda message: None)
+    trainings = [" ".join(c[1:]) for c in commands if "nnUNetv2_train" in c[0]]
+    assert "777 3d_fullres_3ep_5it 0 -tr ModalityDropoutTrainer -p nnUNetPlans -device cpu" in trainings
+    subsets = [c[1:] for c in commands if "lckd-subset" in c]
+    assert subsets == [["lckd-subset", "-d", "777", "-c", "3d_fullres_3ep_5it", "-tr", "ModalityDropoutTrainer",
+                        "-m", modality, "-p", "nnUNetPlans"] for modality in ("T1ce", "FLAIR")]
+    predictions = [c for c in commands if c[1:2] == ["predict"] and "ModalityDropoutTrainer" in c]
+    assert sorted(c[c.index("-c") + 1] for c in predictions) == ["3d_fullres_3ep_5it_FLAIR", "3d_fullres_3ep_5it_T1ce"]
+    t1ce = next(c for c in predictions if c[c.index("-c") + 1] == "3d_fullres_3ep_5it_T1ce")
+    assert t1ce[t1ce.index("-i") + 1] == str(workspace / "experiment" / "inputs" / "test" / "T1ce")
+    summary = json.loads((workspace / "experiment" / "report" / "summary.json").read_text())
+    assert {"moddrop:T1ce", "moddrop:FLAIR"} <= set(summary["results"])
+    assert {"moddrop:T1ce", "moddrop:FLAIR"} <= set(summary["comparisons_with_unimodal"])
+    report = (workspace / "experiment" / "report" / "report.md").read_text()
+    assert "| T1ce | Modality dropout |" in report
 
 
 def test_a_label_based_conversion_runs_the_protocol_and_is_scored_as_brats_regions(workspace):

@@ -51,6 +51,8 @@ from nnunet_protokd.protocol.running import run_command
 from nnunet_protokd.settings import schedule_arguments, setting_assignment
 
 LCKD = METHODS["lckd"]  # trained once on every channel, predicted from every subset of them
+# trained once on every channel, predicted from each student modality through its sliced subset folder
+MODALITY_DROPOUT = METHODS["moddrop"]
 TRAINING_LOCK = ".training.lock"  # in a model's fold folder while a training of it runs (Experiment.training_lock)
 
 
@@ -202,6 +204,7 @@ class Experiment:
         # LCKD predicts from every non-empty subset of the channels, singles first ("T1ce", ..., "T1+T1ce+T2+FLAIR")
         self.lckd_subsets = [subset.label for subset in every_channel_subset(self.dataset_json)] \
             if LCKD.name in s.methods else []
+        self.modality_dropout_modalities = self.modalities if MODALITY_DROPOUT.name in s.methods else ()
         self.evaluate_on_test_set = os.path.isdir(os.path.join(self.raw, "labelsTs"))
         self.timings: dict = {}
         # how a step's command is run: a child stopped with this process (protocol/running.py); tests record them
@@ -285,6 +288,8 @@ class Experiment:
         trainings = [(TEACHER.trainer, self.schedule_configuration, fold) for fold in s.folds]
         trainings += [(LCKD.trainer, self.schedule_configuration, fold)
                       for fold in s.folds if self.lckd_subsets]
+        trainings += [(MODALITY_DROPOUT.trainer, self.schedule_configuration, fold)
+                      for fold in s.folds if self.modality_dropout_modalities]
         trainings += [(method_trainer(method), self.student_configuration(modality, method), fold)
                       for method, modality in self.students() for fold in s.folds]
         for trainer, configuration, fold in trainings:
@@ -310,11 +315,25 @@ class Experiment:
                 "--all", "-p", s.plans],
                 inputs=[self.final_checkpoint(LCKD.trainer, self.schedule_configuration, fold)
                         for fold in s.folds], outputs=lckd_folders))
+        # {modality: its subset folder's dataset.json}: one lckd-subset step each (-m takes one subset)
+        modality_dropout_folders = {modality: os.path.join(os.path.dirname(self.model_folder(
+            MODALITY_DROPOUT.trainer, self.lckd_configuration(modality), 0)), "dataset.json")
+            for modality in self.modality_dropout_modalities}
+        for modality, folder in modality_dropout_folders.items():
+            steps.append(Step(
+                _identifier("subset", MODALITY_DROPOUT.trainer, modality),
+                f"{MODALITY_DROPOUT.title} model folder for {modality}", "small", [
+                    _bin("nnunet-protokd"), "lckd-subset", "-d", self.dataset_id, "-c", self.schedule_configuration,
+                    "-tr", MODALITY_DROPOUT.trainer, "-m", modality, "-p", s.plans],
+                inputs=[self.final_checkpoint(MODALITY_DROPOUT.trainer, self.schedule_configuration, fold)
+                        for fold in s.folds], outputs=[folder]))
         predictions = [(TEACHER.name, None, TEACHER.trainer, self.schedule_configuration)]
         predictions += [(method, modality, method_trainer(method), self.student_configuration(modality, method))
                         for method, modality in self.students()]
         predictions += [(LCKD.name, subset, LCKD.trainer, self.lckd_configuration(subset))
                         for subset in self.lckd_subsets]
+        predictions += [(MODALITY_DROPOUT.name, modality, MODALITY_DROPOUT.trainer, self.lckd_configuration(modality))
+                        for modality in self.modality_dropout_modalities]
         input_sets = list(dict.fromkeys((None,) + self.modalities + tuple(self.lckd_subsets)))
         # held-out test cases: every fold's model predicts them (nnU-Net ensembles the folds); otherwise each
         # fold's model predicts its own validation cases
@@ -339,6 +358,7 @@ class Experiment:
                 inputs = self.input_folder(modality, fold_group[0])
                 output = self.prediction_folder(method, modality, fold_group[0])
                 models = lckd_folders if method == LCKD.name else \
+                    [modality_dropout_folders[modality]] if method == MODALITY_DROPOUT.name else \
                     [self.final_checkpoint(trainer, configuration, fold) for fold in fold_group]
                 prediction_folders.append(output)
                 # probabilities too: the report measures each student's agreement with the teacher (mean KL)
@@ -395,6 +415,7 @@ class Experiment:
         write_json_atomically(generate_crossval_split(identifiers, seed=12345, n_splits=5), self.splits_file())
 
     def lckd_configuration(self, subset: str) -> str:
+        """The configuration of a subset model folder (LCKD's, modality dropout's): <schedule>_<A+B>."""
         return subset_configuration_name(self.schedule_configuration, subset)
 
     # ----- held-out inputs: one folder per modality (or subset "A+B") holding <case>_0000 = A, <case>_0001 = B
@@ -483,6 +504,8 @@ class Experiment:
     def prediction_sets(self) -> list:
         sets = [PredictionSet(TEACHER.name, None, self.prediction_folder(TEACHER.name, None))]
         sets += [PredictionSet(m, modality, self.prediction_folder(m, modality)) for m, modality in self.students()]
+        sets += [PredictionSet(MODALITY_DROPOUT.name, modality, self.prediction_folder(MODALITY_DROPOUT.name, modality))
+                 for modality in self.modality_dropout_modalities]
         return sets + [PredictionSet(LCKD.name, subset, self.prediction_folder(LCKD.name, subset))
                        for subset in self.lckd_subsets]
 
