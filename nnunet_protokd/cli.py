@@ -158,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--configuration", default="3d_fullres", help="base nnU-Net configuration")
     p.add_argument("--modalities", nargs="+", default=None, help="student modalities (default: every channel)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
-                   help="unimodal, protokd, kdnet (a student per modality) and/or lckd (one model, predicted from "
-                        "every subset of modalities) (default: unimodal protokd kdnet)")
+                   help="unimodal, protokd, kdnet (a student per modality), lckd (one model, predicted from "
+                        "every subset of modalities) and/or moddrop (one model trained with modality dropout, "
+                        "predicted from each student modality) (default: unimodal protokd kdnet)")
     p.add_argument("--folds", nargs="+", default=[0], type=lambda f: f if f == "all" else int(f),
                    help="folds (default 0)")
     p.add_argument("--device", default=None, help="passed to nnU-Net's -device (default: cuda if available)")
