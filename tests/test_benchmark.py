@@ -109,8 +109,7 @@ def test_benchmark_reports_every_trainer_side_by_side(bfloat16_benchmark):
     themselves are the benchmark's business, not a test's)."""
     stdout, report, before, after = bfloat16_benchmark
     assert "ProtoKDTrainer" in stdout and "x step" in stdout
-    trainers = ("UnimodalTrainer", "ProtoKDTrainer", "KDNetTrainer", "LCKDTrainer", "LCKDTrainer:subsets",
-                "ProtoKDTeacherTrainer")
+    trainers = benchmark.TRAINERS  # every method of the registry (LCKD in both stages) and the teacher's step
     assert set(report["results"]) == set(trainers) | {"teacher", "inference"}
     for trainer in trainers:
         figures = report["results"][trainer]
@@ -135,7 +134,7 @@ def test_every_trainer_steps_under_mixed_precision_with_a_grad_scaler(bfloat16_b
     """CPU autocast (bfloat16) with a GradScaler, the stand-in for nnU-Net's CUDA float16 autocast: real steps
     give finite loss terms and gradient norms, the student's weights change and the teacher's do not."""
     results = bfloat16_benchmark[1]["results"]
-    for trainer in ("UnimodalTrainer", "ProtoKDTrainer", "KDNetTrainer", "LCKDTrainer", "LCKDTrainer:subsets"):
+    for trainer in benchmark.TRAINERS:
         figures = results[trainer]
         assert len(figures["loss_terms"]) == 3, trainer
         assert all(np.isfinite(v) for step in figures["loss_terms"] for v in step.values()), (trainer, figures)

@@ -32,14 +32,16 @@ from nnunet_protokd.methods import BASELINE, METHODS, TEACHER, distilling_traine
 from nnunet_protokd.plans import load_preprocessed, resolved_configuration
 from nnunet_protokd.training.base import build_checked_network, seed_everything
 
-# every trainer of the registry and the teacher's. A method with one model on every channel (LCKD) trains on the
-# student configuration's multi-channel base and is measured in both of its stages: every modality (the first
-# epochs), and random subsets with cross-modal KD from two teachers (T1ce for TC/ET and FLAIR for WT, as the
-# phantoms elect them; channels 1 and M-1 in general)
+# every trainer of the registry and the teacher's. A method with one model on every channel (LCKD, modality
+# dropout) trains on the student configuration's multi-channel base; one whose schedule has two stages (LCKD's
+# full_modality_fraction) is measured in both: every modality (the first epochs), and random subsets with
+# cross-modal KD from two teachers (T1ce for TC/ET and FLAIR for WT, as the phantoms elect them; channels 1 and
+# M-1 in general)
 STAGE_SEPARATOR = ":"  # "LCKDTrainer:subsets": a trainer measured in one stage of its schedule
 TRAINERS = tuple(trainer for method in METHODS.values()
-                 for trainer in ((method.trainer, f"{method.trainer}{STAGE_SEPARATOR}subsets") if method.every_channel
-                                 else (method.trainer,))) + (TEACHER.trainer,)
+                 for trainer in ((method.trainer, f"{method.trainer}{STAGE_SEPARATOR}subsets")
+                                 if "full_modality_fraction" in (method.settings or {}) else (method.trainer,))
+                 ) + (TEACHER.trainer,)
 MODES = TRAINERS + ("teacher", "inference")  # what one run measures, unless told fewer
 EVERY_CHANNEL_TRAINERS = tuple(method.trainer for method in (*METHODS.values(), TEACHER) if method.every_channel)
 
@@ -258,13 +260,13 @@ def _in_subprocess(arguments: list, env: dict) -> dict:
 
 def format_table(report: dict) -> str:
     r = report["results"]
-    lines = [f"{'':<20}{'median s/step':>14}{'IQR':>10}{'peak MB':>10}{'x step':>8}{'x memory':>10}"]
+    lines = [f"{'':<24}{'median s/step':>14}{'IQR':>10}{'peak MB':>10}{'x step':>8}{'x memory':>10}"]
     for mode in [m for m in TRAINERS + ("teacher",) if m in r]:
         row = r[mode]
         if "error" in row:
-            lines.append(f"{mode:<20}failed: {row['error']}")
+            lines.append(f"{mode:<24}failed: {row['error']}")
             continue
-        lines.append(f"{mode:<20}{row['median_s']:>14.4f}{row['iqr_s']:>10.4f}{row['peak_memory_mb']:>10.0f}"
+        lines.append(f"{mode:<24}{row['median_s']:>14.4f}{row['iqr_s']:>10.4f}{row['peak_memory_mb']:>10.0f}"
                      f"{row.get('step_ratio', float('nan')):>8.2f}{row.get('memory_ratio', float('nan')):>10.2f}")
     i = r.get("inference")
     if i is None:
