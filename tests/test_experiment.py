@@ -206,7 +206,7 @@ def test_modality_dropout_is_trained_once_and_predicts_from_each_student_modalit
     assert "777 3d_fullres_3ep_5it 0 -tr ModalityDropoutTrainer -p nnUNetPlans -device cpu" in trainings
     subsets = [c[1:] for c in commands if "lckd-subset" in c]
     assert subsets == [["lckd-subset", "-d", "777", "-c", "3d_fullres_3ep_5it", "-tr", "ModalityDropoutTrainer",
-                        "-m", modality, "-p", "nnUNetPlans"] for modality in ("T1ce", "FLAIR")]
+                        "-m", modality, "-p", "nnUNetPlans", "--overwrite"] for modality in ("T1ce", "FLAIR")]
     predictions = [c for c in commands if c[1:2] == ["predict"] and "ModalityDropoutTrainer" in c]
     assert sorted(c[c.index("-c") + 1] for c in predictions) == ["3d_fullres_3ep_5it_FLAIR", "3d_fullres_3ep_5it_T1ce"]
     t1ce = next(c for c in predictions if c[c.index("-c") + 1] == "3d_fullres_3ep_5it_T1ce")

@@ -315,7 +315,8 @@ class Experiment:
                 "--all", "-p", s.plans],
                 inputs=[self.final_checkpoint(LCKD.trainer, self.schedule_configuration, fold)
                         for fold in s.folds], outputs=lckd_folders))
-        # {modality: its subset folder's dataset.json}: one lckd-subset step each (-m takes one subset)
+        # {modality: its subset folder's dataset.json}: one lckd-subset step each (-m takes one subset); its
+        # checkpoints are sliced copies, so a retrained model's replace them (--overwrite)
         modality_dropout_folders = {modality: os.path.join(os.path.dirname(self.model_folder(
             MODALITY_DROPOUT.trainer, self.lckd_configuration(modality), 0)), "dataset.json")
             for modality in self.modality_dropout_modalities}
@@ -324,7 +325,7 @@ class Experiment:
                 _identifier("subset", MODALITY_DROPOUT.trainer, modality),
                 f"{MODALITY_DROPOUT.title} model folder for {modality}", "small", [
                     _bin("nnunet-protokd"), "lckd-subset", "-d", self.dataset_id, "-c", self.schedule_configuration,
-                    "-tr", MODALITY_DROPOUT.trainer, "-m", modality, "-p", s.plans],
+                    "-tr", MODALITY_DROPOUT.trainer, "-m", modality, "-p", s.plans, "--overwrite"],
                 inputs=[self.final_checkpoint(MODALITY_DROPOUT.trainer, self.schedule_configuration, fold)
                         for fold in s.folds], outputs=[folder]))
         predictions = [(TEACHER.name, None, TEACHER.trainer, self.schedule_configuration)]
