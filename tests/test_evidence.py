@@ -279,13 +279,11 @@ def test_diagnosis_adds_its_variants_for_the_modalities_asked_for_only():
 
 def test_on_cpu_training_augments_in_process_while_planning_keeps_nnunet_s_workers(monkeypatch):
     """nnU-Net's planner sets torch's thread count from nnUNet_n_proc_DA and fails at 0: only trainings get 0."""
-    import subprocess
-
-    from nnunet_protokd.protocol.evidence import train_with_augmentation_in_process
+    from nnunet_protokd.protocol import evidence
     calls = []
-    monkeypatch.setattr(subprocess, "run", lambda command, env=None: calls.append((command[0], env)))
-    train_with_augmentation_in_process(["/venv/bin/nnUNetv2_train", "620", "2d", "0"])
-    train_with_augmentation_in_process(["/venv/bin/nnUNetv2_plan_and_preprocess", "-d", "620"])
+    monkeypatch.setattr(evidence, "run_command", lambda command, env=None: calls.append((command[0], env)))
+    evidence.train_with_augmentation_in_process(["/venv/bin/nnUNetv2_train", "620", "2d", "0"])
+    evidence.train_with_augmentation_in_process(["/venv/bin/nnUNetv2_plan_and_preprocess", "-d", "620"])
     assert calls[0][1]["nnUNet_n_proc_DA"] == "0" and calls[1][1] is None
 
 

@@ -85,6 +85,11 @@ def test_a_stopped_runner_stops_its_command_and_everything_the_command_started(t
     assert not alive
 
 
+def epoch_started(fold, epoch: int) -> bool:
+    """Whether nnU-Net's training log in `fold` says that `epoch` has started."""
+    return any(re.search(rf"Epoch {epoch} *$", log.read_text(), re.M) for log in fold.glob("training_log_*.txt"))
+
+
 def trainings_of(results) -> list:
     """nnUNetv2_train processes (and their workers) writing into `results`."""
     found = []
@@ -107,11 +112,12 @@ def test_a_stopped_experiment_leaves_no_training_and_the_rerun_continues_it_once
     experiment = subprocess.Popen([str(BIN / "nnunet-protokd"), "experiment", *EXPERIMENT, "-o", str(tmp_path / "e")],
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        # nnU-Net saves checkpoint_best.pth after its first epoch: the training is under way, with epochs to go
+        # nnU-Net saves checkpoint_best.pth at the end of its first epoch and then logs "Epoch 1": the checkpoint is
+        # whole and the training under way, with epochs to go (the file alone can be caught half-written)
         deadline = time.time() + 240
-        while not (fold / "checkpoint_best.pth").exists() and experiment.poll() is None and time.time() < deadline:
+        while not epoch_started(fold, 1) and experiment.poll() is None and time.time() < deadline:
             time.sleep(0.1)
-        assert experiment.poll() is None and (fold / "checkpoint_best.pth").exists(), experiment.communicate()[0]
+        assert experiment.poll() is None and epoch_started(fold, 1), experiment.communicate()[0]
         assert (fold / ".training.lock").exists() and trainings_of(results)
         experiment.send_signal(signal.SIGTERM)  # to the experiment only, as a scheduler does
         output = experiment.communicate(timeout=30)[0]

@@ -43,8 +43,9 @@ def scan_problem(path: str, constant_allowed: bool = False) -> str | None:
     broken export (an all-zero modality), not a scan."""
     if os.path.isdir(path):  # checked first: SimpleITK would try every reader on it, HDF5's noisily
         return f"{path} is a directory, not an image file"
-    if not os.path.isfile(path):
-        return f"{path} is not a file: a broken symbolic link or a link loop"
+    if not os.path.exists(path):  # anything else that exists is read (a named pipe too) and judged by its content
+        return (f"{path} is not a file: a broken symbolic link or a link loop" if os.path.islink(path)
+                else f"{path} does not exist")
     try:
         header = image_header(path)
         voxels = read_voxels(path)
