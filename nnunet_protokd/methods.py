@@ -153,6 +153,10 @@ VARIANTS = {variant.name: variant for variant in (
 # baseline that the control shows too is run-to-run variation, not distillation
 CONTROLS = {"protokd": "protokd-seg_only"}
 
+# the arm a practitioner would pick instead of distillation: one nnU-Net trained with modality dropout, predicted
+# from each student modality; every distilled student is also compared with it (ModelKey.modality_dropout)
+MODALITY_DROPOUT = METHODS["moddrop"]
+
 METHOD_ORDER = (TEACHER.name, *METHODS)
 # what `experiment`, `evidence` and the demo train unless told otherwise: a student per modality of each method
 # (a method with one model on every channel is added by asking for it)
@@ -240,6 +244,21 @@ class ModelKey(NamedTuple):
             return None
         return ModelKey(control, self.modality)
 
+    @property
+    def distils(self) -> bool:
+        """Learns from the teacher: a distilling method or a variant of one, except its control (whose distillation
+        terms are all at weight 0). Its verdicts need a teacher that knows more than the baseline."""
+        base = METHODS.get(self.base_method)
+        return base is not None and base.distils and self.method not in CONTROLS.values()
+
+    @property
+    def modality_dropout(self) -> "ModelKey | None":
+        """The modality-dropout model predicting from the same modality that this distilled student (a distilling
+        method at its own settings, not a variant) is also compared with; None for every other model."""
+        if self.is_variant or not self.distils or not self.modality or MODALITY_SEPARATOR in self.modality:
+            return None
+        return ModelKey(MODALITY_DROPOUT.name, self.modality)
+
     def sort_key(self) -> tuple:
         """Report order: the teacher first, then per modality the baseline, each method in registry order with its
         variants after it; unknown methods last."""
@@ -259,3 +278,10 @@ def control_of(results: dict, key: str):
     """As `baseline_of`, for the model's control (ModelKey.control)."""
     control = ModelKey.parse(key).control
     return None if control is None else results.get(control.text)
+
+
+def modality_dropout_of(results: dict, key: str):
+    """As `baseline_of`, for the modality-dropout model a distilled student is compared with
+    (ModelKey.modality_dropout)."""
+    rival = ModelKey.parse(key).modality_dropout
+    return None if rival is None else results.get(rival.text)

@@ -15,7 +15,9 @@ from nnunet_protokd.methods import (
     VARIANTS,
     ModelKey,
     baseline_of,
+    control_of,
     method_trainer,
+    modality_dropout_of,
     title,
 )
 from nnunet_protokd.protocol.benchmark import TRAINERS
@@ -36,6 +38,33 @@ def test_every_student_is_compared_with_the_baseline_of_its_modality_and_nothing
         assert ModelKey.parse(text).baseline is None, text
     results = {"unimodal:T1ce": 1, "protokd:T1ce": 2, "kdnet:FLAIR": 3}
     assert baseline_of(results, "protokd:T1ce") == 1 and baseline_of(results, "kdnet:FLAIR") is None
+
+
+def test_a_method_with_a_control_and_its_ablations_are_compared_with_the_control_of_their_modality_only():
+    assert ModelKey.parse("protokd:T1").control == ModelKey("protokd-seg_only", "T1")
+    assert ModelKey.parse("protokd-no_kd:T1ce").control == ModelKey("protokd-seg_only", "T1ce")
+    # the control itself, a method without a control, the teacher, the baseline and a subset model: none
+    for text in ("protokd-seg_only:T1", "kdnet:T1", "kdnet-no_kd:T1ce", "teacher", "unimodal:T1",
+                 "protokd:T1+T1ce", "moddrop:T1"):
+        assert ModelKey.parse(text).control is None, text
+    results = {"protokd-seg_only:T1": "control T1", "unimodal:T1": "baseline T1"}
+    assert control_of(results, "protokd-intra:T1") == "control T1"
+    assert control_of(results, "protokd:T1ce") is None  # not trained for T1ce
+    assert control_of(results, "kdnet:T1") is None and control_of(results, "protokd-seg_only:T1") is None
+
+
+def test_distilled_students_are_compared_with_modality_dropout_of_their_modality_and_need_a_teacher():
+    assert ModelKey.parse("protokd:T1").modality_dropout == ModelKey("moddrop", "T1")
+    assert ModelKey.parse("kdnet:T1ce").modality_dropout == ModelKey("moddrop", "T1ce")
+    # variants, non-distilling models and subsets are not
+    for text in ("protokd-no_kd:T1", "unimodal:T1", "moddrop:T1", "lckd:T1", "teacher", "protokd:T1+T2"):
+        assert ModelKey.parse(text).modality_dropout is None, text
+    assert modality_dropout_of({"moddrop:T1": 1}, "protokd:T1") == 1
+    assert modality_dropout_of({"moddrop:T1": 1}, "protokd:T1ce") is None
+    # what learns from the teacher: the distilling methods and their variants, not the control (both terms at 0)
+    assert ModelKey.parse("protokd-no_kd:T1").distils and ModelKey.parse("kdnet:T1ce").distils
+    for text in ("protokd-seg_only:T1", "unimodal:T1", "moddrop:T1", "lckd:T1", "teacher", "other:T1"):
+        assert not ModelKey.parse(text).distils, text
 
 
 def test_tables_list_the_teacher_then_each_modality_in_registry_order_with_variants_after_their_method():
