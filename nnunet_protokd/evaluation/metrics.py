@@ -6,7 +6,9 @@ Euclidean distance transform with the image spacing: the larger of the two direc
 surface distances; 0 when both masks are empty. When exactly one is empty (a missed or an invented tumour region)
 it is undefined; as in the BraTS challenges such a case scores a fixed penalty of 373.13 mm (the diagonal of
 BraTS's 240 x 240 x 155 mm image), so that missing a whole region is not rewarded by leaving the case out;
-excluding these cases instead is an option. The report gives their count either way.
+excluding these cases instead is an option. The report gives their count either way. BraTS 2023 and 2024 datasets
+also score each region lesion by lesion, as those challenges rank (evaluation/lesionwise.py), and their legacy
+penalty is the generation's (374 mm for 2023, 337 mm for 2024 glioma, as in the organisers' code).
 """
 from __future__ import annotations
 
@@ -16,10 +18,10 @@ import numpy as np
 import SimpleITK as sitk
 from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn, region_or_label_to_mask
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
-from scipy import ndimage
 
 from nnunet_protokd.data.brats_labels import geometry_mismatch
 from nnunet_protokd.errors import UserError
+from nnunet_protokd.evaluation.lesionwise import LesionScheme, hd95, lesionwise_scores
 
 # HD95 of a case whose reference or prediction (not both) is empty, in the BraTS challenges' scoring
 BRATS_HD95_PENALTY_MM = 373.13
@@ -64,28 +66,13 @@ def empty_reference_rule(hd95_penalty: float | None) -> str:
             f"HD95 is 0 when both are empty, and a case where exactly one is empty is {one_empty}")
 
 
-def hd95(reference: np.ndarray, prediction: np.ndarray, spacing) -> float:
-    """95th-percentile Hausdorff distance (mm) between the surfaces of two boolean masks."""
-    if not reference.any() and not prediction.any():
-        return 0.0
-    if not reference.any() or not prediction.any():
-        return float("nan")
-
-    def surface(mask):
-        return mask & ~ndimage.binary_erosion(mask, border_value=0)
-
-    reference_surface, prediction_surface = surface(reference), surface(prediction)
-    to_reference = ndimage.distance_transform_edt(~reference_surface, sampling=spacing)
-    to_prediction = ndimage.distance_transform_edt(~prediction_surface, sampling=spacing)
-    return float(max(np.percentile(to_reference[prediction_surface], 95),
-                     np.percentile(to_prediction[reference_surface], 95)))
-
-
 def case_metrics(reference_file: str, prediction_file: str, regions, labels: list,
-                 hd95_penalty: float | None = BRATS_HD95_PENALTY_MM) -> dict:
+                 hd95_penalty: float | None = BRATS_HD95_PENALTY_MM, lesion_scheme: LesionScheme | None = None) -> dict:
     """{region: {"dice", "hd95", "hd95_one_empty"}}; where exactly one mask is empty, "hd95" is `hd95_penalty`
-    (None: undefined, left out of the mean) and "hd95_one_empty" is true. Both files must hold only `labels`
-    (`dataset_labels`), the prediction on the reference's grid (`read_label_map`)."""
+    (None: undefined, left out of the mean) and "hd95_one_empty" is true. With a `lesion_scheme`, each region it
+    rules also has "lesion_dice", "lesion_hd95" and its lesion counts "lesion_tp", "lesion_fp", "lesion_fn"
+    (lesionwise.lesionwise_scores). Both files must hold only `labels` (`dataset_labels`), the prediction on the
+    reference's grid (`read_label_map`)."""
     reference_image = read_label_map(reference_file, labels)
     prediction_image = read_label_map(prediction_file, labels, reference_image, reference_file)
     reference = sitk.GetArrayFromImage(reference_image)
@@ -100,28 +87,41 @@ def case_metrics(reference_file: str, prediction_file: str, regions, labels: lis
         one_empty = bool(reference_mask.any()) != bool(prediction_mask.any())
         distance = hd95_penalty if one_empty else hd95(reference_mask, prediction_mask, spacing)
         metrics[name] = {"dice": float(dice), "hd95": distance, "hd95_one_empty": one_empty}
+        if lesion_scheme is not None and name in lesion_scheme.rules:
+            metrics[name].update(lesionwise_scores(reference, prediction, region, lesion_scheme.rules[name], spacing))
     return metrics
 
 
-def evaluate_folder(ground_truth_folder: str, prediction_folder: str, regions, labels: list, file_ending: str,
-                    hd95_penalty: float | None = BRATS_HD95_PENALTY_MM) -> dict:
-    """{case: {region: {"dice", "hd95", "hd95_one_empty"}}} over every reference case (see case_metrics); a
-    missing prediction is an error."""
+def reference_cases(ground_truth_folder: str, file_ending: str) -> list:
+    """The cases of a reference folder (<case><file_ending>); none is an error."""
     cases = sorted(f[:-len(file_ending)] for f in os.listdir(ground_truth_folder) if f.endswith(file_ending))
     if not cases:
         raise ScoringInputError(f"no reference label maps <case>{file_ending} in {ground_truth_folder}")
+    return cases
+
+
+def evaluate_folder(ground_truth_folder: str, prediction_folder: str, regions, labels: list, file_ending: str,
+                    hd95_penalty: float | None = BRATS_HD95_PENALTY_MM,
+                    lesion_scheme: LesionScheme | None = None) -> dict:
+    """{case: {region: {"dice", "hd95", "hd95_one_empty"}}} over every reference case (see case_metrics); a
+    missing prediction is an error."""
+    cases = reference_cases(ground_truth_folder, file_ending)
     missing = [c for c in cases if not os.path.isfile(os.path.join(prediction_folder, c + file_ending))]
     if missing:
         raise ScoringInputError(f"{prediction_folder} lacks predictions of {len(missing)} reference case(s): "
                                 f"{missing[:5]}")
     return {c: case_metrics(os.path.join(ground_truth_folder, c + file_ending),
-                            os.path.join(prediction_folder, c + file_ending), regions, labels, hd95_penalty)
+                            os.path.join(prediction_folder, c + file_ending), regions, labels, hd95_penalty,
+                            lesion_scheme)
             for c in cases}
 
 
 def summarise(per_case: dict, regions) -> dict:
-    """mean/std over cases of Dice and HD95 per region, and of the per-case mean Dice over regions."""
+    """mean/std over cases of Dice and HD95 per region, and of the per-case mean Dice over regions; where the
+    cases carry lesion-wise scores, also their mean/std over cases ("lesion_dice_mean", "lesion_hd95_mean", as the
+    challenge averages its cases) and the total lesion counts ("lesion_tp", "lesion_fp", "lesion_fn")."""
     summary = {}
+    lesionwise = []
     for name, _ in regions:
         dice = np.array([m[name]["dice"] for m in per_case.values()])
         distances = np.array([m[name]["hd95"] for m in per_case.values() if m[name]["hd95"] is not None])
@@ -130,6 +130,20 @@ def summarise(per_case: dict, regions) -> dict:
                          "hd95_std": float(distances.std()) if len(distances) else None,
                          "hd95_n": int(len(distances)),
                          "hd95_one_empty": sum(bool(m[name]["hd95_one_empty"]) for m in per_case.values())}
+        if all("lesion_dice" in m[name] for m in per_case.values()):
+            lesionwise.append(name)
+            lesion_dice = np.array([m[name]["lesion_dice"] for m in per_case.values()])
+            lesion_hd95 = np.array([m[name]["lesion_hd95"] for m in per_case.values()])
+            summary[name].update(
+                lesion_dice_mean=float(lesion_dice.mean()), lesion_dice_std=float(lesion_dice.std()),
+                lesion_hd95_mean=float(lesion_hd95.mean()), lesion_hd95_std=float(lesion_hd95.std()),
+                **{count: int(sum(m[name][count] for m in per_case.values()))
+                   for count in ("lesion_tp", "lesion_fp", "lesion_fn")})
     mean_dice = np.array([np.mean([m[name]["dice"] for name, _ in regions]) for m in per_case.values()])
     summary["mean"] = {"dice_mean": float(mean_dice.mean()), "dice_std": float(mean_dice.std())}
+    if lesionwise:
+        mean_lesion_dice = np.array([np.mean([m[name]["lesion_dice"] for name in lesionwise])
+                                     for m in per_case.values()])
+        summary["mean"].update(lesion_dice_mean=float(mean_lesion_dice.mean()),
+                               lesion_dice_std=float(mean_lesion_dice.std()))
     return summary

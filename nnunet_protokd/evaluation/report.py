@@ -1,20 +1,25 @@
 """The comparison of the ProtoKD paper's Table 1: teacher / unimodal / ProtoKD / KD-Net per modality, scored by
 evaluation/metrics.py (Dice from nnU-Net's region-aware metric code, HD95 with the BraTS penalty), each student
-paired with the unimodal baseline of its modality (evaluation/statistics.py)."""
+paired with the unimodal baseline of its modality (evaluation/statistics.py). A BraTS 2023/2024 dataset (its
+dataset.json's "brats_generation") is also scored lesion-wise, with the parameters and penalty of its generation and
+sub-challenge (evaluation/lesionwise.py), and its legacy HD95 penalty is the generation's."""
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import dataclass
 
+from nnunet_protokd.data.brats_labels import generation_of
 from nnunet_protokd.data.regions import evaluation_regions
 from nnunet_protokd.evaluation.figures import plot_dice_bars, plot_overlays
+from nnunet_protokd.evaluation.lesionwise import LesionScheme, scheme_for, sub_challenge_of
 from nnunet_protokd.evaluation.metrics import (
     BRATS_HD95_PENALTY_MM,
     ScoringInputError,
     dataset_labels,
     empty_reference_rule,
     evaluate_folder,
+    reference_cases,
     summarise,
 )
 from nnunet_protokd.evaluation.statistics import (
@@ -39,15 +44,32 @@ class PredictionSet:
         return ModelKey(self.method, self.modality).text
 
 
+# build_report's HD95 penalty when none is given: the dataset's BraTS generation decides
+DATASET_DEFAULT = "dataset"
+
+
+def lesion_scheme_of(dataset_json: dict, ground_truth_folder: str) -> LesionScheme | None:
+    """The organisers' lesion-wise scoring of this dataset: its BraTS generation (dataset.json) and the
+    sub-challenge its reference case names say (GLI when they say none); None for BraTS 2018-2021 and others."""
+    generation = generation_of(dataset_json)
+    try:
+        return scheme_for(generation.name if generation else None,
+                          sub_challenge_of(reference_cases(ground_truth_folder, dataset_json["file_ending"])))
+    except ValueError as exc:
+        raise ScoringInputError(f"{ground_truth_folder}: {exc}") from None
+
+
 def _format(mean, std, digits=3):
     return "n/a" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def build_report(ground_truth_folder: str, dataset_json: dict, prediction_sets: list, output_folder: str,
                  images_folder: str | None = None, run_info: dict | None = None, seed: int = 0,
-                 hd95_penalty: float | None = BRATS_HD95_PENALTY_MM, model_of_case: dict | None = None) -> dict:
+                 hd95_penalty: float | None | str = DATASET_DEFAULT, model_of_case: dict | None = None) -> dict:
     """Scores every prediction set and writes report.md, summary.json, dice.png and overlays.png. A case where
-    exactly one of reference and prediction is empty scores HD95 = `hd95_penalty` (None: excluded).
+    exactly one of reference and prediction is empty scores HD95 = `hd95_penalty` (None: excluded; by default
+    the dataset's: 374 mm for BraTS 2023, 337 mm for BraTS 2024 glioma, 373.13 mm otherwise). A BraTS 2023/2024
+    dataset is also scored lesion-wise (`lesion_scheme_of`).
 
     model_of_case: {case: the trained model that predicted it} (cross-validation: its fold). With two models or
     more, the comparisons take the trained model as the unit and carry statistics.verdict's rule
@@ -68,13 +90,16 @@ def build_report(ground_truth_folder: str, dataset_json: dict, prediction_sets: 
                                     f"{prediction_set.folder}; give each METHOD:MODALITY once")
         folders[prediction_set.key] = prediction_set.folder
     regions = evaluation_regions(dataset_json)
+    lesion_scheme = lesion_scheme_of(dataset_json, ground_truth_folder)
+    if hd95_penalty == DATASET_DEFAULT:
+        hd95_penalty = lesion_scheme.hd95_penalty_mm if lesion_scheme else BRATS_HD95_PENALTY_MM
     region_names = [name for name, _ in regions]
     file_ending = dataset_json["file_ending"]
     labels = dataset_labels(dataset_json)
     results = {}
     for prediction_set in prediction_sets:
         per_case = evaluate_folder(ground_truth_folder, prediction_set.folder, regions, labels, file_ending,
-                                   hd95_penalty)
+                                   hd95_penalty, lesion_scheme)
         results[prediction_set.key] = {"method": prediction_set.method, "modality": prediction_set.modality,
                                        "folder": os.path.abspath(prediction_set.folder),
                                        "summary": summarise(per_case, regions), "per_case": per_case}
@@ -104,6 +129,9 @@ def build_report(ground_truth_folder: str, dataset_json: dict, prediction_sets: 
     summary = {"n_cases": len(next(iter(results.values()))["per_case"]) if results else 0,
                "regions": region_names, "empty_reference_rule": empty_reference_rule(hd95_penalty),
                "hd95_penalty_mm": hd95_penalty,
+               "lesionwise": None if lesion_scheme is None else {
+                   "scheme": lesion_scheme.name, "rule": lesion_scheme.describe(),
+                   "regions": [name for name in region_names if name in lesion_scheme.rules]},
                "ground_truth_folder": os.path.abspath(ground_truth_folder),
                "results": results, "comparisons_with_unimodal": comparisons,
                "comparison_unit": "trained model" if several_models else "case", "run": run_info or {}}
@@ -157,6 +185,8 @@ def _write_markdown(summary: dict, path: str) -> None:
                      + " | ".join(f"{_format(s[r]['hd95_mean'], s[r]['hd95_std'], 2)} "
                                   f"(n={s[r]['hd95_n']}, k={s[r]['hd95_one_empty']} {one_empty})"
                                   for r in regions) + " |")
+    if summary.get("lesionwise"):
+        lines += _lesionwise_lines(summary)
     subsets = subset_results(summary)
     if subsets:
         lines += ["", "## LCKD: one model given each subset of the modalities (Dice, mean ± std over cases)", "",
@@ -184,6 +214,25 @@ def _write_markdown(summary: dict, path: str) -> None:
         lines += ["", "## What ran", "", "```", json.dumps(summary["run"], indent=2), "```"]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def _lesionwise_lines(summary: dict) -> list:
+    """The challenge's ranking metrics: lesion-wise Dice and HD95 per region (mean ± std over cases) with the
+    lesions found (TP), invented (FP) and missed (FN), summed over cases."""
+    lesionwise = summary["lesionwise"]
+    regions = lesionwise["regions"]
+    lines = ["", f"## Lesion-wise Dice and HD95 in mm, {lesionwise['scheme']} (mean ± std over cases; lesions "
+                 f"TP/FP/FN summed over cases)", "", f"Scoring: {lesionwise['rule']}.", "",
+             "| Modality | Method | " + " | ".join(regions) + " | Mean Dice |",
+             "|---|---|" + "---|" * (len(regions) + 1)]
+    for _, result in ordered_results(summary):
+        s = result["summary"]
+        lines.append(f"| {result['modality'] or 'all'} | {title(result['method'])} | "
+                     + " | ".join(f"Dice {_format(s[r]['lesion_dice_mean'], s[r]['lesion_dice_std'])}, "
+                                  f"HD95 {_format(s[r]['lesion_hd95_mean'], s[r]['lesion_hd95_std'], 2)} "
+                                  f"({s[r]['lesion_tp']}/{s[r]['lesion_fp']}/{s[r]['lesion_fn']})" for r in regions)
+                     + f" | {_format(s['mean']['lesion_dice_mean'], s['mean']['lesion_dice_std'])} |")
+    return lines
 
 
 def _model_level_comparison_lines(summary: dict) -> list:
