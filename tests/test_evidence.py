@@ -18,10 +18,13 @@ from nnunet_protokd.protocol.evidence import (
     bernoulli_kl,
     compare_with_baseline,
     evidence_from_raw,
+    forest_rows,
     gradient_shares,
     headline,
+    plateau_status,
     plateaus,
     pooled_dice,
+    student_verdict,
     write_evidence_report,
 )
 
@@ -237,6 +240,139 @@ def test_the_report_is_regenerated_from_evidence_json_alone(tmp_path):
     assert "## Paired difference to the control" in open(first).read()
 
 
+# what a report needs beside the raw values: an evidence run's settings and a phantom audit
+SETTINGS = json.loads(json.dumps({**asdict(EvidenceSettings("/evidence")), "wall_time_seconds": 60,
+                                  "runs": [{"variants": [], "seeds": [0, 1, 2], "wall_time_seconds": 60}]}))
+AUDIT = {"cases": 2, "seed": 0, "cnr": {"WT/brain": {"T1": 1.0, "T1ce": 2.0}}, "inter_rater_dice": {"WT": 0.8}}
+
+
+def by_region(baseline: dict, shifts: tuple, rng, noise: float = 0.02) -> dict:
+    """The baseline's cases plus shifts[i] (and noise) on region i."""
+    return {c: tuple(v + shift + rng.normal(0, noise) for v, shift in zip(values, shifts))
+            for c, values in baseline.items()}
+
+
+def test_a_region_where_the_teacher_is_not_better_gets_no_knowledge_to_transfer_instead_of_a_verdict(tmp_path):
+    """On T1 the teacher beats the baseline on WT and ET but not on TC: the students get verdicts on WT, ET and the
+    mean, and "no knowledge to transfer" on TC, however clear their own TC difference. On T1ce the teacher is no
+    better anywhere: no verdict at all for its distilled students. Models that learn from no teacher (the control)
+    keep their own verdicts."""
+    rng = np.random.default_rng(6)
+    raw = {}
+    for seed in ("0", "1", "2"):
+        t1 = scores(rng, 0.0, 20)
+        # the teacher, on the same cases: better than the T1 baseline on WT and ET only; the T1ce baseline is as
+        # good as the teacher everywhere
+        teacher = by_region(t1, (0.3, 0.0, 0.2), rng)
+        t1ce = by_region(teacher, (0.0, 0.0, 0.0), rng)
+        raw[seed] = {"unimodal:T1": per_case(t1), "unimodal:T1ce": per_case(t1ce), "teacher": per_case(teacher),
+                     "protokd:T1": per_case(by_region(t1, (0.05, 0.05, 0.05), rng)),
+                     "protokd-seg_only:T1": per_case(by_region(t1, (0.05, 0.05, 0.05), rng)),
+                     "protokd:T1ce": per_case(by_region(t1ce, (0.05, 0.05, 0.05), rng))}
+    evidence = evidence_from_raw(raw_values(raw), {}, {})
+    knowledge = evidence["knowledge"]
+    assert list(knowledge) == ["T1", "T1ce"]
+    assert verdict(knowledge["T1"]["WT"]).direction == "better" and verdict(knowledge["T1"]["TC"]).direction is None
+    assert knowledge["T1"]["WT"]["mean_difference"] == pytest.approx(0.3, abs=0.01)
+    student = evidence["comparisons"]["protokd:T1"]
+    assert verdict(student["TC"]).direction == "better"  # its own figures: +0.05 on every seed
+    assert student_verdict(knowledge, "protokd:T1", "WT", student["WT"]).direction == "better"
+    assert student_verdict(knowledge, "protokd:T1", "mean", student["mean"]).direction == "better"
+    no_knowledge = student_verdict(knowledge, "protokd:T1", "TC", student["TC"])
+    assert no_knowledge.direction is None and not no_knowledge.knowledge
+    tc = knowledge["T1"]["TC"]
+    assert no_knowledge.text == (f"no knowledge to transfer at this budget (the teacher is not better than the "
+                                 f"baseline there, {tc['mean_difference']:+.3f}, seed-level p = "
+                                 f"{tc['seed_level']['p']:.2g})")
+    # the control learns from no teacher: its own verdict stands on TC
+    control = evidence["comparisons"]["protokd-seg_only:T1"]["TC"]
+    assert student_verdict(knowledge, "protokd-seg_only:T1", "TC", control).direction == "better"
+    # T1ce: the teacher is not better on any region or the mean
+    assert all(verdict(c).direction != "better" for c in knowledge["T1ce"].values())
+    sentence = evidence["headline"]
+    assert sentence.startswith("Is there knowledge to transfer? T1: the teacher is better than the baseline on WT, "
+                               "ET, mean Dice, not on TC (TC ")
+    assert "no knowledge to transfer at this budget there, and no verdict for its distilled students; T1ce: " \
+           "the teacher is not better than the baseline on any region or the mean (WT " in sentence
+    assert "ProtoKD (T1): better than the unimodal baseline, mean Dice +0.05" in sentence
+    assert "ProtoKD (T1ce): no knowledge to transfer at this budget (the teacher is " in sentence
+    assert "so no verdict against the unimodal baseline, mean Dice +0.05" in sentence
+    # the tables and the forest plot through the same function
+    text = open(write_evidence_report(evidence_from_raw(raw_values(raw), SETTINGS, AUDIT), str(tmp_path))).read()
+    assert "## Is there knowledge to transfer? The teacher against the unimodal baseline" in text
+    row = next(line for line in text.splitlines() if line.startswith("| T1 | ProtoKD | 3 | 60 | "))
+    wt, tc = row.split(" | ")[4:6]
+    assert wt.endswith(": better") and tc.endswith(": no knowledge to transfer")
+    headline_row = next(line for line in text.splitlines() if line.startswith("| T1ce | ProtoKD | 60 | "))
+    assert " | no knowledge to transfer | " in headline_row
+    rows = {label: verdicts for label, _, verdicts in forest_rows(evidence)}
+    assert rows["ProtoKD (T1)"]["WT"].direction == "better" and not rows["ProtoKD (T1)"]["TC"].knowledge
+    assert rows["ProtoKDTrainer, L_seg only (control) (T1)"]["TC"].direction == "better"
+
+
+def test_with_one_seed_knowledge_is_untested_and_the_students_keep_the_one_seed_answer():
+    rng = np.random.default_rng(7)
+    baseline = scores(rng, 0.0, 20)
+    raw = {"0": {"unimodal:T1ce": per_case(baseline), "teacher": per_case(by_region(baseline, (0.3, 0, 0.2), rng)),
+                 "protokd:T1ce": per_case(by_region(baseline, (0.05, 0.05, 0.05), rng))}}
+    evidence = evidence_from_raw(raw_values(raw), {}, {})
+    lead = evidence["knowledge"]["T1ce"]["WT"]["mean_difference"]
+    assert 0.25 < lead < 0.35
+    assert evidence["headline"].startswith("Is there knowledge to transfer? T1ce: untested with one trained model "
+                                           f"each (the teacher minus the baseline, descriptive: WT {lead:+.3f}")
+    assert "ProtoKD (T1ce): no significant difference at this budget (one trained model per method" in \
+        evidence["headline"]
+
+
+def test_modality_dropout_is_compared_with_the_baseline_and_each_distilled_student_with_it(tmp_path):
+    """Modality dropout, trained once per seed and predicted from each student modality: against the baseline like
+    any model, and each distilled student (not a variant) minus it, seed by seed, in one Holm family per modality."""
+    rng = np.random.default_rng(8)
+    raw = {}
+    for seed in ("0", "1", "2"):
+        t1 = scores(rng, 0.0, 20)
+        moddrop = by_region(t1, (0.04, 0.04, 0.04), rng)
+        raw[seed] = {"unimodal:T1": per_case(t1), "teacher": per_case(by_region(t1, (0.3, 0.2, 0.2), rng)),
+                     "moddrop:T1": per_case(moddrop),
+                     "protokd:T1": per_case(by_region(t1, (0.0, 0.0, 0.0), rng)),
+                     "kdnet:T1": per_case(by_region(t1, (-0.05, -0.05, -0.05), rng)),
+                     "protokd-no_kd:T1": per_case(by_region(t1, (0.0, 0.0, 0.0), rng))}
+    evidence = evidence_from_raw(raw_values(raw), SETTINGS, AUDIT)
+    assert "moddrop:T1" in evidence["comparisons"]  # against the unimodal baseline, like every model
+    assert verdict(evidence["comparisons"]["moddrop:T1"]["mean"]).direction == "better"
+    against = evidence["comparisons_with_modality_dropout"]
+    assert set(against) == {"protokd:T1", "kdnet:T1"}
+    # the distilled student minus modality dropout, per seed, by hand from the raw values
+    for seed in ("0", "1", "2"):
+        student, rival = raw[seed]["kdnet:T1"], raw[seed]["moddrop:T1"]
+        by_hand = np.mean([np.mean([student[c][r]["dice"] - rival[c][r]["dice"] for r in REGIONS]) for c in student])
+        assert against["kdnet:T1"]["mean"]["per_replicate"][seed] == pytest.approx(by_hand)
+    assert against["kdnet:T1"]["mean"]["mean_difference"] == pytest.approx(-0.09, abs=0.01)
+    assert student_verdict(evidence["knowledge"], "kdnet:T1", "mean", against["kdnet:T1"]["mean"]).direction == \
+        "worse"
+    assert student_verdict(evidence["knowledge"], "protokd:T1", "mean", against["protokd:T1"]["mean"]).direction \
+        == "worse"
+    # one Holm family per modality and region: the baseline comparisons and those against modality dropout together
+    family = [evidence["comparisons"][k]["mean"] for k in ("moddrop:T1", "protokd:T1", "kdnet:T1", "protokd-no_kd:T1")]
+    family += [against[k]["mean"] for k in ("protokd:T1", "kdnet:T1")]
+    expected = multipletests([c["seed_level"]["p"] for c in family], method="holm")[1]
+    assert [c["holm_p"] for c in family] == pytest.approx(list(expected))
+    sentence = evidence["headline"]
+    assert "Modality dropout (T1): better than the unimodal baseline, mean Dice +0.04" in sentence
+    assert "KD-Net (T1): worse than the unimodal baseline, mean Dice -0.05" in sentence
+    assert "; worse than modality dropout, mean Dice -0.09" in sentence
+    rows = [label for label, _, _ in forest_rows(evidence)]
+    assert rows.index("ProtoKD (T1) - modality dropout") == rows.index("ProtoKD (T1)") + 1
+    assert "ProtoKD without L_kd (T1) - modality dropout" not in rows and "Modality dropout (T1)" in rows
+    text = open(write_evidence_report(evidence, str(tmp_path))).read()
+    assert "## Paired difference to modality dropout" in text
+    kdnet = next(line for line in text.splitlines() if line.startswith("| T1 | KD-Net | 60 | "))
+    rival_cell = kdnet.split(" | ")[9]  # the column against modality dropout
+    assert rival_cell.startswith(f"{against['kdnet:T1']['mean']['mean_difference']:+.3f} [")
+    assert rival_cell.endswith("): worse")
+    assert "| T1 | Modality dropout | 60 | " in text
+
+
 def test_report_only_refuses_an_evidence_json_without_per_case_values(tmp_path, capsys):
     from nnunet_protokd.cli import main
     old = tmp_path / "evidence.json"
@@ -262,6 +398,8 @@ def test_plateau_and_gradient_shares_from_learning_curves():
     plateau = plateaus(curves)
     assert plateau["protokd:T1"]["change_over_last_fifth"] == pytest.approx(0)
     assert plateau["unimodal:T1"]["change_over_last_fifth"] == pytest.approx(2 * 0.5 / 9)
+    assert plateau["protokd:T1"]["status"] == "reached" and plateau["unimodal:T1"]["status"] == "still rising"
+    assert plateau_status(-0.02) == "falling" and plateau_status(0.0099) == "reached"
     shares = gradient_shares(curves)
     assert set(shares) == {"protokd:T1"}
     assert shares["protokd:T1"]["first_epoch"] == {"seg_loss": 0.75, "kd_loss": 0.25}

@@ -9,7 +9,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_protokd.evaluation.statistics import verdict
 from nnunet_protokd.methods import TEACHER, ModelKey, title
 
 matplotlib.use("Agg")  # files only: no display on the machines that train
@@ -93,15 +92,17 @@ def plot_overlays(results: list, dataset_json: dict, images_folder: str, ground_
 
 
 def plot_learning_curves(curves: dict, path: str) -> None:
-    """One panel per modality (the teacher in each): nnU-Net's per-epoch pseudo Dice against training iterations,
-    mean over seeds with the seeds' range shaded; baseline, students and variants."""
+    """One panel per modality (the models on every channel in each): nnU-Net's per-epoch pseudo Dice against
+    training iterations, mean over seeds with the seeds' range shaded; baseline, students and variants."""
     keys = {key: ModelKey.parse(key) for key in curves}
     modalities = sorted({key.modality for key in keys.values() if key.modality})
     with matplotlib.rc_context(matplotlib.rcParamsDefault):
         figure, axes = plt.subplots(1, len(modalities), figsize=(6.5 * len(modalities), 4.5), sharey=True,
                                     squeeze=False)
         for axis, modality in zip(axes[0], modalities):
-            shown = [TEACHER.name] + [k for k, key in keys.items() if key.modality == modality]
+            # the models on every channel (the teacher, modality dropout) in every panel
+            shown = [TEACHER.name] + [k for k, key in keys.items() if key.modality is None and k != TEACHER.name] \
+                + [k for k, key in keys.items() if key.modality == modality]
             for index, text in enumerate(k for k in shown if k in curves):
                 curve, method = curves[text], keys[text].method
                 style = {"color": "k", "ls": "--"} if method == TEACHER.name else {"color": f"C{index}"}
@@ -118,33 +119,35 @@ def plot_learning_curves(curves: dict, path: str) -> None:
         plt.close(figure)
 
 
-def plot_paired_differences(comparisons: dict, path: str) -> None:
-    """Forest plot: each student's paired Dice difference to its baseline with the hierarchical bootstrap 95 % CI
-    and each trained model's mean difference (crosses), per region and for the mean; red where `verdict` says
-    better or worse."""
-    keys = list(comparisons)
-    panels = list(next(iter(comparisons.values()))) if keys else []
+def plot_paired_differences(rows: list, path: str) -> None:
+    """Forest plot: per row (label, {region or "mean": comparison}, {region: its Verdict}; evidence.forest_rows) the
+    paired Dice difference with the hierarchical bootstrap 95 % CI and each trained model's mean difference
+    (crosses), one panel per region and the mean; red where the verdict is better or worse, grey where it is "no
+    knowledge to transfer" (the teacher is not better than the baseline there)."""
+    panels = list(rows[0][1]) if rows else []
     with matplotlib.rc_context(matplotlib.rcParamsDefault):
-        figure, axes = plt.subplots(1, max(1, len(panels)), figsize=(3.2 * max(1, len(panels)) + 2.5,
-                                                                     0.45 * len(keys) + 1.5),
+        figure, axes = plt.subplots(1, max(1, len(panels)), figsize=(3.2 * max(1, len(panels)) + 3.5,
+                                                                     0.45 * len(rows) + 1.7),
                                     sharey=True, squeeze=False)
-        labels = [f"{title(ModelKey.parse(k).method)} ({ModelKey.parse(k).modality})" for k in keys]
         for axis, region in zip(axes[0], panels):
-            for row, key in enumerate(keys):
-                c = comparisons[key][region]
+            for row, (_, comparisons, verdicts) in enumerate(rows):
+                c, decision = comparisons[region], verdicts[region]
                 low, high = c["hierarchical_ci95"]
+                colour = "C3" if decision.direction else ("0.6" if not decision.knowledge else "C0")
                 axis.errorbar(c["mean_difference"], row, xerr=[[c["mean_difference"] - low],
                                                                [high - c["mean_difference"]]],
-                              fmt="o", color="C3" if verdict(c).direction else "C0", capsize=3)
+                              fmt="o", color=colour, mfc="white" if not decision.knowledge else colour, capsize=3)
                 axis.plot(list(c["per_replicate"].values()), [row] * c["replicates"], "x", color="0.4", ms=4)
             axis.axvline(0, color="k", lw=1)
             axis.set_title(region)
-            axis.set_xlabel("Dice minus baseline")
+            axis.set_xlabel("Dice difference")
             axis.grid(True, axis="x", alpha=0.3)
-        axes[0][0].set_yticks(range(len(keys)), labels)
+        axes[0][0].set_yticks(range(len(rows)), [label for label, _, _ in rows])
         axes[0][0].invert_yaxis()
-        figure.suptitle("Paired difference to the unimodal baseline, hierarchical bootstrap 95 % CI, x: each seed's "
-                        "mean\n(red: better or worse by the seed-level rule)", fontsize=10)
+        figure.suptitle("Paired Dice difference to the unimodal baseline (rows '- modality dropout': to modality "
+                        "dropout), hierarchical bootstrap 95 % CI, x: each seed's mean\n(red: better or worse by the "
+                        "seed-level rule; grey, hollow: no knowledge to transfer, the teacher is not better there)",
+                        fontsize=10)
         figure.tight_layout()
         figure.savefig(path, dpi=90)
         plt.close(figure)

@@ -5,7 +5,9 @@ A method's replicates are its trained models (a seed; a (seed, fold) model under
 model predicts share its weights, so they are not independent replicates of the method. `replicate_comparison`
 therefore tests over the replicates' mean differences (the seed-level test), bootstraps hierarchically (replicates,
 then cases within each), and keeps the case-level figures only as a description. `verdict` is the one rule that
-turns a comparison into "better", "worse" or "no significant difference at this budget"."""
+turns a comparison into "better", "worse" or "no significant difference at this budget"; `distillation_verdict`
+applies it to a student that learns from a teacher, first asking the same rule whether the teacher is better than
+the baseline at all ("no knowledge to transfer at this budget" where it is not)."""
 from __future__ import annotations
 
 import warnings
@@ -23,6 +25,8 @@ POWER = 0.8
 # Dice between generator seeds on the committed run's spread
 HIERARCHICAL_RESAMPLES = 10_000
 NO_DIFFERENCE = "no significant difference at this budget"
+# what a distilled student's verdict is replaced by where its teacher is not better than the unimodal baseline
+NO_KNOWLEDGE = "no knowledge to transfer at this budget"
 
 
 def paired_comparison(student: list, baseline: list, seed: int = 0) -> dict:
@@ -146,13 +150,22 @@ def holm_adjust(p_values: dict) -> dict:
 
 
 class Verdict(NamedTuple):
-    direction: str | None  # "better", "worse" or None (no significant difference at this budget)
+    direction: str | None  # "better", "worse" or None (no significant difference, or no knowledge to transfer)
     failed: tuple  # the conditions that failed, as the sentences say them
+    # False: a distilled student whose teacher is not better than the baseline there (`distillation_verdict`)
+    knowledge: bool = True
 
     @property
     def text(self) -> str:
-        """'better', 'worse' or 'no significant difference at this budget (why)'."""
-        return self.direction or f"{NO_DIFFERENCE} ({'; '.join(self.failed)})"
+        """'better', 'worse', 'no significant difference at this budget (why)' or 'no knowledge to transfer at
+        this budget (why)'."""
+        return self.direction or f"{NO_DIFFERENCE if self.knowledge else NO_KNOWLEDGE} ({'; '.join(self.failed)})"
+
+    @property
+    def word(self) -> str:
+        """The verdict in a table cell: 'better', 'worse', 'no significant difference' or 'no knowledge to
+        transfer'."""
+        return self.direction or ("no significant difference" if self.knowledge else "no knowledge to transfer")
 
 
 def verdict(comparison: dict) -> Verdict:
@@ -187,6 +200,26 @@ def verdict(comparison: dict) -> Verdict:
     if failed:
         return Verdict(None, tuple(failed))
     return Verdict("better" if sign > 0 else "worse", ())
+
+
+def distillation_verdict(comparison: dict, teacher_against_baseline: dict | None) -> Verdict:
+    """The verdict of a model that learns from a teacher, on one region and modality: `verdict(comparison)`, unless
+    the teacher itself is not better than the unimodal baseline there by the same rule
+    (`verdict(teacher_against_baseline)`, the teacher minus the baseline over the same trained models). A teacher
+    that is not better has nothing to pass on, so any difference of the student there is not an effect of
+    distillation: the answer is then "no knowledge to transfer at this budget", whatever the student's own figures.
+
+    With fewer than two trained models that question cannot be answered, and neither can the student's (`verdict`
+    says so); without a teacher-against-baseline comparison the student's own verdict stands."""
+    if teacher_against_baseline is not None and teacher_against_baseline["replicates"] >= 2:
+        teacher = verdict(teacher_against_baseline)
+        if teacher.direction != "better":
+            level = teacher_against_baseline["seed_level"]["p"]
+            reason = f"the teacher is {'worse than' if teacher.direction == 'worse' else 'not better than'} the " \
+                     f"baseline there, {teacher_against_baseline['mean_difference']:+.3f}, seed-level p = " \
+                     f"{format_p(level)}"
+            return Verdict(None, (reason,), knowledge=False)
+    return verdict(comparison)
 
 
 def format_p(value) -> str:

@@ -41,6 +41,9 @@ from nnunet_protokd.data.regions import evaluation_regions
 from nnunet_protokd.errors import UserError
 from nnunet_protokd.evaluation.figures import plot_learning_curves, plot_paired_differences
 from nnunet_protokd.evaluation.statistics import (
+    NO_KNOWLEDGE,
+    Verdict,
+    distillation_verdict,
     format_p,
     holm_adjust,
     replicate_comparison,
@@ -49,13 +52,17 @@ from nnunet_protokd.evaluation.statistics import (
 )
 from nnunet_protokd.io import staged_folder
 from nnunet_protokd.methods import (
+    BASELINE,
     DEFAULT_METHODS,
+    MODALITY_DROPOUT,
     MODALITY_SEPARATOR,
     TEACHER,
     ModelKey,
     baseline_of,
     control_of,
+    every_channel_methods,
     method_trainer,
+    modality_dropout_of,
     title,
 )
 from nnunet_protokd.protocol.experiment import Experiment, ExperimentSettings
@@ -95,6 +102,11 @@ def requested_variants(variants: tuple | None, diagnosis: bool, modalities: tupl
         chosen += tuple(v for v in DIAGNOSIS_VARIANTS if v not in chosen and v[1] in modalities)
     return chosen
 
+
+# a model has reached its plateau when its pseudo Dice moved by less than this between the last two fifths of
+# training (mean over seeds). The committed run's teacher and T1ce baseline, flat on their curves, moved +0.006
+# and +0.002; its T1 baseline and students, visibly still climbing, +0.01 to +0.034
+PLATEAU_TOLERANCE = 0.01
 
 # probabilities are clipped here before the KL: a student certain where the teacher is not would give infinity
 PROBABILITY_FLOOR = 1e-4
@@ -232,13 +244,16 @@ def evidence_from_raw(raw: dict, settings: dict, phantom_audit: dict, reference:
     dice = pooled_dice(raw["scores"], regions)
     comparisons = compare_with_baseline(dice, regions)
     with_control = compare_with_control(dice, regions)
-    adjust_per_modality([comparisons, with_control])
+    with_modality_dropout = compare_with_modality_dropout(dice, regions)
+    adjust_per_modality([comparisons, with_control, with_modality_dropout])
     evidence = {
         "settings": settings,
         "regions": regions,
         "dice": summarise_dice(dice, regions),
+        "knowledge": compare_teacher_with_baselines(dice, regions),
         "comparisons": comparisons,
         "comparisons_with_control": with_control,
+        "comparisons_with_modality_dropout": with_modality_dropout,
         "teacher_agreement": summarise_agreement(raw["teacher_agreement"]),
         "learning_curves": pool_curves(raw["learning_curves"]),
         "plateau": plateaus(raw["learning_curves"]),
@@ -257,7 +272,7 @@ def write_evidence_report(evidence: dict, output_folder: str) -> str:
     with open(os.path.join(output_folder, "evidence.json"), "w") as f:
         json.dump(evidence, f, indent=1)
     plot_learning_curves(evidence["learning_curves"], os.path.join(output_folder, "learning_curves.png"))
-    plot_paired_differences(evidence["comparisons"], os.path.join(output_folder, "paired_differences.png"))
+    plot_paired_differences(forest_rows(evidence), os.path.join(output_folder, "paired_differences.png"))
     write_evidence_markdown(evidence, os.path.join(output_folder, "evidence.md"))
     return os.path.join(output_folder, "evidence.md")
 
@@ -286,7 +301,9 @@ def reference_figures(evidence: dict) -> dict:
     """What the headline quotes of an earlier evidence.json (the committed run, for the demo): its seeds and each
     comparison's mean-Dice figures. Kept inside our evidence.json, so that it stays the report's only input."""
     return {"settings": {"seeds": evidence["settings"]["seeds"]},
-            "comparisons": {key: {"mean": per_region["mean"]} for key, per_region in evidence["comparisons"].items()}}
+            "comparisons": {key: {"mean": per_region["mean"]} for key, per_region in evidence["comparisons"].items()},
+            "knowledge": {modality: {"mean": per_region["mean"]}
+                          for modality, per_region in (evidence.get("knowledge") or {}).items()}}
 
 
 def pooled_dice(scores: dict, regions) -> dict:
@@ -335,9 +352,48 @@ def compare_with_control(dice: dict, regions) -> dict:
     return compare_with_baseline(dice, regions, reference_of=control_of)
 
 
+def compare_with_modality_dropout(dice: dict, regions) -> dict:
+    """As compare_with_baseline, each distilled student minus the modality-dropout model predicting from the same
+    modality (ModelKey.modality_dropout) where it was trained: is distillation worth its teacher over the arm a
+    practitioner would train instead? Both are trained on each seed, so the seed is the unit here too."""
+    return compare_with_baseline(dice, regions, reference_of=modality_dropout_of)
+
+
+def compare_teacher_with_baselines(dice: dict, regions) -> dict:
+    """Is there knowledge to transfer? {modality: {region or "mean": replicate_comparison of the teacher minus that
+    modality's unimodal baseline}} over the (seed, case) pairs both have. A student can only learn from its teacher
+    what the teacher knows beyond the baseline: where the teacher is not better (`verdict`), the students of that
+    modality get no verdict for that region (`student_verdict`)."""
+    teacher = dice.get(TEACHER.name)
+    knowledge = {}
+    if teacher is None:
+        return knowledge
+    for key, per_pair in _ordered(dice):
+        model = ModelKey.parse(key)
+        if model.method == BASELINE.name and model.modality:
+            knowledge[model.modality] = {
+                region: replicate_comparison({p: v[region] for p, v in teacher.items()},
+                                             {p: v[region] for p, v in per_pair.items()})
+                for region in list(regions) + ["mean"]}
+    return knowledge
+
+
+def student_verdict(knowledge: dict, key: str, region: str, comparison: dict) -> Verdict:
+    """The one verdict of the evidence's comparisons (headline, tables, forest plot, the demo's sentence) of model
+    `key` on `region`: for a model that distils (ModelKey.distils), `distillation_verdict` against the teacher minus
+    the baseline of its modality and region (`knowledge`, compare_teacher_with_baselines), so that a region where
+    the teacher is not better gets "no knowledge to transfer at this budget"; for any other (the control, modality
+    dropout, LCKD: they learn from no teacher), `verdict`."""
+    model = ModelKey.parse(key)
+    if not model.distils:
+        return verdict(comparison)
+    return distillation_verdict(comparison, (knowledge or {}).get(model.modality, {}).get(region))
+
+
 def adjust_per_modality(families: list) -> None:
     """Adds "holm_p" beside each comparison's seed-level p: Holm's adjustment over one modality's comparisons of one
-    region (against the baseline and against the control together), the family a reader scans for that modality."""
+    region (against the baseline, the control and modality dropout together), the family a reader scans for that
+    modality."""
     grouped = {}
     for family_index, comparisons in enumerate(families):
         for key, per_region in comparisons.items():
@@ -441,7 +497,9 @@ def training_curves(experiment: Experiment) -> dict:
     """{key: {"iterations": [...], "pseudo_dice": [...], "grad_norms": {term: [...]}}} from each model's
     checkpoint_final.pth (nnU-Net's logger: mean_fg_dice is the epoch's pseudo Dice on validation patches)."""
     curves = {}
-    models = [(TEACHER.name, None)] + experiment.students()
+    # a model on every channel (modality dropout, LCKD) is trained once: its curve is that of all channels
+    models = [(TEACHER.name, None)] + [(method, None) for method in every_channel_methods()
+                                       if method in experiment.settings.methods] + experiment.students()
     for method, modality in models:
         trainer = method_trainer(method)
         configuration = experiment.schedule_configuration if modality is None else \
@@ -482,9 +540,17 @@ def _keys(curves: dict) -> list:
     return list(dict.fromkeys(key for per_key in curves.values() for key in per_key))
 
 
+def plateau_status(change: float) -> str:
+    """"reached" when the pseudo Dice moved by less than PLATEAU_TOLERANCE over the last fifth of training, else
+    "still rising" or "falling"."""
+    if abs(change) < PLATEAU_TOLERANCE:
+        return "reached"
+    return "still rising" if change > 0 else "falling"
+
+
 def plateaus(curves: dict, fraction: float = 0.2) -> dict:
-    """Per model: mean pseudo Dice over the last `fraction` of the epochs and its change from the `fraction`
-    before (mean over seeds). A change near 0 (against the rise before it) is a plateau."""
+    """Per model: mean pseudo Dice over the last `fraction` of the epochs, its change from the `fraction` before
+    (mean over seeds) and whether that is a plateau (`plateau_status`)."""
     result = {}
     for key in _keys(curves):
         last, change = [], []
@@ -493,7 +559,8 @@ def plateaus(curves: dict, fraction: float = 0.2) -> dict:
             window = max(1, int(round(fraction * len(values))))
             last.append(values[-window:].mean())
             change.append(values[-window:].mean() - values[-2 * window:-window].mean())
-        result[key] = {"last_fifth_pseudo_dice": float(np.mean(last)), "change_over_last_fifth": float(np.mean(change))}
+        result[key] = {"last_fifth_pseudo_dice": float(np.mean(last)), "change_over_last_fifth": float(np.mean(change)),
+                       "status": plateau_status(float(np.mean(change)))}
     return result
 
 
@@ -520,24 +587,69 @@ def _title(key: str) -> str:
 
 
 def headline(evidence: dict, reference: dict | None = None) -> str:
-    """One sentence per method and modality against the unimodal baseline: `verdict`'s answer on mean Dice (or why
-    there is none), the seed-level figures and the smallest difference the seeds could detect; with one seed, the
-    case-level figures, marked as a description. With `reference` (reference_figures of an earlier run) its
-    figures for the same student beside ours."""
-    sentences = []
+    """First whether there is knowledge to transfer (`knowledge_sentence`), then one sentence per method and
+    modality against the unimodal baseline: `student_verdict`'s answer on mean Dice (or why there is none), the
+    seed-level figures and the smallest difference the seeds could detect, and for a distilled student the same
+    against modality dropout where it was trained; with one seed, the case-level figures, marked as a description.
+    With `reference` (reference_figures of an earlier run) its figures for the same student beside ours."""
+    knowledge = evidence.get("knowledge") or {}
+    sentences = [knowledge_sentence(knowledge)] if knowledge else []
     for key, per_region in evidence["comparisons"].items():
         if ModelKey.parse(key).is_variant:
             continue
         c = per_region["mean"]
-        decision = verdict(c)
-        stated = f"{decision.direction} than" if decision.direction else f"{decision.text} from"
-        sentence = f"{_title(key)}: {stated} the unimodal baseline, mean Dice {_figures(c)}"
+        sentence = f"{_title(key)}: {_stated(student_verdict(knowledge, key, 'mean', c), 'the unimodal baseline')}, " \
+                   f"mean Dice {_figures(c)}"
         earlier = (reference or {}).get("comparisons", {}).get(key, {}).get("mean")
         if earlier is not None:
             sentence += (f" (the evidence run, seeds {', '.join(map(str, reference['settings']['seeds']))}: "
-                         f"{_earlier_figures(earlier)})")
+                         f"{_earlier_figures(earlier, key, reference.get('knowledge'))})")
+        rival = (evidence.get("comparisons_with_modality_dropout") or {}).get(key, {}).get("mean")
+        if rival is not None:
+            decision = student_verdict(knowledge, key, "mean", rival)
+            stated = _stated(decision, "modality dropout") if decision.knowledge else \
+                "no verdict against modality dropout either"
+            sentence += f"; {stated}, mean Dice {_figures(rival)}"
         sentences.append(sentence)
     return "; ".join(sentences) + "."
+
+
+def _stated(decision: Verdict, against: str) -> str:
+    """'better than X', 'no significant difference at this budget (why) from X' or 'no knowledge to transfer at
+    this budget (why), so no verdict against X'."""
+    if decision.direction:
+        return f"{decision.direction} than {against}"
+    if not decision.knowledge:
+        return f"{decision.text}, so no verdict against {against}"
+    return f"{decision.text} from {against}"
+
+
+def _region_name(region: str) -> str:
+    return "mean Dice" if region == "mean" else region
+
+
+def knowledge_sentence(knowledge: dict) -> str:
+    """Per modality: the regions where the teacher is better than the unimodal baseline (`verdict`, seed level)
+    and those where it is not, whose student verdicts are "no knowledge to transfer at this budget"; with one
+    trained model each, the teacher's case-level lead, untested."""
+    parts = []
+    for modality, per_region in knowledge.items():
+        if per_region["mean"]["replicates"] < 2:
+            parts.append(f"{modality}: untested with one trained model each (the teacher minus the baseline, "
+                         f"descriptive: " + ", ".join(f"{_region_name(r)} {c['mean_difference']:+.3f}"
+                                                     for r, c in per_region.items()) + ")")
+            continue
+        better = [r for r, c in per_region.items() if verdict(c).direction == "better"]
+        lacking = [r for r in per_region if r not in better]
+        text = f"{modality}: the teacher is better than the baseline on {', '.join(map(_region_name, better))}"
+        if lacking:
+            figures = "; ".join(f"{_region_name(r)} {_ci(per_region[r])}, seed-level p = "
+                                f"{format_p(per_region[r]['seed_level']['p'])}" for r in lacking)
+            text = (f"{text}, not on {', '.join(map(_region_name, lacking))}" if better else
+                    f"{modality}: the teacher is not better than the baseline on any region or the mean")
+            text += f" ({figures}): {NO_KNOWLEDGE} there, and no verdict for its distilled students"
+        parts.append(text)
+    return "Is there knowledge to transfer? " + "; ".join(parts)
 
 
 def _figures(c: dict) -> str:
@@ -556,11 +668,12 @@ def _figures(c: dict) -> str:
             + (f", smallest detectable difference {detectable:.3f}" if detectable is not None else ""))
 
 
-def _earlier_figures(c: dict) -> str:
-    """An earlier run's mean-Dice comparison, whichever report wrote it: one that predates the seed-level
-    statistics kept only its per-seed means, from which the seed-level test is recomputed here."""
+def _earlier_figures(c: dict, key: str, knowledge: dict | None) -> str:
+    """An earlier run's mean-Dice comparison of `key`, whichever report wrote it: one that predates the seed-level
+    statistics kept only its per-seed means, from which the seed-level test is recomputed here; one that predates
+    the knowledge check has no `knowledge`, and its verdict is the student's own."""
     if "seed_level" in c:
-        return f"{verdict(c).direction or 'no significant difference'}, {_figures(c)}"
+        return f"{student_verdict(knowledge, key, 'mean', c).word}, {_figures(c)}"
     level = seed_level_test(c["per_seed"].values())
     return (f"{c['mean_difference']:+.3f}, seed-level p = {format_p(level['p'])} over {level['replicates']} trained "
             f"models (per seed {', '.join(f'{d:+.3f}' for d in c['per_seed'].values())})")
@@ -599,6 +712,7 @@ def write_evidence_markdown(evidence: dict, path: str) -> None:
              f"{settings['device']}" + _wall_times(settings) + ".", "",
              "**Result.** " + evidence["headline"], "",
              *headline_table(evidence), "",
+             *knowledge_section(evidence), "",
              "## Dice on the held-out cases (mean ± std over (seed, case) pairs; per-seed means in evidence.json)", "",
              "| Modality | Method | " + " | ".join(regions) + " | Mean |", "|---|---|" + "---|" * (len(regions) + 1)]
     for key, per_region in _ordered(evidence["dice"]):
@@ -609,21 +723,30 @@ def write_evidence_markdown(evidence: dict, path: str) -> None:
               "Each seed trains its own models, so a method's replicates are its seeds, not the cases one model "
               "predicts. Per cell: the mean difference [hierarchical bootstrap 95 % CI: seeds resampled, then cases "
               "within each] (seed-level p: one-sample t-test of the per-seed mean differences, df = seeds - 1). "
-              "Holm: the seed-level p adjusted over the modality's comparisons of that region (against the baseline "
-              "and the control together). Smallest detectable: the difference the seeds would detect with 80 % "
-              "power at alpha 0.05, from the spread between seeds (a null rules out effects of about this size, not "
-              "smaller ones). Verdict (mean Dice): better or worse only with seed-level p < 0.05, the hierarchical "
-              "CI excluding 0, and the mean, the median case difference and all seeds but at most one pointing the "
-              "same way.", "", *_comparison_table(evidence["comparisons"], regions)]
+              "Holm: the seed-level p adjusted over the modality's comparisons of that region (against the baseline, "
+              "the control and modality dropout together). Smallest detectable: the difference the seeds would "
+              "detect with 80 % power at alpha 0.05, from the spread between seeds (a null rules out effects of "
+              "about this size, not smaller ones). Verdict (mean Dice; a region's beside its cell when there is "
+              "one): better or worse only with seed-level p < 0.05, the hierarchical CI excluding 0, and the mean, "
+              "the median case difference and all seeds but at most one pointing the same way; for a distilled "
+              "student, only where the teacher is better than the baseline (above), otherwise no knowledge to "
+              "transfer.", "",
+              *_comparison_table(evidence, "comparisons")]
     if evidence.get("comparisons_with_control"):
         lines += ["", "## Paired difference to the control (ProtoKDTrainer with both distillation terms at weight 0; "
-                      "Dice, as above)", "", *_comparison_table(evidence["comparisons_with_control"], regions)]
+                      "Dice, as above)", "", *_comparison_table(evidence, "comparisons_with_control")]
+    if evidence.get("comparisons_with_modality_dropout"):
+        lines += ["", "## Paired difference to modality dropout (each distilled student minus one nnU-Net trained "
+                      "on every channel with random channels zeroed, predicting from the student's modality through "
+                      "its sliced first convolution; trained once per seed; Dice, as above)", "",
+                  *_comparison_table(evidence, "comparisons_with_modality_dropout")]
     lines += ["", "## Case-level figures (descriptive: the cases of one seed share a trained model, so these "
                   "p-values count them as independent and decide nothing)", "",
               "| Modality | Method | Against | n | Mean [bootstrap 95 % CI over pairs] | Wilcoxon p | Paired t p | "
               "Random-intercept p (cross-check) |", "|---|---|---|---|---|---|---|---|"]
     for against, comparisons in (("baseline", evidence["comparisons"]),
-                                 ("control", evidence.get("comparisons_with_control") or {})):
+                                 ("control", evidence.get("comparisons_with_control") or {}),
+                                 ("modality dropout", evidence.get("comparisons_with_modality_dropout") or {})):
         for key, per_region in _ordered(comparisons):
             method, modality = ModelKey.parse(key)
             c = per_region["mean"]
@@ -658,11 +781,13 @@ def write_evidence_markdown(evidence: dict, path: str) -> None:
         lines.append(f"| {modality or 'all'} | {title(method)} | {entry['entropy']:.3f} | "
                      + " | ".join(f"{entry['volume_ratio'][r]:.2f}" for r in regions) + " |")
     lines += ["", "## Convergence: pseudo Dice (nnU-Net's, per epoch) over the last fifth of training and its change "
-                  "from the fifth before (mean over seeds)", "", "| Model | Pseudo Dice, last fifth | Change |",
-              "|---|---|---|"]
+                  "from the fifth before (mean over seeds)", "",
+              f"Plateau reached: a change below {PLATEAU_TOLERANCE} in absolute value. A model on every channel "
+              "(the teacher, modality dropout) is validated with every channel.", "",
+              "| Model | Pseudo Dice, last fifth | Change | Plateau |", "|---|---|---|---|"]
     for key, entry in _ordered(evidence["plateau"]):
         lines.append(f"| {_title(key)} | {entry['last_fifth_pseudo_dice']:.3f} | "
-                     f"{entry['change_over_last_fifth']:+.3f} |")
+                     f"{entry['change_over_last_fifth']:+.3f} | {_plateau(entry)} |")
     lines += ["", "![learning curves](learning_curves.png)", "", "![paired differences](paired_differences.png)", "",
               "## Loss balance: each term's share of the gradient norm at the student's parameters", "",
               "| Student | First epoch | Last epoch |", "|---|---|---|"]
@@ -685,44 +810,111 @@ def write_evidence_markdown(evidence: dict, path: str) -> None:
 
 def headline_table(evidence: dict) -> list:
     """Markdown lines: per model, mean Dice (mean of the regions), its paired difference to the baseline with the
-    seed-level figures and `verdict`'s answer, and the agreement with the teacher (KL change against the baseline's:
-    negative = moved towards the teacher)."""
+    seed-level figures and `student_verdict`'s answer, a distilled student's difference to modality dropout with
+    its verdict, and the agreement with the teacher (KL change against the baseline's: negative = moved towards the
+    teacher)."""
+    knowledge = evidence.get("knowledge") or {}
+    rivals = evidence.get("comparisons_with_modality_dropout") or {}
     lines = ["| Modality | Method | n | Mean Dice | vs baseline [hierarchical 95 % CI] | seed-level p (Holm) | "
-             "per seed | smallest detectable | verdict | KL to teacher | vs baseline [95 % CI] |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "per seed | smallest detectable | verdict |"
+             + (" vs modality dropout [95 % CI] (p): verdict |" if rivals else "")
+             + " KL to teacher | vs baseline [95 % CI] |", "|---|---|---|---|---|---|---|---|---|---|---|"
+             + ("---|" if rivals else "")]
     for key, per_region in _ordered(evidence["dice"]):
         method, modality = ModelKey.parse(key)
         comparison = evidence["comparisons"].get(key, {}).get("mean")
         agreement = evidence["teacher_agreement"].get(key, {})
         cells = [modality or "all", title(method), str(per_region["mean"]["n"]),
                  f"{per_region['mean']['mean']:.3f}"]
-        cells += _seed_level_cells(comparison) if comparison else ["-"] * 5
+        cells += _seed_level_cells(comparison, student_verdict(knowledge, key, "mean", comparison)) \
+            if comparison else ["-"] * 5
+        if rivals:
+            rival = rivals.get(key, {}).get("mean")
+            cells.append(f"{_ci(rival)} ({format_p(rival['seed_level']['p'])}): "
+                         f"{_verdict_word(rival, student_verdict(knowledge, key, 'mean', rival))}" if rival else "-")
         cells += [f"{agreement['kl']:.3f}" if "kl" in agreement else "-",
                   _ci(agreement["kl_vs_baseline"]) if "kl_vs_baseline" in agreement else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def _seed_level_cells(c: dict) -> list:
+def knowledge_section(evidence: dict) -> list:
+    """Markdown lines: per modality and region, the teacher minus the unimodal baseline with the seed-level
+    figures and whether the teacher is better (`verdict`), and whether the teacher and the baseline reached their
+    plateau."""
+    knowledge, regions = evidence.get("knowledge") or {}, evidence["regions"]
+    if not knowledge:
+        return []
+    plateau = evidence.get("plateau") or {}
+    lines = ["## Is there knowledge to transfer? The teacher against the unimodal baseline", "",
+             "Distillation can only pass on what the teacher knows beyond the baseline. Per modality and region: the "
+             "teacher (every channel) minus the unimodal baseline (that channel), mean [hierarchical 95 % CI] "
+             "(seed-level p), judged by the same rule as the students. Where the teacher is not better, the "
+             f"distilled students of that modality get \"{NO_KNOWLEDGE}\" there instead of a verdict; the "
+             "plateau columns say whether a longer schedule could change that.", "",
+             "| Modality | " + " | ".join(regions) + " | Mean | Teacher's plateau | Baseline's plateau |",
+             "|---|" + "---|" * (len(regions) + 3)]
+    for modality, per_region in knowledge.items():
+        cells = []
+        for region in list(regions) + ["mean"]:
+            c = per_region[region]
+            decision = verdict(c)
+            answer = "one seed: untested" if c["replicates"] < 2 else \
+                ("teacher better" if decision.direction == "better" else NO_KNOWLEDGE)
+            cells.append(f"{_ci(c)} (p {format_p(c['seed_level']['p'])}): {answer}")
+        cells += [_plateau(plateau.get(TEACHER.name)), _plateau(plateau.get(ModelKey(BASELINE.name, modality).text))]
+        lines.append(f"| {modality} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _plateau(entry: dict | None) -> str:
+    return "-" if entry is None else f"{entry['status']} ({entry['change_over_last_fifth']:+.3f})"
+
+
+def _verdict_word(c: dict, decision: Verdict) -> str:
+    return "one seed: none" if c["replicates"] < 2 else decision.word
+
+
+def _seed_level_cells(c: dict, decision: Verdict) -> list:
     """[mean [CI], seed-level p (Holm), per seed, smallest detectable difference, verdict] of one comparison."""
     detectable = c["seed_level"]["detectable_difference"]
-    decision = verdict(c)
     return [_ci(c), f"{format_p(c['seed_level']['p'])} ({format_p(c.get('holm_p'))})", _per_seed(c),
-            f"{detectable:.3f}" if detectable is not None else "n/a",
-            decision.direction or ("one seed: none" if c["replicates"] < 2 else "no significant difference")]
+            f"{detectable:.3f}" if detectable is not None else "n/a", _verdict_word(c, decision)]
 
 
-def _comparison_table(comparisons: dict, regions) -> list:
-    """Markdown lines: per model, each region's and the mean's difference with the seed-level figures."""
+def _comparison_table(evidence: dict, name: str) -> list:
+    """Markdown lines: per model of evidence[name], each region's and the mean's difference with the seed-level
+    figures; a region's verdict beside its cell where there is one (better, worse, no knowledge to transfer)."""
+    regions, knowledge = evidence["regions"], evidence.get("knowledge") or {}
     lines = ["| Modality | Method | seeds | n | " + " | ".join(regions) + " | Mean | seed-level p (Holm) | per seed | "
              "smallest detectable | verdict |", "|---|---|---|---|" + "---|" * (len(regions) + 5)]
-    for key, per_region in _ordered(comparisons):
+    for key, per_region in _ordered(evidence[name]):
         method, modality = ModelKey.parse(key)
-        cells = [f"{_ci(per_region[r])} (p {format_p(per_region[r]['seed_level']['p'])})" for r in regions]
+        cells = []
+        for region in regions:
+            c, decision = per_region[region], student_verdict(knowledge, key, region, per_region[region])
+            marked = decision.direction or (None if decision.knowledge else "no knowledge to transfer")
+            cells.append(f"{_ci(c)} (p {format_p(c['seed_level']['p'])})" + (f": {marked}" if marked else ""))
         mean = per_region["mean"]
         lines.append(f"| {modality} | {title(method)} | {mean['replicates']} | {mean['n']} | " + " | ".join(cells)
-                     + " | " + " | ".join(_seed_level_cells(mean)) + " |")
+                     + " | " + " | ".join(_seed_level_cells(mean, student_verdict(knowledge, key, "mean", mean)))
+                     + " |")
     return lines
+
+
+def forest_rows(evidence: dict) -> list:
+    """The forest plot's rows, in report order: (label, {region: comparison}, {region: student_verdict}) of each
+    model against its baseline, each distilled student followed by its row against modality dropout."""
+    knowledge = evidence.get("knowledge") or {}
+    rivals = evidence.get("comparisons_with_modality_dropout") or {}
+    rows = []
+    for key, per_region in _ordered(evidence["comparisons"]):
+        for label, comparisons in ((_title(key), per_region),
+                                   (f"{_title(key)} - {MODALITY_DROPOUT.title.lower()}", rivals.get(key))):
+            if comparisons:
+                rows.append((label, comparisons, {region: student_verdict(knowledge, key, region, c)
+                                                  for region, c in comparisons.items()}))
+    return rows
 
 
 def _ordered(mapping: dict) -> list:
