@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nnunet_protokd.training.losses import (
     bottleneck_kl_loss,
@@ -323,3 +324,94 @@ def test_kdnet_gradients_reach_the_student_only(region_based):
         + bottleneck_kl_loss(student_bottleneck, teacher_bottleneck)
     assert_gradients_reach_the_student_only(loss, (student_logits, student_bottleneck),
                                             (teacher_logits, teacher_bottleneck))
+
+
+# ----- chunked float32 reductions over voxels
+
+CHUNKED_LOSSES = {
+    "pixelwise_kd, labels": lambda x, chunk: pixelwise_kd_loss(x["student_logits"], x["teacher_logits"], 10.0, False,
+                                                              chunk_voxels=chunk),
+    "pixelwise_kd, regions": lambda x, chunk: pixelwise_kd_loss(x["student_logits"], x["teacher_logits"], 10.0, True,
+                                                               chunk_voxels=chunk),
+    "prototype_kd": lambda x, chunk: prototype_kd_loss(x["student_features"], x["teacher_features"], x["masks"],
+                                                       chunk_voxels=chunk),
+    "prototype_kd, intra-class": lambda x, chunk: prototype_kd_loss(x["student_features"], x["teacher_features"],
+                                                                    x["masks"], intra_class_only=True,
+                                                                    chunk_voxels=chunk),
+    "soft_label_kd, labels": lambda x, chunk: soft_label_kd_loss(x["student_logits"], x["teacher_logits"], 5.0, False,
+                                                                chunk_voxels=chunk),
+    "soft_label_kd, regions": lambda x, chunk: soft_label_kd_loss(x["student_logits"], x["teacher_logits"], 5.0, True,
+                                                                 chunk_voxels=chunk),
+}
+
+
+def chunking_inputs(dtype=torch.float32, spatial=(6, 7, 9)):
+    generator = torch.Generator().manual_seed(7)
+    labels = torch.randint(0, 3, (2, 1, *spatial), generator=generator)
+    inputs = {"student_logits": torch.randn(2, 3, *spatial, generator=generator) * 3,
+              "teacher_logits": torch.randn(2, 3, *spatial, generator=generator) * 3,
+              "student_features": torch.randn(2, 5, *spatial, generator=generator),
+              "teacher_features": torch.randn(2, 4, *spatial, generator=generator),
+              "masks": ground_truth_class_masks(labels, False, 3)}
+    return {k: v.to(dtype).requires_grad_(k.startswith("student")) if k != "masks" else v for k, v in inputs.items()}
+
+
+def value_and_student_gradients(name, inputs, chunk):
+    for key in ("student_logits", "student_features"):
+        inputs[key].grad = None
+    loss = CHUNKED_LOSSES[name](inputs, chunk)
+    loss.backward()
+    return loss.detach(), [inputs[key].grad.clone() for key in ("student_logits", "student_features")
+                           if inputs[key].grad is not None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", CHUNKED_LOSSES)
+def test_chunked_reductions_equal_the_unchunked_value_and_gradients(name, dtype):
+    """Whatever the chunk size (a few voxels, not dividing V, all but one of the 378 voxels), the value and the
+    student's gradients are those of the whole float32 computation; half-precision inputs (chunks recomputed in
+    backward) alike, within the rounding of their gradient to bfloat16."""
+    inputs = chunking_inputs(dtype)
+    reference, reference_gradients = value_and_student_gradients(name, inputs, 10 ** 6)
+    assert reference.dtype == torch.float32 and reference_gradients
+    for chunk in (5, 64, 377):
+        value, gradients = value_and_student_gradients(name, inputs, chunk)
+        torch.testing.assert_close(value, reference, rtol=1e-6, atol=1e-7)
+        for gradient, expected in zip(gradients, reference_gradients, strict=True):
+            atol = 1e-7 if dtype == torch.float32 else 1e-2 * float(expected.abs().max())
+            torch.testing.assert_close(gradient.float(), expected.float(), rtol=1e-5, atol=atol)
+
+
+def largest_float32_tensor(function) -> int:
+    """The element count of the largest float32 tensor any torch operation makes while `function` runs."""
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, op, types, args=(), kwargs=None):
+            out = op(*args, **(kwargs or {}))
+            for tensor in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32:
+                    Largest.numel = max(Largest.numel, tensor.numel())
+            return out
+
+    with Largest():
+        function()
+    return Largest.numel
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_no_full_size_float32_copy_of_half_precision_features(dtype):
+    """ProtoKD's loss on half-precision decoder features, forward and backward: no float32 tensor as large as the
+    features (the copy that did not fit at BraTS size) is ever made; the largest is one chunk of them."""
+    chunk = 512
+    student = torch.randn(2, 16, 16, 16, 16).to(dtype).requires_grad_()
+    teacher = torch.randn(2, 16, 16, 16, 16).to(dtype)
+    masks = ground_truth_class_masks(torch.randint(0, 3, (2, 1, 16, 16, 16)), False, 3)
+
+    def forward_and_backward():
+        prototype_kd_loss(student, teacher, masks, chunk_voxels=chunk).backward()
+
+    largest = largest_float32_tensor(forward_and_backward)
+    assert student.grad is not None and torch.isfinite(student.grad.float()).all()
+    # the float32 masks (3 channels) are the largest full-size float32 tensor; a feature chunk is 2 x 16 x 512
+    assert largest <= max(masks.numel(), 2 * 16 * chunk) < student.numel()

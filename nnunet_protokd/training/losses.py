@@ -1,12 +1,16 @@
 """Distillation losses as pure functions of tensors.
 
-Shapes: N batch items, K classes (or R regions), C feature channels, S... spatial axes (2D or 3D).
-"Region-based" means nnU-Net's sigmoid outputs, one channel per (possibly overlapping) region; otherwise
-the outputs are softmax logits over mutually exclusive labels, background included.
+Shapes: N batch items, K classes (or R regions), C feature channels, S... spatial axes (2D or 3D), V voxels
+(the product of S). "Region-based" means nnU-Net's sigmoid outputs, one channel per (possibly overlapping) region;
+otherwise the outputs are softmax logits over mutually exclusive labels, background included.
 
-Every public loss runs with autocast switched off and its inputs cast to float32 (`in_float32`): nnU-Net
-trains under CUDA autocast, which would otherwise run the matmuls below in float16 whatever `.float()` was
-called before them, and a sum over the ~2 million voxels of a BraTS patch overflows float16 (max 65504).
+Every public loss runs with autocast switched off (`without_autocast`) and computes in float32: nnU-Net trains under
+CUDA autocast, which would otherwise run the matmuls below in float16 whatever `.float()` was called before them,
+and a sum over the ~2 million voxels of a BraTS patch overflows float16 (max 65504). Inputs at full resolution
+(logits, decoder features, masks) are not cast whole: every reduction over voxels runs chunk by chunk
+(`summed_over_voxel_chunks`), each chunk cast to float32 and its sums accumulated in float32, so that no
+full-size float32 copy of a network's output exists (a 112x160x128 patch, batch 2, 32 decoder channels: 0.59 GB
+per copy) and the gradients are those of the unchunked float32 computation.
 """
 from __future__ import annotations
 
@@ -15,47 +19,89 @@ import functools
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# voxels of each item in one chunk: a float32 chunk of 32 channels of a batch of 2 is 32 MB, and a patch of up to
+# 50x50x50 voxels (the phantoms) is a single chunk, computed without recomputation
+VOXELS_PER_CHUNK = 2 ** 17
 
 
-def in_float32(loss):
-    """Runs `loss` with autocast disabled on the device of its first tensor argument and every floating-point
-    tensor argument cast to float32, so that reductions and matmuls are float32 under any autocast. Gradients
+def without_autocast(loss):
+    """Runs `loss` with autocast disabled on the device of its first tensor argument, so that its reductions and
+    matmuls run in the float32 it casts to (full-size inputs chunk by chunk: summed_over_voxel_chunks). Gradients
     flow back through the casts to the network's (float16/bfloat16) outputs."""
     @functools.wraps(loss)
     def full_precision_loss(*args, **kwargs):
-        def cast(value):
-            return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
         device_type = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
         with torch.autocast(device_type, enabled=False):
-            return loss(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
+            return loss(*args, **kwargs)
     return full_precision_loss
 
 
-@in_float32
+def voxel_chunks(voxel_tensors, chunk_voxels: int = VOXELS_PER_CHUNK) -> list[tuple]:
+    """(N, X, V) tensors (e.g. features flattened over S) cut along V into chunks of chunk_voxels voxels (V in one
+    chunk when V <= chunk_voxels): a list of tuples, one chunk of every tensor each. Views, no copies; one
+    torch.split per tensor, whose backward puts the chunks' gradients (from every pass over them) together once."""
+    return list(zip(*(torch.split(t, chunk_voxels, dim=-1) for t in voxel_tensors)))
+
+
+def summed_over_voxel_chunks(per_chunk, chunks: list, shared=()) -> tuple:
+    """sum over chunks j of per_chunk(*chunks[j], *shared), accumulated in float32.
+
+    Args:
+        per_chunk: maps one chunk of the voxel tensors (in their own dtype; it casts them to float32) and the shared
+            tensors to a tuple of float32 tensors whose shapes do not depend on the chunk (sums over its voxels).
+        chunks: voxel_chunks of the (N, X, V) tensors.
+        shared: small tensors every chunk gets whole (e.g. prototypes); gradients reach them too.
+    Returns:
+        the tuple of sums. Where more than one chunk casts a tensor that needs a gradient from half precision to
+        float32, each chunk is checkpointed: its float32 copies and intermediates are freed after its forward pass
+        and recomputed chunk by chunk in the backward pass, so that no full-size float32 copy of the half-precision
+        tensor exists at any time (float32 inputs need no copy, and are not recomputed). The gradients are those of
+        the unchunked computation either way.
+    """
+    recompute = len(chunks) > 1 and torch.is_grad_enabled() and \
+        any(t.requires_grad and t.dtype != torch.float32 for t in chunks[0])
+    totals = None
+    for chunk in chunks:
+        sums = checkpoint(per_chunk, *chunk, *shared, use_reentrant=False, preserve_rng_state=False) \
+            if recompute else per_chunk(*chunk, *shared)
+        totals = sums if totals is None else tuple(total + s for total, s in zip(totals, sums))
+    return totals
+
+
+def _bernoulli_or_softmax_kl(student: torch.Tensor, teacher: torch.Tensor, region_based: bool) -> torch.Tensor:
+    """Elementwise KL(teacher || student) of float32 logits (N, K, ...): per-region Bernoulli KL
+    p log(p/q) + (1-p) log((1-p)/(1-q)) written with log-sigmoids for stability, or the softmax KL's terms."""
+    if region_based:
+        log_p, log_not_p = F.logsigmoid(teacher), F.logsigmoid(-teacher)
+        log_q, log_not_q = F.logsigmoid(student), F.logsigmoid(-student)
+        return log_p.exp() * (log_p - log_q) + log_not_p.exp() * (log_not_p - log_not_q)
+    log_p, log_q = F.log_softmax(teacher, dim=1), F.log_softmax(student, dim=1)
+    return log_p.exp() * (log_p - log_q)
+
+
+@without_autocast
 def pixelwise_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-                      region_based: bool) -> torch.Tensor:
+                      region_based: bool, chunk_voxels: int = VOXELS_PER_CHUNK) -> torch.Tensor:
     """ProtoKD Eq. (1): KL(teacher || student) of temperature-softened predictions.
 
     Args:
-        student_logits, teacher_logits: (N, K, *S) raw network outputs.
+        student_logits, teacher_logits: (N, K, *S) raw network outputs, any floating dtype.
         temperature: T > 0; both logits are divided by T before the softmax/sigmoid.
         region_based: softmax over K classes (False) or an independent Bernoulli per region channel (True).
+        chunk_voxels: voxels per float32 chunk (summed_over_voxel_chunks); the value does not depend on it.
     Returns:
-        scalar, the KL divergence averaged over all N*K*S elements (the mean reduction of the authors'
+        float32 scalar, the KL divergence averaged over all N*K*S elements (the mean reduction of the authors'
         code; for softmax this is the per-voxel KL divided by K). No T^2 factor. The teacher is detached:
         gradients reach the student only.
     """
-    student = student_logits.float() / temperature
-    teacher = teacher_logits.detach().float() / temperature
-    if region_based:
-        # per-region Bernoulli KL: p log(p/q) + (1-p) log((1-p)/(1-q)), written with log-sigmoids for stability
-        log_p, log_not_p = F.logsigmoid(teacher), F.logsigmoid(-teacher)
-        log_q, log_not_q = F.logsigmoid(student), F.logsigmoid(-student)
-        kl = log_p.exp() * (log_p - log_q) + log_not_p.exp() * (log_not_p - log_not_q)
-    else:
-        log_p, log_q = F.log_softmax(teacher, dim=1), F.log_softmax(student, dim=1)
-        kl = log_p.exp() * (log_p - log_q)
-    return kl.mean()
+    def kl_sum(student, teacher):
+        return (_bernoulli_or_softmax_kl(student.float() / temperature, teacher.float() / temperature,
+                                         region_based).sum(),)
+    (total,) = summed_over_voxel_chunks(kl_sum, voxel_chunks((student_logits.flatten(2),
+                                                              teacher_logits.detach().flatten(2)), chunk_voxels))
+    return total / student_logits.numel()
 
 
 def disjoint_region_classes(regions) -> tuple[list[tuple], list[tuple]]:
@@ -111,96 +157,137 @@ def ground_truth_class_masks(target: torch.Tensor, region_based: bool, num_class
     return F.one_hot(labels, num_classes).movedim(-1, 1).float()
 
 
-@in_float32
-def class_prototypes(features: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _masked_sums(features: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per chunk: sums (N, K, C) of the feature vectors of each class's voxels and counts (N, K) of those voxels,
+    from features (N, C, v) and masks (N, K, v). One batched matmul, in float32."""
+    masks = masks.float()
+    return torch.bmm(masks, features.float().transpose(1, 2)), masks.sum(dim=2)
+
+
+def _prototypes_and_counts(chunks: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. (2) from voxel_chunks of (features (N, C, V), masks (N, K, V)): prototypes (N, K, C), counts (N, K)."""
+    sums, counts = summed_over_voxel_chunks(_masked_sums, chunks)
+    return sums / counts.clamp_min(1.0).unsqueeze(2), counts
+
+
+@without_autocast
+def class_prototypes(features: torch.Tensor, masks: torch.Tensor,
+                     chunk_voxels: int = VOXELS_PER_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """ProtoKD Eq. (2): c_k = mean of the feature vectors z_i of the voxels i in class k, per batch item.
 
     Args:
         features: (N, C, *S) feature maps.
         masks: (N, K, *S) class masks at the same resolution (see ground_truth_class_masks).
+        chunk_voxels: voxels per float32 chunk of the masked sums (summed_over_voxel_chunks).
     Returns:
-        prototypes (N, K, C), zero for absent classes; present (N, K) bool, True where class k has voxels in
-        item n. One batched matmul; no division by zero.
+        prototypes (N, K, C) float32, zero for absent classes; present (N, K) bool, True where class k has voxels
+        in item n. No division by zero.
     """
-    flat_features = features.float().flatten(2)  # (N, C, V)
-    flat_masks = masks.float().flatten(2)  # (N, K, V)
-    counts = flat_masks.sum(dim=2)  # (N, K)
-    sums = torch.bmm(flat_masks, flat_features.transpose(1, 2))  # (N, K, C)
-    prototypes = sums / counts.clamp_min(1.0).unsqueeze(2)
+    prototypes, counts = _prototypes_and_counts(voxel_chunks((features.flatten(2), masks.flatten(2)), chunk_voxels))
     return prototypes, counts > 0
 
 
-@in_float32
+def _cosine_maps(features: torch.Tensor, unit_prototypes: torch.Tensor, eps: float) -> torch.Tensor:
+    """Eq. (3) on flat features (N, C, v) and unit-length prototypes (N, K, C): (N, K, v) float32 cosines.
+
+    <c_k, z_i> / max(|z_i|, eps), the cosine with the feature vector normalised as F.normalize does, computed
+    without a normalised copy of the C-channel features: only K-channel tensors are made (and kept for backward)."""
+    features = features.float()
+    norms = torch.linalg.vector_norm(features, dim=1, keepdim=True).clamp_min(eps)  # (N, 1, v)
+    return torch.bmm(unit_prototypes, features) / norms
+
+
+@without_autocast
 def prototype_similarity_maps(features: torch.Tensor, prototypes: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """ProtoKD Eq. (3): M_k(i) = cos(z_i, c_k) for every voxel i and class k (the I2FV maps).
 
     Args:
         features: (N, C, *S); prototypes: (N, K, C).
     Returns:
-        (N, K, *S) cosine similarities in [-1, 1]; 0 where a feature vector or prototype is all zeros.
+        (N, K, *S) float32 cosine similarities in [-1, 1]; 0 where a feature vector or prototype is all zeros.
+        (prototype_kd_loss reduces these maps chunk by chunk and never holds them whole.)
     """
-    unit_features = F.normalize(features.float().flatten(2), dim=1, eps=eps)  # (N, C, V)
-    unit_prototypes = F.normalize(prototypes.float(), dim=2, eps=eps)  # (N, K, C)
-    maps = torch.bmm(unit_prototypes, unit_features)  # (N, K, V)
+    maps = _cosine_maps(features.flatten(2), F.normalize(prototypes.float(), dim=2, eps=eps), eps)
     return maps.view(maps.shape[:2] + features.shape[2:])
 
 
-@in_float32
+@without_autocast
 def prototype_kd_loss(student_features: torch.Tensor, teacher_features: torch.Tensor, masks: torch.Tensor,
-                      intra_class_only: bool = False, class_presence: str = "item") -> torch.Tensor:
+                      intra_class_only: bool = False, class_presence: str = "item",
+                      chunk_voxels: int = VOXELS_PER_CHUNK) -> torch.Tensor:
     """ProtoKD Eq. (4): mean squared difference of the student's and the teacher's I2FV maps.
 
     Each network's maps use its own features and its own prototypes (Eq. 2) over the same ground-truth masks;
     cosine similarity makes them comparable whatever the two channel counts are.
 
     Args:
-        student_features: (N, Cs, *S); teacher_features: (N, Ct, *S), Cs and Ct may differ.
+        student_features: (N, Cs, *S); teacher_features: (N, Ct, *S), Cs and Ct may differ; any floating dtype.
         masks: (N, K, *S) ground-truth class masks (ground_truth_class_masks).
         intra_class_only: keep only M_k(i) with voxel i in class k (Table 3 ablation); by default all voxels,
             i.e. intra- and inter-class similarities.
         class_presence: "item": class k counts for item n when item n has voxels of k; "batch": only when every
             item of the batch has (the authors' code, which then averages over all items, classes and voxels).
+        chunk_voxels: voxels per float32 chunk (summed_over_voxel_chunks): two passes over the voxels, the
+            prototypes' sums, then the maps' squared differences summed per (item, class).
     Returns:
-        scalar: the squared differences averaged over voxels and over the (item, class) pairs that count
+        float32 scalar: the squared differences averaged over voxels and over the (item, class) pairs that count
         (absent classes contribute nothing; with intra_class_only, over the voxels of each class). 0 if no
         class counts anywhere. The teacher is detached: gradients reach the student only.
     """
     if class_presence not in ("item", "batch"):
         raise ValueError(f"class_presence must be 'item' or 'batch', got {class_presence!r}")
-    teacher_features = teacher_features.detach()
-    student_prototypes, present = class_prototypes(student_features, masks)
+    eps = 1e-8  # prototype_similarity_maps' default
+    chunks = voxel_chunks((student_features.flatten(2), teacher_features.detach().flatten(2), masks.flatten(2)),
+                          chunk_voxels)
+    student_prototypes, counts = _prototypes_and_counts([(student, mask) for student, _, mask in chunks])
+    teacher_prototypes, _ = _prototypes_and_counts([(teacher, mask) for _, teacher, mask in chunks])
+    present = counts > 0
     if class_presence == "batch":
         present = present.all(dim=0, keepdim=True).expand_as(present)
-    teacher_prototypes, _ = class_prototypes(teacher_features, masks)
-    squared = (prototype_similarity_maps(student_features, student_prototypes)
-               - prototype_similarity_maps(teacher_features, teacher_prototypes)).square().flatten(2)  # (N, K, V)
-    if intra_class_only:
-        flat_masks = masks.float().flatten(2)
-        per_class = (squared * flat_masks).sum(2) / flat_masks.sum(2).clamp_min(1.0)
-    else:
-        per_class = squared.mean(2)
+
+    def squared_map_differences(student, teacher, chunk_masks, unit_student_prototypes, unit_teacher_prototypes):
+        squared = (_cosine_maps(student, unit_student_prototypes, eps)
+                   - _cosine_maps(teacher, unit_teacher_prototypes, eps)).square()  # (N, K, v)
+        return ((squared * chunk_masks.float()).sum(2) if intra_class_only else squared.sum(2),)
+
+    (summed,) = summed_over_voxel_chunks(
+        squared_map_differences, chunks,
+        (F.normalize(student_prototypes, dim=2, eps=eps), F.normalize(teacher_prototypes, dim=2, eps=eps)))
+    per_class = summed / (counts.clamp_min(1.0) if intra_class_only else masks[0, 0].numel())
     weights = present.float()
     return (per_class * weights).sum() / weights.sum().clamp_min(1.0)
 
 
-@in_float32
-def soft_dice_loss(probabilities: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def _dice_sums(probabilities: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per chunk of (N, K, v) float32 values: sum(p r) and sum(p) + sum(r) over the voxels, each (N, K)."""
+    return (probabilities * reference).sum(2), probabilities.sum(2) + reference.sum(2)
+
+
+def _one_minus_dice(intersection: torch.Tensor, denominator: torch.Tensor, eps: float) -> torch.Tensor:
+    return 1.0 - ((2.0 * intersection + eps) / (denominator + eps)).mean()
+
+
+@without_autocast
+def soft_dice_loss(probabilities: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5,
+                   chunk_voxels: int = VOXELS_PER_CHUNK) -> torch.Tensor:
     """1 - soft Dice of probabilities against a (soft or hard) reference, per item and channel.
 
     Args:
         probabilities, reference: (N, K, *S) values in [0, 1].
     Returns:
-        scalar: 1 - mean over N*K of (2 sum(p r) + eps) / (sum(p) + sum(r) + eps), sums over S.
+        float32 scalar: 1 - mean over N*K of (2 sum(p r) + eps) / (sum(p) + sum(r) + eps), sums over S (in
+        float32 chunks of chunk_voxels voxels).
     """
-    axes = tuple(range(2, probabilities.ndim))
-    intersection = (probabilities * reference).sum(axes)
-    denominator = probabilities.sum(axes) + reference.sum(axes)
-    return 1.0 - ((2.0 * intersection + eps) / (denominator + eps)).mean()
+    def sums(p, r):
+        return _dice_sums(p.float(), r.float())
+    return _one_minus_dice(*summed_over_voxel_chunks(sums, voxel_chunks((probabilities.flatten(2),
+                                                                         reference.flatten(2)), chunk_voxels)), eps)
 
 
-@in_float32
+@without_autocast
 def soft_label_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-                       region_based: bool, soften_student: bool = False) -> torch.Tensor:
+                       region_based: bool, soften_student: bool = False,
+                       chunk_voxels: int = VOXELS_PER_CHUNK) -> torch.Tensor:
     """KD-Net's L_KD, Eq. (2) (Hu et al., MICCAI 2020; the L_KD of L = lambda L_KD + (1-lambda) L_GT + alpha L_KL).
 
     (1 - soft Dice) between the teacher's prediction softened by T, sigma(f_t / T), and the student's unsoftened
@@ -210,28 +297,38 @@ def soft_label_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     hard prediction is sigmoid(teacher) > 0.5, binary cross-entropy averaged over all elements.
 
     Args:
-        student_logits, teacher_logits: (N, K, *S).
+        student_logits, teacher_logits: (N, K, *S), any floating dtype.
         soften_student: divide the student's logits by T too in the Dice term (plugin 0.1.0's reading).
+        chunk_voxels: voxels per float32 chunk; one pass gives the Dice sums and the cross-entropy's sum.
     Returns:
-        scalar. The teacher is detached: gradients reach the student only.
+        float32 scalar. The teacher is detached: gradients reach the student only.
     """
-    student = student_logits.float()
-    teacher = teacher_logits.detach().float()
-    student_for_dice = student / temperature if soften_student else student
-    if region_based:
-        dice = soft_dice_loss(torch.sigmoid(student_for_dice), torch.sigmoid(teacher / temperature))
-        cross_entropy = F.binary_cross_entropy_with_logits(student, (teacher > 0).float())
-    else:
-        dice = soft_dice_loss(F.softmax(student_for_dice, dim=1)[:, 1:], F.softmax(teacher / temperature, dim=1)[:, 1:])
-        cross_entropy = F.cross_entropy(student, teacher.argmax(dim=1))
-    return dice + cross_entropy
+    def dice_and_cross_entropy_sums(student, teacher):
+        student, teacher = student.float(), teacher.float()
+        student_for_dice = student / temperature if soften_student else student
+        if region_based:
+            sums = _dice_sums(torch.sigmoid(student_for_dice), torch.sigmoid(teacher / temperature))
+            cross_entropy = F.binary_cross_entropy_with_logits(student, (teacher > 0).float(), reduction="sum")
+        else:
+            sums = _dice_sums(F.softmax(student_for_dice, dim=1)[:, 1:], F.softmax(teacher / temperature, dim=1)[:, 1:])
+            cross_entropy = F.cross_entropy(student, teacher.argmax(dim=1), reduction="sum")
+        return (*sums, cross_entropy)
+
+    intersection, denominator, cross_entropy = summed_over_voxel_chunks(
+        dice_and_cross_entropy_sums, voxel_chunks((student_logits.flatten(2), teacher_logits.detach().flatten(2)),
+                                                  chunk_voxels))
+    averaged_over = student_logits.numel() if region_based else student_logits.numel() // student_logits.shape[1]
+    return _one_minus_dice(intersection, denominator, 1e-5) + cross_entropy / averaged_over
 
 
-@in_float32
+@without_autocast
 def bottleneck_kl_loss(student_bottleneck: torch.Tensor, teacher_bottleneck: torch.Tensor,
                        reduction: str = "sum") -> torch.Tensor:
     """KD-Net's L_KL, Eq. (3): KL(teacher || student) between the bottleneck features of each batch item, flattened
     and normalised by a softmax over all their C*S elements.
+
+    Not chunked: the softmax spans each item's whole bottleneck, which is small (BraTS plans: 320x7x5x4 per item,
+    0.18 MB in float32).
 
     Args:
         student_bottleneck, teacher_bottleneck: (N, C, *S) of identical shapes (KD-Net's teacher and student
@@ -239,7 +336,7 @@ def bottleneck_kl_loss(student_bottleneck: torch.Tensor, teacher_bottleneck: tor
         reduction: "sum": the KL of an item's distributions (summed over its C*S elements), the paper's reading;
             "mean": that sum divided by C*S, a term about C*S times smaller. Both are averaged over the N items.
     Returns:
-        scalar. The teacher is detached.
+        float32 scalar. The teacher is detached.
     Raises:
         ValueError if the shapes differ.
     """
@@ -254,7 +351,7 @@ def bottleneck_kl_loss(student_bottleneck: torch.Tensor, teacher_bottleneck: tor
     return (per_element.sum(dim=1) if reduction == "sum" else per_element.mean(dim=1)).mean()
 
 
-@in_float32
+@without_autocast
 def cross_modal_kd_loss(bottlenecks: torch.Tensor, available: torch.Tensor, teacher_modalities,
                         pair_reduction: str = "sum") -> torch.Tensor:
     """LCKD's cross-modal distillation: L1 distance from each elected teacher modality's bottleneck features
@@ -270,7 +367,8 @@ def cross_modal_kd_loss(bottlenecks: torch.Tensor, available: torch.Tensor, teac
             subset drawn per batch: nn.L1Loss over the batch), summed over the pairs. "mean" (plugin 0.1.0): the
             mean absolute difference averaged over all (item, pair) combinations present.
     Returns:
-        scalar; 0 when there is no pair (e.g. the items' teachers are missing). Gradients reach the students only.
+        float32 scalar; 0 when there is no pair (e.g. the items' teachers are missing). Gradients reach the
+        students only. Not chunked: bottlenecks are small (BraTS plans: 320x7x5x4 per item and modality).
     """
     if pair_reduction not in ("sum", "mean"):
         raise ValueError(f"pair_reduction must be 'sum' or 'mean', got {pair_reduction!r}")
