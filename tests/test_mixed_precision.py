@@ -93,3 +93,25 @@ def test_loss_of_half_precision_outputs_is_close_to_float32(brats_size, name, dt
         value = LOSSES[name](rounded)
     assert value.dtype == torch.float32 and torch.isfinite(value)
     torch.testing.assert_close(value, reference, rtol=INPUT_ROUNDING_TOLERANCE[dtype], atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=str)
+def test_losses_of_large_half_precision_outputs_stay_finite_at_brats_size(brats_size, dtype):
+    """Half-precision decoder features and logits of large magnitude (|z| up to ~4000: their sums over the 2.3
+    million voxels of a patch overflow float16 a hundred times over), as autocast hands them to the losses: the
+    values and the student's gradients are finite. The reductions run in float32 chunks, without a full-size
+    float32 copy of the features (tests/test_losses.py checks the copy and the chunked values)."""
+    generator = torch.Generator().manual_seed(1)
+    student = (brats_size["student_features"] * 1000).to(dtype).requires_grad_()
+    teacher = (brats_size["teacher_features"] * 1000).to(dtype)
+    logits = (torch.randn(BATCH, 3, *BRATS_PATCH, generator=generator) * 100).to(dtype).requires_grad_()
+    with torch.autocast("cpu", dtype=dtype):
+        proto = prototype_kd_loss(student, teacher, brats_size["region_masks"])
+        kd = pixelwise_kd_loss(logits, brats_size["teacher_regions"].to(dtype), 10.0, True) \
+            + soft_label_kd_loss(logits, brats_size["teacher_regions"].to(dtype), 5.0, True)
+    # scaled as GradScaler's first step scales the loss: a float16 gradient per voxel of a mean over 2.3 million
+    # voxels underflows otherwise (GradScaler's business, not the loss's)
+    ((proto + kd) * 2.0 ** 16).backward()
+    assert proto.dtype == torch.float32 and torch.isfinite(proto) and proto > 0 and torch.isfinite(kd)
+    for gradient in (student.grad, logits.grad):
+        assert torch.isfinite(gradient).all() and gradient.float().abs().sum() > 0
