@@ -116,9 +116,34 @@ def test_benchmark_reports_every_trainer_side_by_side(bfloat16_benchmark):
         assert figures["n"] == 3 and all(figures[k] > 0 for k in ("median_s", "peak_memory_mb", "step_ratio",
                                                                     "memory_ratio"))
     assert report["results"]["UnimodalTrainer"]["step_ratio"] == 1.0
+    # the physical limit of each distilling trainer and its loss terms' forward time, per term the trainer calls
+    assert "x limit" in stdout
+    for trainer, expected in {"ProtoKDTrainer": {"pixelwise_kd_loss", "prototype_kd_loss"},
+                              "KDNetTrainer": {"soft_label_kd_loss", "bottleneck_kl_loss"}}.items():
+        figures = report["results"][trainer]
+        assert set(figures["loss_forward_s"]) == expected and all(v > 0 for v in figures["loss_forward_s"].values())
+        assert figures["limit_s"] == pytest.approx(report["results"]["UnimodalTrainer"]["median_s"]
+                                                   + report["results"]["teacher"]["median_s"])
+        assert figures["limit_ratio"] > 0 and 0 < figures["loss_forward_share"] < 1
     assert all(report["results"]["inference"][k] > 0 for k in ("student_median_s", "plain_median_s", "ratio"))
     # the trainers ran in a scratch results folder: the user's model folders are untouched
     assert after == before
+
+
+def test_the_limit_is_the_unimodal_step_plus_the_teacher_forward():
+    results = {"UnimodalTrainer": {"median_s": 2.0}, "teacher": {"median_s": 0.5},
+               "ProtoKDTrainer": {"median_s": 3.0,
+                                  "loss_forward_s": {"prototype_kd_loss": 0.25, "pixelwise_kd_loss": 0.05}},
+               "KDNetTrainer": {"error": "did not fit"}}
+    benchmark.add_limits(results)
+    assert results["ProtoKDTrainer"]["limit_s"] == 2.5 and results["ProtoKDTrainer"]["limit_ratio"] == 1.2
+    assert results["ProtoKDTrainer"]["overhead_percent"] == pytest.approx(20.0)
+    assert results["ProtoKDTrainer"]["loss_forward_share"] == pytest.approx(0.1)
+    assert "limit_s" not in results["KDNetTrainer"] and "limit_s" not in results["UnimodalTrainer"]
+    del results["teacher"]  # without the teacher's forward there is no limit to give
+    results["ProtoKDTrainer"] = {"median_s": 3.0}
+    benchmark.add_limits(results)
+    assert "limit_s" not in results["ProtoKDTrainer"]
 
 
 def benchmark_checks(workspace, *options) -> dict:

@@ -3,9 +3,13 @@
 Batches are drawn once from nnU-Net's own training data loader (real loading and augmentation) and cached, so
 every trainer gets the very same batches and the measured step excludes data loading. Each trainer then runs in
 a process of its own (its peak resident memory is that process's; on CUDA torch.cuda.max_memory_allocated):
-after warm-up steps, the median and IQR of seconds per `train_step`. The teacher's plain forward is timed the
+after warm-up steps, the median and IQR of seconds per `train_step`, and of the forward pass of each loss term
+(the trainer's loss functions timed where it calls them, synchronised). The teacher's plain forward is timed the
 same way, and the student's sliding-window inference through nnU-Net's predictor against a plain one-channel
 nnU-Net network of the same plans.
+
+The physical limit of a distilling trainer's step is the unimodal step plus one teacher forward pass (no
+gradient), both measured in the same run: the report gives it and the overhead beyond it.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from nnunet_protokd.channels import StudentModality
 from nnunet_protokd.errors import ConfigurationError
 from nnunet_protokd.methods import BASELINE, METHODS, TEACHER, distilling_trainers
 from nnunet_protokd.plans import load_preprocessed, resolved_configuration
+from nnunet_protokd.training import losses
 from nnunet_protokd.training.base import build_checked_network, seed_everything
 
 # every trainer of the registry and the teacher's. A method with one model on every channel (LCKD, modality
@@ -110,6 +115,23 @@ def _statistics(seconds: list) -> dict:
     return {"median_s": float(median), "iqr_s": float(q3 - q1), "n": len(seconds)}
 
 
+def _time_loss_functions(trainer, device: str, seconds: dict) -> None:
+    """Replaces the loss functions (training/losses.py) that the trainer's module calls with timed ones: each call
+    adds its forward seconds (synchronised) to `seconds[name]` of the step under way (`seconds["step"]`)."""
+    module = sys.modules[type(trainer).__module__]
+    for name, function in list(vars(module).items()):
+        if name.endswith("_loss") and getattr(function, "__module__", None) == losses.__name__:
+            def timed(*args, _function=function, _name=name, **kwargs):
+                _synchronize(device)
+                start = time.perf_counter()
+                value = _function(*args, **kwargs)
+                _synchronize(device)
+                per_step = seconds.setdefault(_name, {})
+                per_step[seconds["step"]] = per_step.get(seconds["step"], 0.0) + time.perf_counter() - start
+                return value
+            setattr(module, name, timed)
+
+
 def worker(mode: str, args: dict) -> dict:
     """Runs in its own process: one trainer's steps, the teacher's forward, or the inference comparison."""
     seed_everything(0)  # the same batches and initial weights in every run
@@ -136,8 +158,11 @@ def worker(mode: str, args: dict) -> dict:
         trainer.teachers = [trainer.num_modalities - 1, 1, 1]
     teacher = getattr(trainer, "teacher", None)
     student_before, teacher_before = _weights(trainer.network), teacher and _weights(teacher.network)
-    seconds, loss_terms = [], []
+    seconds, loss_terms, loss_seconds = [], [], {"step": 0}
+    if mode != "teacher":
+        _time_loss_functions(trainer, device, loss_seconds)
     for index, batch in enumerate(batches):
+        loss_seconds["step"] = index
         _synchronize(device)
         start = time.perf_counter()
         if mode == "teacher":
@@ -152,7 +177,10 @@ def worker(mode: str, args: dict) -> dict:
               "teacher_unchanged": None if teacher is None
                                    else _same_weights(teacher_before, _weights(teacher.network)),
               "compiled": hasattr(trainer.network, "_orig_mod"), "gradient_norms": trainer._gradient_norms}
-    return {**_statistics(seconds), "peak_memory_mb": _peak_memory_mb(device), **checks}
+    loss_forward = {name: float(np.median([per_step.get(i, 0.0) for i in range(warmup, len(batches))]))
+                    for name, per_step in loss_seconds.items() if name != "step"}
+    return {**_statistics(seconds), "peak_memory_mb": _peak_memory_mb(device), "loss_forward_s": loss_forward,
+            **checks}
 
 
 def _inference(plans: dict, dataset_json: dict, args: dict) -> dict:
@@ -240,12 +268,30 @@ def run_benchmark(dataset: str, configuration: str, teacher_checkpoint: str, dev
         if base and "error" not in base and "error" not in results[mode]:
             results[mode]["step_ratio"] = results[mode]["median_s"] / base["median_s"]
             results[mode]["memory_ratio"] = results[mode]["peak_memory_mb"] / base["peak_memory_mb"]
+    add_limits(results)
     return {"dataset": dataset, "configuration": configuration, "device": device, "steps": steps, "warmup": warmup,
             "precision": precision if device == "cpu" else "nnU-Net's CUDA autocast (float16)",
             "compile": compile_network, "patch_size": patch_size and list(patch_size),
             "batches": "cached: drawn once from nnU-Net's training data loader, the same for every trainer; "
                        "data loading is not in the measured step",
             "torch": torch.__version__, "results": results}
+
+
+def add_limits(results: dict) -> None:
+    """For each distilling trainer measured with the unimodal step and the teacher's forward: limit_s (their sum,
+    the least a step that trains the student and runs the teacher can cost), the overhead beyond it as a ratio
+    (median / limit) and in percent, and the share of the step spent in its loss terms' forward passes."""
+    base, teacher = results.get(BASELINE.trainer), results.get("teacher")
+    if not base or not teacher or "error" in base or "error" in teacher:
+        return
+    limit = base["median_s"] + teacher["median_s"]
+    for mode in distilling_trainers():
+        row = results.get(mode)
+        if row and "error" not in row:
+            row["limit_s"] = limit
+            row["limit_ratio"] = row["median_s"] / limit
+            row["overhead_percent"] = 100.0 * (row["median_s"] - limit) / limit
+            row["loss_forward_share"] = sum(row.get("loss_forward_s", {}).values()) / row["median_s"]
 
 
 def _in_subprocess(arguments: list, env: dict) -> dict:
@@ -260,14 +306,21 @@ def _in_subprocess(arguments: list, env: dict) -> dict:
 
 def format_table(report: dict) -> str:
     r = report["results"]
-    lines = [f"{'':<24}{'median s/step':>14}{'IQR':>10}{'peak MB':>10}{'x step':>8}{'x memory':>10}"]
+    nan = float("nan")
+    lines = [f"{'':<24}{'median s/step':>14}{'IQR':>10}{'peak MB':>10}{'x step':>8}{'x memory':>10}{'limit s':>9}"
+             f"{'x limit':>9}{'over %':>8}  loss terms' forward s"]
     for mode in [m for m in TRAINERS + ("teacher",) if m in r]:
         row = r[mode]
         if "error" in row:
             lines.append(f"{mode:<24}failed: {row['error']}")
             continue
+        terms = ", ".join(f"{name} {s:.4f}" for name, s in row.get("loss_forward_s", {}).items())
         lines.append(f"{mode:<24}{row['median_s']:>14.4f}{row['iqr_s']:>10.4f}{row['peak_memory_mb']:>10.0f}"
-                     f"{row.get('step_ratio', float('nan')):>8.2f}{row.get('memory_ratio', float('nan')):>10.2f}")
+                     f"{row.get('step_ratio', nan):>8.2f}{row.get('memory_ratio', nan):>10.2f}"
+                     f"{row.get('limit_s', nan):>9.4f}{row.get('limit_ratio', nan):>9.3f}"
+                     f"{row.get('overhead_percent', nan):>8.1f}  {terms}")
+    if any("limit_s" in row for row in r.values()):
+        lines.append("limit = UnimodalTrainer's step + the teacher's forward (no gradient), measured in this run")
     i = r.get("inference")
     if i is None:
         return "\n".join(lines)
