@@ -52,9 +52,9 @@ def lesion_scheme_of(dataset_json: dict, ground_truth_folder: str) -> LesionSche
     """The organisers' lesion-wise scoring of this dataset: its BraTS generation (dataset.json) and the
     sub-challenge its reference case names say (GLI when they say none); None for BraTS 2018-2021 and others."""
     generation = generation_of(dataset_json)
+    cases = reference_cases(ground_truth_folder, dataset_json["file_ending"])
     try:
-        return scheme_for(generation.name if generation else None,
-                          sub_challenge_of(reference_cases(ground_truth_folder, dataset_json["file_ending"])))
+        return scheme_for(generation.name if generation else None, sub_challenge_of(cases))
     except ValueError as exc:
         raise ScoringInputError(f"{ground_truth_folder}: {exc}") from None
 
