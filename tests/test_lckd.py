@@ -14,7 +14,7 @@ from nnunet_protokd.lckd.network import FixedSubsetNetwork, ModalityFusionUNet, 
 from nnunet_protokd.lckd.subsets import all_subsets, every_channel_subset, write_subset_model_folder
 from nnunet_protokd.training.features import FeatureCapture
 from nnunet_protokd.training.losses import cross_modal_kd_loss
-from tests.test_student_settings import DATASET_JSON, make_plans
+from tests.test_student_settings import DATASET_JSON, make_plans, tiny_architecture
 
 FUSIONS = ("slots", "mean")
 
@@ -92,15 +92,7 @@ def test_weights_of_the_other_fusion_are_refused_with_the_fix():
 def network_plans(fusion=None) -> dict:
     """Plans with a tiny PlainConvUNet that nnU-Net can build (and the LCKD fusion, if given)."""
     plans = make_plans()
-    plans["configurations"]["3d_fullres"]["architecture"] = {
-        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-        "arch_kwargs": {"n_stages": 3, "features_per_stage": [4, 8, 16], "conv_op": "torch.nn.modules.conv.Conv3d",
-                        "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2]],
-                        "n_conv_per_stage": [1, 1, 1], "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
-                        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-                        "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
-                        "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
-        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+    plans["configurations"]["3d_fullres"]["architecture"] = tiny_architecture()
     if fusion is not None:
         plans["configurations"]["3d_fullres"]["protokd"] = {"LCKDTrainer": {"fusion": fusion}}
     return plans

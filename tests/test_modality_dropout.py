@@ -28,22 +28,14 @@ from nnunet_protokd.training.modality_dropout import (
     zero_missing_channels,
 )
 from tests.test_lckd import network_plans
-from tests.test_student_settings import DATASET_JSON
+from tests.test_student_settings import DATASET_JSON, tiny_architecture
 
 TRAINER = "ModalityDropoutTrainer"
 
 
 def residual_encoder_plans() -> dict:
     plans = network_plans()
-    plans["configurations"]["3d_fullres"]["architecture"] = {
-        "network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
-        "arch_kwargs": {"n_stages": 3, "features_per_stage": [4, 8, 16], "conv_op": "torch.nn.modules.conv.Conv3d",
-                        "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2]],
-                        "n_blocks_per_stage": [1, 2, 2], "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
-                        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-                        "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
-                        "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
-        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+    plans["configurations"]["3d_fullres"]["architecture"] = tiny_architecture("ResidualEncoderUNet")
     return plans
 
 

@@ -18,6 +18,22 @@ ARCHITECTURE = {"network_class_name": "dynamic_network_architectures.architectur
                 "arch_kwargs": {}, "_kw_requires_import": []}
 
 
+def tiny_architecture(network_class: str = "PlainConvUNet", strides=((1, 1, 1), (1, 2, 2), (2, 2, 2))) -> dict:
+    """A plans entry "architecture" that nnU-Net builds in milliseconds: 3 stages of 4, 8 and 16 features, one
+    convolution (PlainConvUNet) or 1, 2, 2 residual blocks (ResidualEncoderUNet) per encoder stage."""
+    blocks = {"PlainConvUNet": {"n_conv_per_stage": [1, 1, 1]},
+              "ResidualEncoderUNet": {"n_blocks_per_stage": [1, 2, 2]}}[network_class]
+    return {"network_class_name": f"dynamic_network_architectures.architectures.unet.{network_class}",
+            "arch_kwargs": {"n_stages": 3, "features_per_stage": [4, 8, 16], "conv_op": "torch.nn.modules.conv.Conv3d",
+                            "kernel_sizes": [[3, 3, 3]] * 3, "strides": [list(stride) for stride in strides],
+                            **blocks, "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
+                            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                            "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
+                            "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+                            "nonlin_kwargs": {"inplace": True}},
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+
+
 def make_plans() -> dict:
     per_channel = {str(c): {"mean": 10.0 * c, "std": 1.0 + c} for c in range(4)}
     return {"dataset_name": "Dataset501_BraTS2018", "plans_name": "nnUNetPlans",
