@@ -26,8 +26,7 @@ job="${1:-}"
 [ $# -gt 0 ] && shift
 case "$job" in
     test)
-        # two data-augmentation workers and two export processes: the CPU machines have 2 cores
-        export nnUNet_n_proc_DA="${nnUNet_n_proc_DA:-2}" nnUNet_def_n_proc="${nnUNet_def_n_proc:-2}"
+        # threads and nnU-Net's processes per test: tests/conftest.py shares the cores among the workers
         # two workers, each a whole test module at a time (a module's trained models are its fixture), in the
         # order conftest.py gives (longest first): the suite is mostly single-threaded imports and nnU-Net's
         # start-up, so two modules side by side use the 2 cores that one leaves half idle

@@ -9,14 +9,24 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the environment's console scripts (nnUNetv2_*, nnunet-protokd)
 
+# Each test process gets its share of the cores (under ./bootstrap.sh test, two pytest-xdist workers on 2 cores: one
+# thread each), and so does every command it starts, which inherits this environment. nnU-Net's prediction (also
+# that of its final validation) uses nnUNet_def_n_proc threads, and that many spawned processes each re-import
+# nnU-Net (8-11 s of CPU) for its export and evaluation pools. OpenMP threads that wait sleep instead of spinning:
+# nnUNetv2_train sets torch's thread count to the machine's cores whatever OMP_NUM_THREADS says, and with two
+# processes per core busy-waiting threads burned up to four times the CPU of the work itself (measured: one
+# forward pass of the phantoms' 3d_fullres network, 0.71 CPU-s with spinning threads, 0.18 s passive).
+CORES_PER_TEST_PROCESS = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+os.environ.update(OMP_NUM_THREADS=CORES_PER_TEST_PROCESS, OMP_WAIT_POLICY="PASSIVE",
+                  nnUNet_def_n_proc=CORES_PER_TEST_PROCESS, nnUNet_n_proc_DA="2")
+
 
 def nnunet_environment(root: Path) -> dict:
-    """Environment for nnU-Net commands on folders under `root`, sized for a 2-core CPU."""
+    """Environment for nnU-Net commands on folders under `root` (threads and processes: as this process's)."""
     from nnunet_protokd.trainer_path import add_trainers_to_environment
     env = dict(os.environ)
     env.update(nnUNet_raw=str(root / "nnUNet_raw"), nnUNet_preprocessed=str(root / "nnUNet_preprocessed"),
-               nnUNet_results=str(root / "nnUNet_results"), nnUNet_n_proc_DA="2", nnUNet_def_n_proc="2",
-               OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
+               nnUNet_results=str(root / "nnUNet_results"), PYTHONWARNINGS="ignore")
     add_trainers_to_environment(env)
     return env
 
