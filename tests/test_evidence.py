@@ -427,8 +427,9 @@ def test_on_cpu_training_augments_in_process_while_planning_keeps_nnunet_s_worke
 
 def test_the_protocol_end_to_end_on_one_small_seed_and_resumed_without_training_again(tmp_path, monkeypatch,
                                                                                       preprocessed_phantoms):
-    """Phantoms -> conversion -> seeded teacher, baseline, ProtoKD and an ablation (2 epochs of 2 iterations) ->
-    held-out predictions with probabilities -> the pooled report, read from nnU-Net's own checkpoints and files."""
+    """Phantoms -> conversion -> seeded teacher, baseline, ProtoKD, an ablation and modality dropout (2 epochs of 2
+    iterations) -> held-out predictions with probabilities -> the pooled report, read from nnU-Net's own
+    checkpoints and files."""
     import json
 
     from conftest import assert_same_training_data, copy_phantoms
@@ -440,7 +441,8 @@ def test_the_protocol_end_to_end_on_one_small_seed_and_resumed_without_training_
     # reuses their fingerprint
     copy_phantoms(preprocessed_phantoms, tmp_path / "evidence", "fingerprint", "Dataset707_PhantomSeed7")
     settings = EvidenceSettings(
-        output_folder=str(tmp_path / "evidence"), seeds=(7,), modalities=("T1ce",), methods=("unimodal", "protokd"),
+        output_folder=str(tmp_path / "evidence"), seeds=(7,), modalities=("T1ce",),
+        methods=("unimodal", "protokd", "moddrop"),
         variants=(("protokd-no_proto", "T1ce"),), epochs=2, iterations_per_epoch=2, val_iterations_per_epoch=1,
         training_cases={"num_hgg": 3, "num_lgg": 2}, held_out_cases={"num_hgg": 2, "num_lgg": 1,
                                                                      "first_case_index": 500},
@@ -449,12 +451,18 @@ def test_the_protocol_end_to_end_on_one_small_seed_and_resumed_without_training_
     report = Evidence(settings, log=lines.append).run()
     assert_same_training_data(tmp_path / "evidence" / "nnUNet_raw" / "Dataset707_PhantomSeed7", preprocessed_phantoms)
     evidence = json.loads((tmp_path / "evidence" / "report" / "evidence.json").read_text())
-    assert set(evidence["comparisons"]) == {"protokd:T1ce", "protokd-no_proto:T1ce"}
+    assert set(evidence["comparisons"]) == {"protokd:T1ce", "protokd-no_proto:T1ce", "moddrop:T1ce"}
     assert evidence["comparisons"]["protokd:T1ce"]["mean"]["n"] == 3
+    # modality dropout, trained once on every channel, predicted from T1ce through its sliced folder: the distilled
+    # student against it; one seed, so the teacher's lead over the baseline is described, not tested
+    assert set(evidence["comparisons_with_modality_dropout"]) == {"protokd:T1ce"}
+    assert evidence["comparisons_with_modality_dropout"]["protokd:T1ce"]["mean"]["n"] == 3
+    assert evidence["knowledge"]["T1ce"]["mean"]["replicates"] == 1
+    assert evidence["learning_curves"]["moddrop"]["iterations"] == [2, 4] and "moddrop" in evidence["plateau"]
     # agreement with the teacher from the saved probabilities: every student, a Dice and a finite, positive KL;
     # calibration of every model, the teacher too
     agreement = evidence["teacher_agreement"]
-    assert set(agreement) == {"teacher", "unimodal:T1ce", "protokd:T1ce", "protokd-no_proto:T1ce"}
+    assert set(agreement) == {"teacher", "unimodal:T1ce", "protokd:T1ce", "protokd-no_proto:T1ce", "moddrop:T1ce"}
     students = [a for key, a in agreement.items() if key != "teacher"]
     assert all(0 <= a["dice"] <= 1 and 0 < a["kl"] < 10 for a in students) and "kl" not in agreement["teacher"]
     assert all(0 < a["entropy"] < np.log(2) and set(a["volume_ratio"]) == {"WT", "TC", "ET"}
@@ -469,6 +477,7 @@ def test_the_protocol_end_to_end_on_one_small_seed_and_resumed_without_training_
         assert (tmp_path / "evidence" / "report" / figure).stat().st_size > 10_000
     text = open(report).read()
     assert "ProtoKD (T1ce): " in text and "| T1ce | ProtoKD without L_proto | 3 |" in text
+    assert "| T1ce | Modality dropout | 3 | " in text and "## Paired difference to modality dropout" in text
     # the seed is recorded where the model is: the model folder's plans.json
     plans = json.loads(next((tmp_path / "evidence" / "nnUNet_results").glob(
         "*/ProtoKDTrainer__nnUNetPlans__*_T1ce/plans.json")).read_text())
@@ -477,8 +486,9 @@ def test_the_protocol_end_to_end_on_one_small_seed_and_resumed_without_training_
     lines.clear()
     Evidence(settings, log=lines.append).run()
     steps = [line for line in lines if line.startswith("[") and (" train " in line or " predict " in line)]
-    assert len(steps) == 8 and all(": already done (" in line for line in steps), steps
+    assert len(steps) == 10 and all(": already done (" in line for line in steps), steps
     # the report keeps each invocation's wall time: the second one alone would misreport the run's cost
     runs = json.loads((tmp_path / "evidence" / "report" / "evidence.json").read_text())["settings"]["runs"]
     assert len(runs) == 2 and runs[1]["wall_time_seconds"] < runs[0]["wall_time_seconds"]
+    assert runs[0]["methods"] == ["unimodal", "protokd", "moddrop"]
     assert "; wall time " in open(report).read() and ", then " in open(report).read()

@@ -229,8 +229,8 @@ class Evidence:
                                               "wall_time_seconds": settings["wall_time_seconds"]}]
                                             if settings.get("wall_time_seconds") else [])
         if wall_time_seconds is not None:
-                runs.append({"variants": [list(v) for v in self.settings.variants], "seeds": list(self.settings.seeds),
-                         "wall_time_seconds": wall_time_seconds,
+            runs.append({"methods": list(self.settings.methods), "variants": [list(v) for v in self.settings.variants],
+                         "seeds": list(self.settings.seeds), "wall_time_seconds": wall_time_seconds,
                          "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         return runs
 
@@ -689,13 +689,17 @@ def _ci(c: dict) -> str:
 
 
 def _wall_times(settings: dict) -> str:
-    """'; wall time 81 min, then 34 min (adding v:T1, w:T1ce)': each invocation that trained this folder."""
+    """'; wall time 81 min, then 34 min (adding Modality dropout, v:T1, w:T1ce)': each invocation that trained this
+    folder."""
     runs = settings.get("runs") or []
     if not runs:
         return ""
     parts = [f"{runs[0]['wall_time_seconds'] / 60:.0f} min"]
     for before, run in zip(runs, runs[1:]):
-        added = [f"{v}:{m}" for v, m in run["variants"] if [v, m] not in [list(x) for x in before["variants"]]]
+        # a run recorded before methods were (the committed one) trained the default methods
+        methods_before = before.get("methods", DEFAULT_METHODS)
+        added = [title(m) for m in run.get("methods", DEFAULT_METHODS) if m not in methods_before]
+        added += [f"{v}:{m}" for v, m in run["variants"] if [v, m] not in [list(x) for x in before["variants"]]]
         parts.append(f"{run['wall_time_seconds'] / 60:.0f} min" + (f" (adding {', '.join(added)})" if added else ""))
     return "; wall time " + ", then ".join(parts)
 
