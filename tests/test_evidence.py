@@ -1,5 +1,6 @@
 """The evidence protocol's statistics on synthetic per-case scores whose answers are known."""
 import json
+import os
 from dataclasses import asdict
 
 import numpy as np
@@ -371,6 +372,49 @@ def test_modality_dropout_is_compared_with_the_baseline_and_each_distilled_stude
     assert rival_cell.startswith(f"{against['kdnet:T1']['mean']['mean_difference']:+.3f} [")
     assert rival_cell.endswith("): worse")
     assert "| T1 | Modality dropout | 60 | " in text
+
+
+def test_evidence_on_a_converted_dataset_predicts_its_test_set_and_refuses_one_without_before_training(
+        tmp_path, monkeypatch):
+    """`evidence -d`: the user's nnU-Net folders and dataset, each seed's models its own; a dataset without
+    labelsTs is refused (cross-validation folds as replicates are not implemented) before anything is trained."""
+    from nnunet_protokd.errors import UserError
+    from nnunet_protokd.protocol.evidence import Evidence
+    for kind in ("raw", "preprocessed", "results"):
+        (tmp_path / f"nnUNet_{kind}").mkdir()
+        monkeypatch.setenv(f"nnUNet_{kind}", str(tmp_path / f"nnUNet_{kind}"))
+    raw = tmp_path / "nnUNet_raw" / "Dataset990_Mine"
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1", "1": "T1ce"}, "labels": {
+        "background": 0, "tumour": 1}, "numTraining": 0, "file_ending": ".nii.gz"}))
+    settings = EvidenceSettings(str(tmp_path / "evidence"), seeds=(0, 1), dataset="990")
+    lines = []
+    with pytest.raises(UserError, match="Dataset990_Mine has no held-out test set .* cross-validation folds as the "
+                                        "replicates .* is not implemented yet"):
+        Evidence(settings, log=lines.append).run()
+    assert lines == [] and not (tmp_path / "evidence" / "seed_0").exists()
+    assert os.environ["nnUNet_raw"] == str(tmp_path / "nnUNet_raw")  # the user's, not folders of the evidence run
+    (raw / "imagesTs").mkdir()
+    (raw / "labelsTs").mkdir()
+    runner = Evidence(settings)
+    runner.check_dataset()
+    experiments = [runner.experiment(seed) for seed in (0, 1)]
+    assert all(e.evaluate_on_test_set and e.dataset_name == "Dataset990_Mine" for e in experiments)
+    # each seed trains models of its own: the seed is part of their configuration, hence of their folders
+    assert experiments[1].settings.seed == 1 and "1seed" in experiments[1].schedule_configuration
+    assert experiments[0].schedule_configuration != experiments[1].schedule_configuration
+    assert experiments[1].settings.notes["evidence"] == {"seed": 1, "dataset": "990"}
+    # the report of a dataset's run: its test cases, no phantom audit
+    rng = np.random.default_rng(9)
+    scores_by_seed = {}
+    for seed in ("0", "1"):
+        baseline = scores(rng, 0.0, 12)
+        scores_by_seed[seed] = {"unimodal:T1": per_case(baseline), "teacher": per_case(scores(rng, 0.2, 12)),
+                                "protokd:T1": per_case(by_region(baseline, (0.01, 0.0, 0.0), rng))}
+    evidence = evidence_from_raw(raw_values(scores_by_seed), {**SETTINGS, "seeds": [0, 1], "dataset": "990"}, None)
+    text = open(write_evidence_report(evidence, str(tmp_path / "report"))).read()
+    assert "Seeds 0, 1 (trainers); 12 held-out test cases of dataset 990, never seen in training" in text
+    assert "Phantom realism audit" not in text
 
 
 def test_report_only_refuses_an_evidence_json_without_per_case_values(tmp_path, capsys):

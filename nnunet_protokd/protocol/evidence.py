@@ -22,6 +22,12 @@ evidence.json keeps every per-case value the report is computed from (Dice, HD95
 calibration, learning curves of every seed and model): `report_from_evidence` regenerates the report from it
 alone. Everything is resumable (phantoms, conversion and experiment skip what exists). `--schedule full` runs
 nnU-Net's own schedule (1000 epochs of 250 iterations) and 3d_fullres on a GPU with the same command.
+
+On a user's already converted dataset (`EvidenceSettings.dataset`, `evidence -d`) the phantoms and their
+conversion are left out: each seed trains every model in the environment's nnU-Net folders (the seed is part of
+each model's configuration) and predicts the dataset's held-out test set (imagesTs with labelsTs), so the
+replicate is the seed as on phantoms. A dataset without a test set is refused before any training: taking
+cross-validation folds as the replicates ((seed, fold) models) is not implemented yet.
 """
 from __future__ import annotations
 
@@ -130,6 +136,10 @@ class EvidenceSettings:
     first_dataset_id: int = 620  # seed s is dataset first_dataset_id + s
     # an earlier evidence.json (the committed run, for the demo) whose figures the result sentence quotes beside ours
     reference_evidence: str | None = None
+    # an already converted dataset (id or name in the user's nnUNet_raw) instead of the phantoms: each seed trains
+    # every model on it and predicts its held-out test set (imagesTs with labelsTs). Without a test set the
+    # replicate would be a (seed, fold) model of the cross-validation: not implemented, refused before any training
+    dataset: str | None = None
 
     def __post_init__(self):
         self.output_folder = os.path.abspath(self.output_folder)
@@ -138,9 +148,10 @@ class EvidenceSettings:
 class Evidence:
     def __init__(self, settings: EvidenceSettings, log=print):
         self.settings, self.log = settings, log
-        folders = {f"nnUNet_{kind}": os.path.join(settings.output_folder, f"nnUNet_{kind}")
-                   for kind in ("raw", "preprocessed", "results")}
-        os.environ.update(folders)  # nnU-Net reads them lazily; every command the experiments run inherits them
+        if settings.dataset is None:  # the phantoms get nnU-Net folders of their own; a user's dataset has its own
+            folders = {f"nnUNet_{kind}": os.path.join(settings.output_folder, f"nnUNet_{kind}")
+                       for kind in ("raw", "preprocessed", "results")}
+            os.environ.update(folders)  # nnU-Net reads them lazily; every command the experiments run inherits them
         os.environ.setdefault("nnUNet_def_n_proc", "2")
 
     def seed_folder(self, seed: int) -> str:
@@ -148,21 +159,26 @@ class Evidence:
 
     def experiment(self, seed: int) -> Experiment:
         s = self.settings
+        data = {"dataset": s.dataset} if s.dataset is not None else {
+            "phantom_shape_zyx": list(s.phantom_shape_zyx), "training_cases": s.training_cases,
+            "held_out_cases": s.held_out_cases}
         experiment = Experiment(ExperimentSettings(
-            dataset=str(s.first_dataset_id + seed), output_folder=os.path.join(self.seed_folder(seed), "experiment"),
+            dataset=s.dataset if s.dataset is not None else str(s.first_dataset_id + seed),
+            output_folder=os.path.join(self.seed_folder(seed), "experiment"),
             configuration=s.configuration, modalities=tuple(s.modalities), methods=tuple(s.methods),
             variants=tuple(s.variants), seed=seed, folds=(0,), device=s.device, epochs=s.epochs,
             iterations_per_epoch=s.iterations_per_epoch, val_iterations_per_epoch=s.val_iterations_per_epoch,
             final_validation=False, predict_in_process=True,
-            notes={"evidence": {"seed": seed, "phantom_shape_zyx": list(s.phantom_shape_zyx),
-                                "training_cases": s.training_cases, "held_out_cases": s.held_out_cases}}))
+            notes={"evidence": {"seed": seed, **data}}))
         if s.device == "cpu" and "nnUNet_n_proc_DA" not in os.environ:
             experiment.run_command = train_with_augmentation_in_process
         return experiment
 
     def prepare(self, seed: int) -> None:
-        """The seed's phantoms and their conversion (each skipped when it exists)."""
+        """The seed's phantoms and their conversion (each skipped when it exists); nothing for a user's dataset."""
         s = self.settings
+        if s.dataset is not None:
+            return
         phantoms = {name: os.path.join(self.seed_folder(seed), "phantoms", name) for name in ("training", "held_out")}
         for name, cases in (("training", s.training_cases), ("held_out", s.held_out_cases)):
             if not os.path.isdir(phantoms[name]):
@@ -175,8 +191,21 @@ class Evidence:
             convert_brats_dataset(phantoms["training"], dataset_id, raw, test_folder=phantoms["held_out"],
                                   dataset_name=f"PhantomSeed{seed}")
 
+    def check_dataset(self) -> None:
+        """A user's dataset (`dataset`) must have a labelled held-out test set: refused otherwise, before any
+        training."""
+        experiment = self.experiment(self.settings.seeds[0])
+        if not experiment.evaluate_on_test_set:
+            raise UserError(
+                f"{experiment.dataset_name} has no held-out test set ({experiment.raw}/labelsTs is missing): evidence "
+                f"-d needs imagesTs with labelsTs, predicted by each seed's models. Taking cross-validation folds as "
+                f"the replicates instead ((seed, fold) models) is not implemented yet; `nnunet-protokd experiment "
+                f"-d {self.settings.dataset} --folds 0 1 2 3 4` gives the fold-level comparison of one seed")
+
     def run(self) -> str:
         start = time.time()
+        if self.settings.dataset is not None:
+            self.check_dataset()
         for seed in self.settings.seeds:
             self.log(f"=== seed {seed} ({time.strftime('%H:%M:%S', time.gmtime(time.time() - start))})")
             self.prepare(seed)
@@ -204,7 +233,8 @@ class Evidence:
         raw["learning_curves"] = {str(seed): training_curves(experiment) for seed, experiment in experiments.items()}
         settings = {**asdict(self.settings), "wall_time_seconds": wall_time_seconds,
                     "runs": self.run_history(output_folder, wall_time_seconds)}
-        audit = audit_phantoms(seed=self.settings.seeds[0], shape_zyx=tuple(self.settings.phantom_shape_zyx))
+        audit = audit_phantoms(seed=self.settings.seeds[0], shape_zyx=tuple(self.settings.phantom_shape_zyx)) \
+            if self.settings.dataset is None else None  # a user's dataset: its images are what they are
         reference = None
         if self.settings.reference_evidence and os.path.isfile(self.settings.reference_evidence):
             with open(self.settings.reference_evidence) as f:
@@ -707,11 +737,17 @@ def _wall_times(settings: dict) -> str:
 def write_evidence_markdown(evidence: dict, path: str) -> None:
     regions, settings = evidence["regions"], evidence["settings"]
     seeds = ", ".join(map(str, settings["seeds"]))
-    n_cases = settings["held_out_cases"]["num_hgg"] + settings["held_out_cases"]["num_lgg"]
+    if settings.get("dataset"):  # the test set's cases, which every model of every seed predicts
+        teacher = evidence["dice"].get(TEACHER.name) or next(iter(evidence["dice"].values()))
+        data = (f"(trainers); {teacher['mean']['n'] // max(1, len(settings['seeds']))} held-out test cases of "
+                f"dataset {settings['dataset']}")
+    else:
+        held_out = settings["held_out_cases"]
+        data = f"(phantoms and trainers); {held_out['num_hgg'] + held_out['num_lgg']} held-out phantoms per seed"
     schedule = ("nnU-Net's default" if not settings["epochs"] else
                 f"{settings['epochs']} epochs x {settings['iterations_per_epoch']} iterations")
     lines = ["# Evidence: what distillation does for an nnU-Net student", "",
-             f"Seeds {seeds} (phantoms and trainers); {n_cases} held-out phantoms per seed, never seen in training; "
+             f"Seeds {seeds} {data}, never seen in training; "
              f"configuration {settings['configuration']}, {schedule} for every model, teacher included; device "
              f"{settings['device']}" + _wall_times(settings) + ".", "",
              "**Result.** " + evidence["headline"], "",
@@ -800,6 +836,10 @@ def write_evidence_markdown(evidence: dict, path: str) -> None:
             ", ".join(f"{term} {share:.0%}" for term, share in shares[when].items())
             for when in ("first_epoch", "last_epoch")) + " |")
     audit = evidence["phantom_audit"]
+    if audit is None:  # a user's dataset
+        with open(path, "w") as f:
+            f.write("\n".join(lines + [""]) + "\n")
+        return
     lines += ["", f"## Phantom realism audit ({audit['cases']} high-grade cases of seed {audit['seed']}; "
                   f"phantoms.py gives the MRI facts)", "", "Contrast-to-noise ratio of each region boundary:", "",
               "| Boundary | " + " | ".join(next(iter(audit["cnr"].values()))) + " |",
