@@ -13,6 +13,7 @@ gradient), both measured in the same run: the report gives it and the overhead b
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import resource
@@ -116,10 +117,13 @@ def _statistics(seconds: list) -> dict:
 
 
 def _time_loss_functions(trainer, device: str, seconds: dict) -> None:
-    """Replaces the loss functions (training/losses.py) that the trainer's module calls with timed ones: each call
-    adds its forward seconds (synchronised) to `seconds[name]` of the step under way (`seconds["step"]`)."""
-    module = sys.modules[type(trainer).__module__]
-    for name, function in list(vars(module).items()):
+    """Replaces the loss functions (training/losses.py) that the trainer's classes call with timed ones: each call
+    adds its forward seconds (synchronised) to `seconds[name]` of the step under way (`seconds["step"]`). The
+    names are replaced in the modules of the trainer's classes (nnU-Net imports trainers under names of its own)."""
+    namespaces = {id(f.__globals__): f.__globals__ for cls in type(trainer).__mro__ for f in vars(cls).values()
+                  if inspect.isfunction(f)}
+    for module, name in [(m, n) for m in namespaces.values() for n in list(m)]:
+        function = module[name]
         if name.endswith("_loss") and getattr(function, "__module__", None) == losses.__name__:
             def timed(*args, _function=function, _name=name, **kwargs):
                 _synchronize(device)
@@ -129,7 +133,7 @@ def _time_loss_functions(trainer, device: str, seconds: dict) -> None:
                 per_step = seconds.setdefault(_name, {})
                 per_step[seconds["step"]] = per_step.get(seconds["step"], 0.0) + time.perf_counter() - start
                 return value
-            setattr(module, name, timed)
+            module[name] = timed
 
 
 def worker(mode: str, args: dict) -> dict:
