@@ -14,8 +14,7 @@ from nnunet_protokd.data.phantoms import generate_brats_phantoms
 from nnunet_protokd.deploy.export import export_student
 from nnunet_protokd.deploy.prediction import check_and_predict
 from nnunet_protokd.errors import ConfigurationError
-from nnunet_protokd.evaluation.metrics import BRATS_HD95_PENALTY_MM
-from nnunet_protokd.evaluation.report import PredictionSet, build_report
+from nnunet_protokd.evaluation.report import DATASET_DEFAULT, PredictionSet, build_report
 from nnunet_protokd.io import read_json
 from nnunet_protokd.lckd.subsets import every_channel_subset, subset_configuration_name, write_subset_model_folder
 from nnunet_protokd.methods import ModelKey
@@ -110,7 +109,7 @@ def report(args) -> int:
     dataset_json = read_json(args.dataset_json)
     run_info = read_json(args.run_info) if args.run_info else None
     build_report(args.ground_truth, dataset_json, parse_prediction_sets(args.prediction), args.output,
-                 args.images, run_info, args.seed, None if args.hd95_exclude_one_empty else BRATS_HD95_PENALTY_MM)
+                 args.images, run_info, args.seed, None if args.hd95_exclude_one_empty else DATASET_DEFAULT)
     print(f"report: {os.path.join(args.output, 'report.md')}")
     return 0
 
@@ -145,19 +144,24 @@ def experiment(args) -> int:
     return 0
 
 
-def evidence(args) -> int:
-    if isinstance(args.report_only, str):
-        print(f"The evidence report is {report_from_evidence(args.report_only, args.output)}")
-        return 0
+def evidence_settings(args) -> EvidenceSettings:
+    """The EvidenceSettings of parsed `evidence` arguments."""
     schedule = dict(FULL_SCHEDULE if args.schedule == "full" else CPU_SCHEDULE)
     for key in ("configuration", "epochs", "iterations_per_epoch", "val_iterations_per_epoch"):
         if getattr(args, key) is not None:
             schedule[key] = getattr(args, key)
     variants = requested_variants(variant_pairs(args.variants) if args.variants is not None else None,
                                   args.diagnosis, tuple(args.modalities))
-    settings = EvidenceSettings(output_folder=args.output, seeds=tuple(args.seeds), modalities=tuple(args.modalities),
-                                variants=variants, device=args.device or _default_device(), **schedule)
-    runner = Evidence(settings)
+    return EvidenceSettings(output_folder=args.output, seeds=tuple(args.seeds), modalities=tuple(args.modalities),
+                            methods=tuple(args.methods), variants=variants, device=args.device or _default_device(),
+                            dataset=args.dataset, **schedule)
+
+
+def evidence(args) -> int:
+    if isinstance(args.report_only, str):
+        print(f"The evidence report is {report_from_evidence(args.report_only, args.output)}")
+        return 0
+    runner = Evidence(evidence_settings(args))
     report = runner.aggregate() if args.report_only else runner.run()
     print(f"The evidence report is {report}")
     return 0

@@ -536,3 +536,16 @@ def test_the_protocol_end_to_end_on_one_small_seed_and_resumed_without_training_
     assert len(runs) == 2 and runs[1]["wall_time_seconds"] < runs[0]["wall_time_seconds"]
     assert runs[0]["methods"] == ["unimodal", "protokd", "moddrop"]
     assert "; wall time " in open(report).read() and ", then " in open(report).read()
+
+
+def test_the_evidence_command_line_reaches_the_settings():
+    from nnunet_protokd.cli import build_parser  # noqa: PLC0415 (the CLI module is the thing tested)
+    from nnunet_protokd.commands import evidence_settings  # noqa: PLC0415
+
+    default = evidence_settings(build_parser().parse_args(["evidence", "-o", "out", "--device", "cpu"]))
+    assert default == EvidenceSettings(output_folder="out", device="cpu")
+    chosen = evidence_settings(build_parser().parse_args(
+        ["evidence", "-o", "out", "--device", "cpu", "-d", "777", "--methods", "unimodal", "protokd", "moddrop",
+         "--seeds", "3", "4"]))
+    assert chosen.dataset == "777" and chosen.methods == ("unimodal", "protokd", "moddrop")
+    assert chosen.seeds == (3, 4) and chosen.variants == default.variants
