@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import BIN, REPO, copy_phantoms, nnunet_environment, run
+from conftest import BIN, REPO, copy_phantoms, nnunet_environment, protokd_in_process, run
 
 import nnunet_protokd
 
@@ -44,10 +44,10 @@ def workspace(tmp_path_factory, preprocessed_phantoms) -> Path:
     root = tmp_path_factory.mktemp("deployment")
     env = nnunet_environment(root)
     copy_phantoms(preprocessed_phantoms, root)  # converted, planned and preprocessed once per session
-    run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-c", "3d_fullres", "--name", "3d_tiny", "--epochs", "1",
-         "--iterations-per-epoch", "2", "--val-iterations-per-epoch", "1", "--no-final-validation",
-         "--set", "LCKDTrainer.election_batches=1"], env)
-    run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-c", "3d_tiny", "-m", "T1ce"], env)
+    protokd_in_process(root, "add-config", "-d", "501", "-c", "3d_fullres", "--name", "3d_tiny", "--epochs", "1",
+                       "--iterations-per-epoch", "2", "--val-iterations-per-epoch", "1", "--no-final-validation",
+                       "--set", "LCKDTrainer.election_batches=1")
+    protokd_in_process(root, "add-config", "-d", "501", "-c", "3d_tiny", "-m", "T1ce")
     run([BIN / "nnUNetv2_train", "501", "3d_tiny", "0", "-tr", "ProtoKDTeacherTrainer", "-device", "cpu"], env)
     for student in ("ProtoKDTrainer", "UnimodalTrainer"):
         run([BIN / "nnUNetv2_train", "501", STUDENT_CONFIGURATION, "0", "-tr", student, "-device", "cpu"], env)
@@ -65,10 +65,12 @@ def export(workspace, trainer, output, expect_success=True):
 
 @pytest.fixture(scope="module")
 def exported(workspace) -> dict:
-    """Both students' zips, exported before anything validated them."""
+    """Both students' zips, exported before anything validated them (the command in this process; the tests of
+    its refusals run it as a user does)."""
     zips = {trainer: workspace / f"{trainer}.zip" for trainer in EXPORTED}
     for trainer, output in zips.items():
-        export(workspace, trainer, output)
+        protokd_in_process(workspace, "export", "-d", "501", "-c", STUDENT_CONFIGURATION, "-tr", trainer, "-f", "0",
+                           "-o", output)
     return zips
 
 
@@ -319,7 +321,7 @@ def test_an_existing_output_is_not_overwritten(workspace, exported):
 def test_an_lckd_subset_model_exports_unchanged_with_a_card_that_asks_for_the_plugin(workspace, tmp_path):
     env = nnunet_environment(workspace)
     run([BIN / "nnUNetv2_train", "501", "3d_tiny", "0", "-tr", "LCKDTrainer", "-device", "cpu"], env)
-    run([BIN / "nnunet-protokd", "lckd-subset", "-d", "501", "-c", "3d_tiny", "-m", "T1ce"], env)
+    protokd_in_process(workspace, "lckd-subset", "-d", "501", "-c", "3d_tiny", "-m", "T1ce")
     run([BIN / "nnunet-protokd", "export", "-d", "501", "-c", "3d_tiny_T1ce", "-tr", "LCKDTrainer", "-o",
          tmp_path / "lckd.zip"], env)
     folder = f"{DATASET}/LCKDTrainer__nnUNetPlans__3d_tiny_T1ce/"
