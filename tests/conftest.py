@@ -1,8 +1,11 @@
+import contextlib
+import io
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -39,6 +42,23 @@ def run(command: list, env: dict = None, timeout: int = 1200, expect_success: bo
         raise AssertionError(f"{' '.join(map(str, command))} exited {result.returncode}:\n"
                              f"{(result.stdout + result.stderr)[-4000:]}")
     return result
+
+
+def protokd_in_process(root: Path, *arguments) -> str:
+    """`nnunet-protokd ARGUMENTS` on `root`'s nnU-Net folders, run by this test process (the command's own `main`;
+    nnU-Net 2.8 reads its folder variables when used): a set-up step without starting Python, PyTorch and nnU-Net
+    again (8-11 s of CPU a command). Returns what it printed; a failure is the test's error, with its message. The
+    commands whose output or exit status a test checks run as subprocesses (`run`), as a user runs them."""
+    from nnunet_protokd.cli import main  # not at the top: conftest sets the thread variables before torch loads
+    folders = {k: v for k, v in nnunet_environment(root).items() if k in ("nnUNet_raw", "nnUNet_preprocessed",
+                                                                           "nnUNet_results")}
+    printed, errors = io.StringIO(), io.StringIO()
+    with mock.patch.dict(os.environ, folders), contextlib.redirect_stdout(printed), \
+            contextlib.redirect_stderr(errors):
+        status = main([str(a) for a in arguments])
+    if status:
+        raise AssertionError(f"nnunet-protokd {' '.join(map(str, arguments))} exited {status}:\n{errors.getvalue()}")
+    return printed.getvalue()
 
 
 @pytest.fixture(scope="session")
