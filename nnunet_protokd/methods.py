@@ -40,6 +40,17 @@ class Variant(NamedTuple):
     title: str
 
 
+# where a distilled student's weights start (ours; both papers start from random weights): the modality-dropout
+# model of the same fold, its first convolution sliced to the student's channel, combines the two approaches
+STUDENT_START_SETTINGS = {
+    "start_from": Setting(str, "random", choices=("random", "modality_dropout"),
+                          meaning="the student's initial weights: nnU-Net's random initialisation (the papers') or "
+                                  "the ModalityDropoutTrainer model of the same fold, first convolution sliced to "
+                                  "the student's channel"),
+}
+# settings that came after models were recorded without them, with what the plugin did before: a model whose
+# record lacks one was trained that way (so that `--c` continues it)
+SETTINGS_ADDED_LATER = {"start_from": "random"}
 # ProtoKD (Wang et al., ICASSP 2023): L = L_seg + alpha L_kd + beta L_proto, temperature T
 PROTOKD_SETTINGS = {
     "alpha": Setting(float, 10.0, minimum=0, meaning="weight of L_kd; 0 leaves it out"),
@@ -53,6 +64,7 @@ PROTOKD_SETTINGS = {
     "class_presence": Setting(str, "item", choices=("item", "batch"),
                               meaning="a class counts for an item that has it (ours) or only when every item "
                                       "of the batch has it (the authors' code)"),
+    **STUDENT_START_SETTINGS,
 }
 # KD-Net (Hu, Maillard et al., MICCAI 2020): L = lambda L_KD + (1 - lambda) L_GT + alpha L_KL, temperature T
 KDNET_SETTINGS = {
@@ -64,6 +76,7 @@ KDNET_SETTINGS = {
     "kl_reduction": Setting(str, "sum", choices=("sum", "mean"),
                             meaning="Eq. 3's KL summed over an item's bottleneck elements (the paper's "
                                     "reading) or averaged over them (a milder term)"),
+    **STUDENT_START_SETTINGS,
 }
 # LCKD (Wang et al., MICCAI 2023): L = L_seg + kd_weight * L1(teacher modalities' bottlenecks, others'), as
 # the authors' code (github billhhh/LCKD): pairs summed, distillation from the first epoch, one feature slot

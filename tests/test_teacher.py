@@ -106,7 +106,7 @@ def test_an_explicitly_named_plain_nnunet_teacher(tmp_path):
 @pytest.mark.parametrize("make_teacher, student_plans, message", [
     (None, None, "fold_0/checkpoint_final.pth does not exist. Train it first \\(nnUNetv2_train "
                  f"{DATASET} 3d_fullres 0 -tr ProtoKDTeacherTrainer\\)"),
-    (dict(recorded_fold=1), None, "was trained on fold 1, the student on fold 0: the teacher would have seen"),
+    (dict(recorded_fold=1), None, "was trained on fold 1, the student on fold 0: the model would have seen"),
     (dict(recorded_fold="all"), None, "was trained on fold all"),
     (dict(teacher_plans=plans(channels=3), teacher_dataset_json=dataset_json({"0": "T1", "1": "T2", "2": "FLAIR"})),
      None, r"input channels \['T1', 'T2', 'FLAIR'\] do not include the student's modality T1ce"),
@@ -152,7 +152,7 @@ def test_no_code_from_a_teacher_folder_is_run(tmp_path, monkeypatch):
     assert not (tmp_path / "teacher_code_ran").exists()
     # the file and PyTorch's reason are named; PyTorch's advice to load it with weights_only=False is not given
     message = str(raised.value)
-    assert f"cannot read the teacher checkpoint {path}: it holds Python objects that a weights-only load refuses " \
+    assert f"cannot read the checkpoint {path}: it holds Python objects that a weights-only load refuses " \
            f"(Unsupported " in message  # PyTorch's reason, e.g. "Unsupported operand 149" for this pickle
     assert "weights_only" not in message and "will likely succeed" not in message
 
@@ -202,7 +202,7 @@ def test_kdnet_needs_the_students_architecture_but_protokd_does_not(tmp_path, mo
     trainer = construct_student("ProtoKDTrainer", tmp_path)
     assert trainer.teacher_checkpoint.identity()["trainer"] == "ProtoKDTeacherTrainer"
     assert trainer.settings == {"alpha": 10.0, "beta": 0.1, "temperature": 10.0, "intra_class_only": False,
-                                "classes": "disjoint", "class_presence": "item"}
+                                "classes": "disjoint", "class_presence": "item", "start_from": "random"}
     # its prototypes on BraTS regions: background, WT-TC, TC-ET, ET, recorded in distillation.json
     assert trainer.prototype_classes == trainer.record()["prototype_classes"] == [[0], [1], [2], [3]]
 

@@ -12,6 +12,11 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunet_protokd.errors import TeacherError
 from nnunet_protokd.training.base import SingleModalityTrainer
 from nnunet_protokd.training.features import FeatureCapture
+from nnunet_protokd.training.modality_dropout import (
+    locate_modality_dropout_start,
+    minimal_input_shape,
+    start_from_modality_dropout,
+)
 from nnunet_protokd.training.records import RecordedSettings
 from nnunet_protokd.training.teacher import TeacherCheckpoint, locate_teacher
 
@@ -46,6 +51,12 @@ class DistillationTrainer(RecordedSettings, SingleModalityTrainer):
             if not self.is_finished(plans, configuration, fold):
                 raise
             self.teacher_checkpoint, self.missing_teacher = None, error
+        # the modality-dropout model a student starts from (setting start_from), found and checked before nnU-Net
+        # creates the model folder too; a finished student (validation) or a continued one needs it no more
+        self.start_checkpoint = None
+        if self.settings["start_from"] == "modality_dropout" and not self.is_finished(plans, configuration, fold):
+            self.start_checkpoint = locate_modality_dropout_start(plans, configuration, fold, dataset_json,
+                                                                  nnUNet_results.get(), student_configuration)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.teacher = self.student_features = None
 
@@ -60,10 +71,18 @@ class DistillationTrainer(RecordedSettings, SingleModalityTrainer):
             "checkpoint_final.pth"))
 
     def record(self) -> dict:
-        return {**super().record(), "modality": self.modality.name, "teacher": self.teacher_checkpoint.identity()}
+        started_from = {"started_from": self.start_checkpoint.identity()} if self.start_checkpoint else {}
+        return {**super().record(), "modality": self.modality.name, "teacher": self.teacher_checkpoint.identity(),
+                **started_from}
 
     def initialize(self):
         super().initialize()
+        if self.start_checkpoint is not None:
+            # before any training; a continued training (--c) loads its own checkpoint's weights over these
+            start_from_modality_dropout(getattr(self.network, "_orig_mod", self.network), self.start_checkpoint,
+                                        self.modality.name, minimal_input_shape(1, self.configuration_manager))
+            self.print_to_log_file(f"started from {self.start_checkpoint.checkpoint_path}, first convolution sliced "
+                                   f"to {self.modality.name}")
         self.student_features = FeatureCapture(self.network)
         if self.teacher_checkpoint is None:
             self.print_to_log_file(f"no teacher (validation and prediction only): {self.missing_teacher}")

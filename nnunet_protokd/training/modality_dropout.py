@@ -9,10 +9,14 @@ and to nothing else (a normalisation of the input, say, would see the zeros): `f
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
-from nnunet_protokd.errors import ConfigurationError
+from nnunet_protokd.errors import ConfigurationError, TeacherError
+from nnunet_protokd.methods import METHODS
+from nnunet_protokd.training.teacher import TeacherCheckpoint, checked_multi_channel_model
 
 SUBSET_SAMPLINGS = ("per_size", "per_subset")
 
@@ -125,3 +129,38 @@ def sliced_state_dict(state_dict: dict, convolution: tuple, channel_indices) -> 
     for name in convolution:
         sliced[f"{name}.weight"] = weights
     return sliced
+
+
+def locate_modality_dropout_start(plans: dict, configuration: str, fold, dataset_json: dict, results_folder: str,
+                                  resolved: dict) -> TeacherCheckpoint:
+    """The modality-dropout model a student (plans, configuration, fold; `resolved` its configuration) starts from
+    when its setting `start_from` is "modality_dropout": ModalityDropoutTrainer's checkpoint_final.pth of the same
+    dataset, plans and fold (a model trained on the student's validation cases would leak them), on the
+    configuration the student's inherits from, checked as a teacher is (checked_multi_channel_model)."""
+    trainer = METHODS["moddrop"].trainer
+    role = f"modality-dropout start of {plans['dataset_name']} {configuration} fold {fold}"
+    base = plans["configurations"][configuration].get("inherits_from")
+    if not results_folder:
+        raise TeacherError(f"{role}: set nnUNet_results, where the {trainer} model folder is looked for")
+    checkpoint = os.path.join(results_folder, plans["dataset_name"], f"{trainer}__{plans['plans_name']}__{base}",
+                              f"fold_{fold}", "checkpoint_final.pth")
+    return checked_multi_channel_model(
+        role, checkpoint, f"Train it to the end first (nnUNetv2_train {plans['dataset_name']} {base} {fold} -tr "
+                          f"{trainer}), or start from random weights (start_from=random, the papers')",
+        plans, fold, dataset_json, resolved)
+
+
+def start_from_modality_dropout(network: nn.Module, start: TeacherCheckpoint, channel_name: str,
+                                input_shape: tuple) -> None:
+    """Loads into a one-channel student `network` (input (1, 1, *S) of `input_shape` reaches its first
+    convolution) the weights of the modality-dropout model `start`, its first convolution sliced to the student's
+    channel `channel_name`: the student starts as the modality-dropout model fed that channel alone. A network of
+    another architecture is refused (TeacherError naming the checkpoint)."""
+    channels = [start.dataset_json["channel_names"][str(i)] for i in range(len(start.channel_indices))]
+    convolution = first_convolution(network, input_shape)
+    weights = sliced_state_dict(start.network_weights, convolution, [channels.index(channel_name)])
+    try:
+        network.load_state_dict(weights)
+    except RuntimeError as exc:  # torch's message lists the missing, unexpected and mis-shaped tensors
+        raise TeacherError(f"{start.checkpoint_path}: its network is not the student's architecture, so the "
+                           f"student cannot start from it: {str(exc).splitlines()[0]}") from None

@@ -16,7 +16,7 @@ import torch
 from nnunet_protokd import __version__
 from nnunet_protokd.errors import ConfigurationError
 from nnunet_protokd.io import atomic_file, load_checkpoint_weights_only
-from nnunet_protokd.methods import METHOD_DEFAULTS, SETTINGS_OF_0_1_0
+from nnunet_protokd.methods import METHOD_DEFAULTS, SETTINGS_ADDED_LATER, SETTINGS_OF_0_1_0
 from nnunet_protokd.plans import (
     ConfigurationResolvedOnce,
     add_config_command,
@@ -32,9 +32,11 @@ RECORD_FILE = "distillation.json"
 def recorded_settings(record: dict | None, method: str, given: dict) -> tuple[dict, str]:
     """(settings, plugin version) a checkpoint was trained with. Plugin 0.1.0 recorded no version and fewer
     settings (LCKD: none): its missing settings are 0.1.0's values (SETTINGS_OF_0_1_0) and, without any record,
-    the configuration's `given` settings are taken to be those it was trained with."""
+    the configuration's `given` settings are taken to be those it was trained with. A later version's record lacks
+    only the settings added since (SETTINGS_ADDED_LATER), which it had at their earlier behaviour."""
     if record is not None and "plugin_version" in record:
-        return dict(record["settings"]), record["plugin_version"]
+        added_later = {key: value for key, value in SETTINGS_ADDED_LATER.items() if key in METHOD_DEFAULTS[method]}
+        return {**added_later, **record["settings"]}, record["plugin_version"]
     trained = (record or {}).get("settings", given)
     return {**SETTINGS_OF_0_1_0[method], **trained}, "0.1.0"
 

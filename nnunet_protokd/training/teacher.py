@@ -82,8 +82,8 @@ class Teacher:
         return logits, features
 
 
-def _fail(student: str, message: str):
-    raise TeacherError(f"teacher of {student}: {message}")
+def _fail(role: str, message: str):
+    raise TeacherError(f"{role}: {message}")
 
 
 def _unpickling_reason(exc: Exception) -> str:
@@ -102,18 +102,29 @@ def locate_teacher(plans: dict, configuration: str, fold, dataset_json: dict, re
                    resolved: dict | None = None) -> TeacherCheckpoint:
     """Finds and checks the teacher of the student (plans, configuration, fold) of a multi-channel dataset.
     `resolved`: the student's configuration already resolved by the caller (a trainer resolves it once)."""
-    student = f"{plans['dataset_name']} {configuration} fold {fold}"
     resolved = resolved or resolved_configuration(plans, configuration)
-    settings = configuration_settings(resolved)
-    spec = {**TEACHER_DEFAULTS, **settings.get("teacher", {})}
+    spec = {**TEACHER_DEFAULTS, **configuration_settings(resolved).get("teacher", {})}
     teacher_configuration = spec["configuration"] or plans["configurations"][configuration].get("inherits_from")
     model_folder, checkpoint_path = teacher_model_folder(plans, configuration, results_folder, resolved)
     if model_folder is not None:
         checkpoint_path = os.path.join(model_folder, f"fold_{fold}", checkpoint_path)
+    return checked_multi_channel_model(
+        f"teacher of {plans['dataset_name']} {configuration} fold {fold}", checkpoint_path,
+        f"Train it first (nnUNetv2_train {plans['dataset_name']} {teacher_configuration} {fold} -tr {spec['trainer']}) "
+        f"or name another teacher in the student configuration (nnunet-protokd add-config --teacher-...)",
+        plans, fold, dataset_json, resolved)
+
+
+def checked_multi_channel_model(role: str, checkpoint_path: str, how_to_get_it: str, plans: dict, fold,
+                                dataset_json: dict, resolved: dict) -> TeacherCheckpoint:
+    """The nnU-Net model at `checkpoint_path` (fold_X/checkpoint_*.pth of a model folder) that a student of
+    (plans, fold, its `resolved` configuration) learns from, checked as the student needs it: written by
+    nnUNetv2_train for the student's fold and dataset, reading the student's modality among its channels, with the
+    dataset's labels, spacing and normalisation. Raises TeacherError beginning with `role` (e.g. "teacher of ...");
+    `how_to_get_it` follows the error of a missing file."""
+    settings = configuration_settings(resolved)
     if not os.path.isfile(checkpoint_path):
-        _fail(student, f"{checkpoint_path} does not exist. Train it first (nnUNetv2_train {plans['dataset_name']} "
-                       f"{teacher_configuration} {fold} -tr {spec['trainer']}) or name another teacher in the "
-                       f"student configuration (nnunet-protokd add-config --teacher-...)")
+        _fail(role, f"{checkpoint_path} does not exist. {how_to_get_it}")
     model_folder = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_path)))
     teacher_files = {}
     for name in ("plans.json", "dataset.json"):
@@ -121,62 +132,62 @@ def locate_teacher(plans: dict, configuration: str, fold, dataset_json: dict, re
             with open(os.path.join(model_folder, name)) as f:
                 teacher_files[name] = json.load(f)
         except (OSError, ValueError) as exc:
-            _fail(student, f"cannot read the teacher's {os.path.join(model_folder, name)} (an nnU-Net model folder "
-                           f"holds plans.json and dataset.json beside fold_X): {exc}")
+            _fail(role, f"cannot read {os.path.join(model_folder, name)} (an nnU-Net model folder "
+                        f"holds plans.json and dataset.json beside fold_X): {exc}")
     teacher_plans, teacher_dataset_json = teacher_files["plans.json"], teacher_files["dataset.json"]
     try:
         checkpoint = load_checkpoint_weights_only(checkpoint_path)
     except Exception as exc:  # the unpickler's several error types alike
-        _fail(student, f"cannot read the teacher checkpoint {checkpoint_path}: {_unpickling_reason(exc)}")
+        _fail(role, f"cannot read the checkpoint {checkpoint_path}: {_unpickling_reason(exc)}")
     missing = [key for key in NNUNET_CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
     if not missing:
         missing = [f"init_args[{key!r}]" for key in ("fold", "configuration") if key not in checkpoint["init_args"]]
     if missing:
         plain = isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor)
                                                                     for v in checkpoint.values())
-        _fail(student, f"{checkpoint_path} is not a checkpoint written by nnUNetv2_train: it lacks "
-                       f"{', '.join(missing)}" + (" (it is a plain state_dict)" if plain else "") +
-                       ". The fold and configuration it was trained on must be known (a teacher trained on the "
-                       "student's validation cases would leak them): use nnU-Net's checkpoint_final.pth or "
-                       "checkpoint_best.pth")
+        _fail(role, f"{checkpoint_path} is not a checkpoint written by nnUNetv2_train: it lacks "
+                    f"{', '.join(missing)}" + (" (it is a plain state_dict)" if plain else "") +
+                    ". The fold and configuration it was trained on must be known (a model trained on the "
+                    "student's validation cases would leak them): use nnU-Net's checkpoint_final.pth or "
+                    "checkpoint_best.pth")
 
     teacher_fold = str(checkpoint["init_args"]["fold"])
     if teacher_fold != str(fold):
-        _fail(student, f"{checkpoint_path} was trained on fold {teacher_fold}, the student on fold {fold}: the "
-                       f"teacher would have seen the student's validation cases")
+        _fail(role, f"{checkpoint_path} was trained on fold {teacher_fold}, the student on fold {fold}: the "
+                    f"model would have seen the student's validation cases")
     if teacher_plans.get("dataset_name") != plans["dataset_name"]:
-        _fail(student, f"{checkpoint_path} belongs to dataset {teacher_plans.get('dataset_name')}")
+        _fail(role, f"{checkpoint_path} belongs to dataset {teacher_plans.get('dataset_name')}")
     dataset_channels = {name: int(i) for i, name in dataset_json["channel_names"].items()}
     teacher_channels = [teacher_dataset_json["channel_names"][str(i)]
                         for i in range(len(teacher_dataset_json["channel_names"]))]
     unknown = [c for c in teacher_channels if c not in dataset_channels]
     if unknown:
-        _fail(student, f"its input channels {teacher_channels} include {unknown}, which the dataset "
-                       f"{list(dataset_channels)} does not have")
+        _fail(role, f"its input channels {teacher_channels} include {unknown}, which the dataset "
+                    f"{list(dataset_channels)} does not have")
     if settings["modality"] not in teacher_channels:
-        _fail(student, f"its input channels {teacher_channels} do not include the student's modality "
-                       f"{settings['modality']}")
+        _fail(role, f"its input channels {teacher_channels} do not include the student's modality "
+                    f"{settings['modality']}")
     for key in ("labels", "regions_class_order"):
         if teacher_dataset_json.get(key) != dataset_json.get(key):
-            _fail(student, f"its {key} {teacher_dataset_json.get(key)} differ from the dataset's "
-                           f"{dataset_json.get(key)}")
+            _fail(role, f"its {key} {teacher_dataset_json.get(key)} differ from the dataset's "
+                        f"{dataset_json.get(key)}")
 
     teacher_configuration = checkpoint["init_args"]["configuration"]
     teacher_resolved = resolved_configuration(teacher_plans, teacher_configuration)
     if not np.allclose(teacher_resolved["spacing"], resolved["spacing"]):
-        _fail(student, f"it was trained at spacing {teacher_resolved['spacing']}, the student's data has "
-                       f"{resolved['spacing']}")
+        _fail(role, f"it was trained at spacing {teacher_resolved['spacing']}, the student's data has "
+                    f"{resolved['spacing']}")
     for position, name in enumerate(teacher_channels):
         ours = resolved["normalization_schemes"][dataset_channels[name]]
         if teacher_resolved["normalization_schemes"][position] != ours:
-            _fail(student, f"it normalises {name} with {teacher_resolved['normalization_schemes'][position]}, "
-                           f"the student's data with {ours}")
+            _fail(role, f"it normalises {name} with {teacher_resolved['normalization_schemes'][position]}, "
+                        f"the student's data with {ours}")
     strides = teacher_resolved["architecture"]["arch_kwargs"].get("strides")
     if strides is not None:
         total_stride = np.prod(np.array(strides), axis=0)
         if len(total_stride) != len(resolved["patch_size"]) or np.any(np.array(resolved["patch_size"]) % total_stride):
-            _fail(student, f"the student's patch size {resolved['patch_size']} is not a multiple of the teacher "
-                           f"network's total stride {total_stride.tolist()}")
+            _fail(role, f"the student's patch size {resolved['patch_size']} is not a multiple of its "
+                        f"network's total stride {total_stride.tolist()}")
     return TeacherCheckpoint(checkpoint_path, sha256_of(checkpoint_path), str(checkpoint.get("trainer_name")),
                              teacher_configuration, teacher_fold, teacher_plans, teacher_dataset_json,
                              tuple(dataset_channels[c] for c in teacher_channels), checkpoint["network_weights"])
