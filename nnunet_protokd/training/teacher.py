@@ -1,4 +1,5 @@
-"""The one teacher loader: finds a student's frozen multi-modality teacher, checks it, builds it.
+"""The one teacher loader: finds a student's frozen multi-modality teacher, checks it, builds it (its checks also
+serve the modality-dropout model a student may start from: checked_multi_channel_model).
 
 A student's teacher is, by default, the `ProtoKDTeacherTrainer` model of the same dataset and plans, trained
 on the configuration the student's configuration inherits from, for the **same fold** (a teacher trained on
