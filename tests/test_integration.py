@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import BIN, copy_phantoms, nnunet_environment, run
+from conftest import BIN, copy_phantoms, nnunet_environment, protokd_in_process, run
 
 DATASET = "Dataset501_BraTS2018"
 TEACHER = "ProtoKDTeacherTrainer__nnUNetPlans__3d_smoke"
@@ -33,16 +33,17 @@ def workspace(tmp_path_factory, preprocessed_phantoms) -> Path:
     root = tmp_path_factory.mktemp("integration")
     env = nnunet_environment(root)
     copy_phantoms(preprocessed_phantoms, root)
-    run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-c", "3d_fullres", "--name", "3d_smoke",
-         "--epochs", "2", "--iterations-per-epoch", "4", "--val-iterations-per-epoch", "2"], env)
-    run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-c", "3d_smoke", "-m", "T1ce"], env)
+    protokd_in_process(root, "add-config", "-d", "501", "-c", "3d_fullres", "--name", "3d_smoke", "--epochs", "2",
+                       "--iterations-per-epoch", "4", "--val-iterations-per-epoch", "2")
+    protokd_in_process(root, "add-config", "-d", "501", "-c", "3d_smoke", "-m", "T1ce")
     run([BIN / "nnUNetv2_train", "501", "3d_smoke", "0", "-tr", "ProtoKDTeacherTrainer", "-device", "cpu"], env)
     for student in ("UnimodalTrainer", "ProtoKDTrainer", "KDNetTrainer"):
         run([BIN / "nnUNetv2_train", "501", "3d_smoke_T1ce", "0", "-tr", student, "-device", "cpu"], env)
     # LCKD: epoch 0 with every modality, epochs 1-2 with random subsets; an election before each epoch
-    run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-c", "3d_fullres", "--name", "3d_lckd", "--epochs", "3",
-         "--iterations-per-epoch", "4", "--val-iterations-per-epoch", "2", "--set", "LCKDTrainer.election_interval=1",
-         "--set", "LCKDTrainer.full_modality_fraction=0.34", "--set", "LCKDTrainer.election_batches=2"], env)
+    protokd_in_process(root, "add-config", "-d", "501", "-c", "3d_fullres", "--name", "3d_lckd", "--epochs", "3",
+                       "--iterations-per-epoch", "4", "--val-iterations-per-epoch", "2",
+                       "--set", "LCKDTrainer.election_interval=1", "--set", "LCKDTrainer.full_modality_fraction=0.34",
+                       "--set", "LCKDTrainer.election_batches=2")
     run([BIN / "nnUNetv2_train", "501", "3d_lckd", "0", "-tr", "LCKDTrainer", "-device", "cpu"], env)
     single = root / "t1ce_only"
     single.mkdir()
@@ -82,9 +83,16 @@ def test_student_model_folder_is_single_channel(workspace):
     assert "student modality: T1ce (channel 1" in log
 
 
-def test_single_modality_prediction_keeps_geometry_and_labels(workspace):
+@pytest.fixture(scope="module")
+def t1ce_predictions(workspace) -> Path:
+    """nnUNetv2_predict of the unimodal student on the held-out cases' T1ce files."""
     output = workspace / "predicted_t1ce"
     predict(workspace, workspace / "t1ce_only", output, "3d_smoke_T1ce", "UnimodalTrainer")
+    return output
+
+
+def test_single_modality_prediction_keeps_geometry_and_labels(workspace, t1ce_predictions):
+    output = t1ce_predictions
     inputs = sorted((workspace / "t1ce_only").glob("*_0000.nii.gz"))
     assert len(inputs) == 3
     for image_path in inputs:
@@ -103,19 +111,18 @@ def test_student_refuses_four_channel_input(workspace):
     assert "takes 1 input channel(s) per case (<case>_0000 = T1ce only) but received 4" in result.stderr
 
 
-def test_predict_command_checks_file_names_then_predicts_as_nnunet_does(workspace):
+def test_predict_command_checks_file_names_then_predicts_as_nnunet_does(workspace, t1ce_predictions):
     env = nnunet_environment(workspace)
     arguments = ["-d", "501", "-c", "3d_smoke_T1ce", "-tr", "UnimodalTrainer", "-f", "0", "-device", "cpu", "-npp",
                  "0", "-nps", "0"]
     result = run([BIN / "nnunet-protokd", "predict", "-i", workspace / "t1ce_only", "-o", workspace / "checked",
                   *arguments], env)
     assert f"3 case(s) in {workspace / 't1ce_only'}, each with exactly the files this model reads" in result.stdout
-    predict(workspace, workspace / "t1ce_only", workspace / "plain", "3d_smoke_T1ce", "UnimodalTrainer")
-    predictions = sorted(p.name for p in (workspace / "plain").glob("*.nii.gz"))
+    predictions = sorted(p.name for p in t1ce_predictions.glob("*.nii.gz"))  # plain nnUNetv2_predict's
     assert len(predictions) == 3 and sorted(p.name for p in (workspace / "checked").glob("*.nii.gz")) == predictions
     for name in predictions:  # nnU-Net's own prediction, voxel for voxel
         np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(workspace / "checked" / name))),
-                                      sitk.GetArrayFromImage(sitk.ReadImage(str(workspace / "plain" / name))))
+                                      sitk.GetArrayFromImage(sitk.ReadImage(str(t1ce_predictions / name))))
     # FLAIR numbered as in the 4-channel dataset: plain nnUNetv2_predict cannot tell and reads it as T1ce
     flair = workspace / "flair_as_0003"
     flair.mkdir()
@@ -308,53 +315,51 @@ def test_lckd_predicts_from_a_subset_of_modalities(workspace):
     assert "takes 2 input channel(s) per case (<case>_0000 = T1ce, <case>_0001 = FLAIR) but received 1" in result.stderr
 
 
-PREDICT_EVERY_SUBSET = """
-import json, sys
-import numpy as np, SimpleITK as sitk, torch
-from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-results, images, validated, case = sys.argv[1:5]
-agreement = {}
-for label in json.loads(sys.argv[5]):
-    folder = f"{results}/LCKDTrainer__nnUNetPlans__3d_lckd_{label}"
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True, device=torch.device("cpu"),
-                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(folder, (0,), "checkpoint_final.pth")
-    channels = json.load(open(f"{folder}/dataset.json"))["protokd"]["source_channel_indices"]
-    image, properties = SimpleITKIO().read_images([f"{images}/{case}_{c:04d}.nii.gz" for c in channels])
-    predicted = predictor.predict_single_npy_array(image, properties, None, None, False)
-    reference = sitk.GetArrayFromImage(sitk.ReadImage(f"{validated}/{label}/{case}.nii.gz"))
-    agreement[label] = float(np.mean(predicted == reference))
-print(json.dumps(agreement))
-"""
+def predict_every_subset(results: Path, images: Path, validated: Path, case: str, labels: list) -> dict:
+    """{subset label: share of voxels where nnU-Net's predictor, given the subset model folder and only that subset's
+    raw files of `case`, predicts what the trained model's validation of that subset predicted}."""
+    import torch
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    agreement = {}
+    for label in labels:
+        folder = results / f"LCKDTrainer__nnUNetPlans__3d_lckd_{label}"
+        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                    device=torch.device("cpu"), verbose=False, verbose_preprocessing=False,
+                                    allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(str(folder), (0,), "checkpoint_final.pth")
+        channels = json.loads((folder / "dataset.json").read_text())["protokd"]["source_channel_indices"]
+        image, properties = SimpleITKIO().read_images([str(images / f"{case}_{c:04d}.nii.gz") for c in channels])
+        predicted = predictor.predict_single_npy_array(image, properties, None, None, False)
+        reference = sitk.GetArrayFromImage(sitk.ReadImage(str(validated / label / f"{case}.nii.gz")))
+        agreement[label] = float(np.mean(predicted == reference))
+    return agreement
 
 
 def test_every_lckd_subset_model_folder_predicts_what_final_validation_predicted(workspace):
-    """All 15 subset folders (`lckd-subset --all`) through nnU-Net's predictor (what nnUNetv2_predict runs), each
-    from only its modalities' raw files: the same segmentation as the trained model's validation of that subset."""
+    """All 15 subset folders (`lckd-subset --all`) through nnU-Net's predictor (what nnUNetv2_predict runs; here in
+    the test's process, which saves a start of nnU-Net), each from only its modalities' raw files: the same
+    segmentation as the trained model's validation of that subset."""
     from nnunet_protokd.lckd.subsets import every_channel_subset
-    env = nnunet_environment(workspace)
-    run([BIN / "nnunet-protokd", "lckd-subset", "-d", "501", "-c", "3d_lckd", "--all"], env)
+    protokd_in_process(workspace, "lckd-subset", "-d", "501", "-c", "3d_lckd", "--all")
     results = workspace / "nnUNet_results" / DATASET
     fold = results / LCKD / "fold_0"
     case = json.loads((fold / "validation_subsets" / "summary.json").read_text())["cases"][0]
     dataset_json = json.loads((results / LCKD / "dataset.json").read_text())
     labels = [subset.label for subset in every_channel_subset(dataset_json)]
-    result = run([BIN / "python", "-c", PREDICT_EVERY_SUBSET, results, workspace / "nnUNet_raw" / DATASET / "imagesTr",
-                  fold / "validation_subsets", case, json.dumps(labels)], env)
-    agreement = json.loads(result.stdout.strip().splitlines()[-1])
+    agreement = predict_every_subset(results, workspace / "nnUNet_raw" / DATASET / "imagesTr",
+                                     fold / "validation_subsets", case, labels)  # in this process: model folders
     assert len(agreement) == 15 and all(value >= 0.999 for value in agreement.values()), agreement
 
 
 def test_resuming_under_other_method_settings_is_refused_with_the_way_back(workspace):
-    env = nnunet_environment(workspace)
-    run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-c", "3d_smoke", "-m", "T1ce", "--set",
-         "ProtoKDTrainer.classes=regions", "--overwrite"], env)
+    protokd_in_process(workspace, "add-config", "-d", "501", "-c", "3d_smoke", "-m", "T1ce", "--set",
+                       "ProtoKDTrainer.classes=regions", "--overwrite")
     try:
         result = run([BIN / "nnUNetv2_train", "501", "3d_smoke_T1ce", "0", "-tr", "ProtoKDTrainer", "-device", "cpu",
-                      "--c"], env, expect_success=False)
+                      "--c"], nnunet_environment(workspace), expect_success=False)
     finally:
-        run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-c", "3d_smoke", "-m", "T1ce", "--overwrite"], env)
+        protokd_in_process(workspace, "add-config", "-d", "501", "-c", "3d_smoke", "-m", "T1ce", "--overwrite")
     assert result.returncode != 0
     assert "checkpoint_final.pth was trained by ProtoKDTrainer of nnunet-protokd" in result.stderr
     assert "classes 'disjoint' -> 'regions'. Continuing would change the method half-way" in result.stderr

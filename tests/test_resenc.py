@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import BIN, DATASET, copy_phantoms, nnunet_environment, run
+from conftest import BIN, DATASET, copy_phantoms, nnunet_environment, protokd_in_process, run
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +22,12 @@ def test_resenc_plans_as_teacher_and_student_and_a_resenc_teacher_for_default_pl
     env = nnunet_environment(workspace)
     resenc = "nnUNetResEncUNetPlans_4G"
     run([BIN / "nnUNetv2_plan_and_preprocess", "-d", "501", "-c", "3d_fullres", "-pl", "nnUNetPlannerResEncM",
-         "-gpu_memory_target", "4", "-overwrite_plans_name", resenc, "-np", "2"], env)
+         "-gpu_memory_target", "4", "-overwrite_plans_name", resenc, "-np", "1"], env)
     schedule = ["--epochs", "1", "--iterations-per-epoch", "2", "--val-iterations-per-epoch", "1",
                 "--no-final-validation"]
-    run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-p", resenc, "-c", "3d_fullres", "--name", "3d_smoke",
-         *schedule], env)
-    run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-p", resenc, "-c", "3d_smoke", "-m", "T1ce"], env)
+    protokd_in_process(workspace, "add-config", "-d", "501", "-p", resenc, "-c", "3d_fullres", "--name", "3d_smoke",
+                       *schedule)
+    protokd_in_process(workspace, "add-config", "-d", "501", "-p", resenc, "-c", "3d_smoke", "-m", "T1ce")
     for trainer, configuration in (("ProtoKDTeacherTrainer", "3d_smoke"), ("ProtoKDTrainer", "3d_smoke_T1ce"),
                                    ("KDNetTrainer", "3d_smoke_T1ce"), ("LCKDTrainer", "3d_smoke")):
         run([BIN / "nnUNetv2_train", "501", configuration, "0", "-tr", trainer, "-p", resenc, "-device", "cpu"], env)
@@ -36,9 +36,9 @@ def test_resenc_plans_as_teacher_and_student_and_a_resenc_teacher_for_default_pl
         assert "ResidualEncoderUNet" in plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"]
         assert (folder / "fold_0" / "checkpoint_final.pth").is_file(), trainer
     # the default-plans student, taught by the ResEnc teacher
-    run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-c", "3d_fullres", "--name", "3d_smoke", *schedule], env)
-    run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-c", "3d_smoke", "-m", "T1ce", "--name",
-         "3d_smoke_T1ce_resenc_teacher", "--teacher-plans", resenc], env)
+    protokd_in_process(workspace, "add-config", "-d", "501", "-c", "3d_fullres", "--name", "3d_smoke", *schedule)
+    protokd_in_process(workspace, "add-config", "-d", "501", "-c", "3d_smoke", "-m", "T1ce", "--name",
+                       "3d_smoke_T1ce_resenc_teacher", "--teacher-plans", resenc)
     run([BIN / "nnUNetv2_train", "501", "3d_smoke_T1ce_resenc_teacher", "0", "-tr", "ProtoKDTrainer", "-device", "cpu"],
         env)
     record = json.loads((workspace / "nnUNet_results" / DATASET
