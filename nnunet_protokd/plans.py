@@ -27,6 +27,7 @@ from copy import deepcopy
 import nnunetv2.paths as nnunet_paths  # read at call time: tests and commands set them late
 from filelock import FileLock, Timeout
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_protokd.errors import ConfigurationError, TeacherError
@@ -363,7 +364,8 @@ def teacher_model_folder(plans: dict, configuration: str, results_folder: str | 
                            f"configuration")
     if not results_folder:
         raise TeacherError(f"{where}: set nnUNet_results, where the teacher's model folder is looked for")
-    folder = f"{spec['trainer']}__{spec['plans'] or plans['plans_name']}__{teacher_configuration}"
+    folder = convert_trainer_plans_config_to_identifier(spec["trainer"], spec["plans"] or plans["plans_name"],
+                                                        teacher_configuration)
     return os.path.join(results_folder, plans["dataset_name"], folder), spec["checkpoint"]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 import torch
+from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
 from torch import nn
 
 from nnunet_protokd.errors import ConfigurationError, TeacherError
@@ -142,7 +143,8 @@ def locate_modality_dropout_start(plans: dict, configuration: str, fold, dataset
     base = plans["configurations"][configuration].get("inherits_from")
     if not results_folder:
         raise TeacherError(f"{role}: set nnUNet_results, where the {trainer} model folder is looked for")
-    checkpoint = os.path.join(results_folder, plans["dataset_name"], f"{trainer}__{plans['plans_name']}__{base}",
+    checkpoint = os.path.join(results_folder, plans["dataset_name"],
+                              convert_trainer_plans_config_to_identifier(trainer, plans["plans_name"], base),
                               f"fold_{fold}", "checkpoint_final.pth")
     return checked_multi_channel_model(
         role, checkpoint, f"Train it to the end first (nnUNetv2_train {plans['dataset_name']} {base} {fold} -tr "
