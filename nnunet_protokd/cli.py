@@ -133,15 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an already converted dataset (id or name in nnUNet_raw) instead of the phantoms: each seed "
                         "trains every model on it and predicts its held-out test set (imagesTs with labelsTs; a "
                         "dataset without one is refused); the nnU-Net folders are the environment's")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="phantom and training seeds (default 0 1 2)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="phantom and training seeds (default 0 1 2 3 4)")
     p.add_argument("--modalities", nargs="+", default=["T1", "T1ce"], help="student modalities (default T1 T1ce)")
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
-                   help="as for experiment (default unimodal protokd kdnet); add moddrop for one nnU-Net trained with "
-                        "modality dropout per seed, predicted from each student modality and compared with the "
-                        "baseline and each distilled student (about 3 minutes more per seed on 2 cores)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="as for experiment (default unimodal protokd kdnet moddrop: moddrop is one nnU-Net trained "
+                        "with modality dropout per seed, predicted from each student modality and compared with the "
+                        "baseline and each distilled student)")
     p.add_argument("--variants", nargs="*", default=None, metavar="VARIANT:MODALITY",
-                   help="method variants to train beside the papers' settings (default: ProtoKD's ablations on "
-                        "T1: without L_kd, without L_proto, intra-class only); none with an empty list")
+                   help="method variants to train beside the papers' settings (default none)")
+    p.add_argument("--ablations", action="store_true",
+                   help="also train ProtoKD's ablations on T1 (without L_kd, without L_proto, intra-class only; "
+                        "about 8 minutes more per seed on 2 cores)")
     p.add_argument("--diagnosis", action="store_true",
                    help="also train the diagnosis variants: ProtoKD with KD at T = 1 and ProtoKDTrainer without "
                         "either distillation term (the control) on T1; KD-Net with L_KL averaged and without L_KD on "

@@ -23,6 +23,8 @@ from nnunet_protokd.protocol.benchmark import format_table, run_benchmark
 from nnunet_protokd.protocol.demo import run_demo
 from nnunet_protokd.protocol.evidence import (
     CPU_SCHEDULE,
+    EVIDENCE_METHODS,
+    EVIDENCE_SEEDS,
     FULL_SCHEDULE,
     Evidence,
     EvidenceSettings,
@@ -151,10 +153,11 @@ def evidence_settings(args) -> EvidenceSettings:
         if getattr(args, key) is not None:
             schedule[key] = getattr(args, key)
     variants = requested_variants(variant_pairs(args.variants) if args.variants is not None else None,
-                                  args.diagnosis, tuple(args.modalities))
-    return EvidenceSettings(output_folder=args.output, seeds=tuple(args.seeds), modalities=tuple(args.modalities),
-                            methods=tuple(args.methods), variants=variants, device=args.device or _default_device(),
-                            dataset=args.dataset, **schedule)
+                                  args.ablations, args.diagnosis, tuple(args.modalities))
+    return EvidenceSettings(output_folder=args.output, seeds=tuple(args.seeds or EVIDENCE_SEEDS),
+                            modalities=tuple(args.modalities), methods=tuple(args.methods or EVIDENCE_METHODS),
+                            variants=variants, device=args.device or _default_device(), dataset=args.dataset,
+                            **schedule)
 
 
 def evidence(args) -> int:

@@ -450,13 +450,26 @@ def test_plateau_and_gradient_shares_from_learning_curves():
     assert shares["protokd:T1"]["last_epoch"] == {"seg_loss": 0.5, "kd_loss": 0.5}
 
 
-def test_diagnosis_adds_its_variants_for_the_modalities_asked_for_only():
-    from nnunet_protokd.protocol.evidence import DEFAULT_VARIANTS, DIAGNOSIS_VARIANTS, requested_variants
-    assert requested_variants(None, False, ("T1", "T1ce")) == DEFAULT_VARIANTS
-    assert requested_variants(None, True, ("T1", "T1ce")) == DEFAULT_VARIANTS + DIAGNOSIS_VARIANTS
-    assert requested_variants((), True, ("T1",)) == tuple(v for v in DIAGNOSIS_VARIANTS if v[1] == "T1") != ()
-    assert requested_variants((("kdnet-kl_mean", "T1ce"),), True, ("T1ce",)) == (
+def test_ablations_and_diagnosis_add_their_variants_for_the_modalities_asked_for_only():
+    from nnunet_protokd.protocol.evidence import ABLATION_VARIANTS, DIAGNOSIS_VARIANTS, requested_variants
+    assert requested_variants(None, False, False, ("T1", "T1ce")) == ()  # the default: the papers' settings only
+    assert requested_variants(None, True, False, ("T1", "T1ce")) == ABLATION_VARIANTS
+    assert requested_variants(None, True, True, ("T1", "T1ce")) == ABLATION_VARIANTS + DIAGNOSIS_VARIANTS
+    assert requested_variants(None, True, False, ("T1ce",)) == ()  # the ablations are on T1
+    assert requested_variants((), False, True, ("T1",)) == tuple(v for v in DIAGNOSIS_VARIANTS if v[1] == "T1") != ()
+    assert requested_variants((("kdnet-kl_mean", "T1ce"),), False, True, ("T1ce",)) == (
         ("kdnet-kl_mean", "T1ce"), ("kdnet-no_kd", "T1ce"))
+
+
+def test_the_default_evidence_command_trains_five_seeds_with_modality_dropout_and_no_ablations():
+    from nnunet_protokd.cli import build_parser
+    from nnunet_protokd.commands import evidence_settings
+    settings = evidence_settings(build_parser().parse_args(["evidence", "-o", "somewhere"]))
+    assert settings.seeds == (0, 1, 2, 3, 4) and settings.variants == ()
+    assert settings.methods == ("unimodal", "protokd", "kdnet", "moddrop")
+    settings = evidence_settings(build_parser().parse_args(["evidence", "--ablations", "--seeds", "3"]))
+    assert settings.seeds == (3,) and {v for v, _ in settings.variants} == {
+        "protokd-no_kd", "protokd-no_proto", "protokd-intra"}
 
 
 def test_on_cpu_training_augments_in_process_while_planning_keeps_nnunet_s_workers(monkeypatch):
