@@ -131,10 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="evidence_output", help="evidence folder (default ./evidence_output)")
     p.add_argument("-d", "--dataset", default=None,
                    help="an already converted dataset (id or name in nnUNet_raw) instead of the phantoms: each seed "
-                        "trains every model on it and predicts its held-out test set (imagesTs with labelsTs; a "
-                        "dataset without one is refused); the nnU-Net folders are the environment's")
+                        "trains every model on it and predicts its held-out test set (imagesTs with labelsTs), or, "
+                        "without one, each fold of the cross-validation predicts its validation cases (--folds); "
+                        "the nnU-Net folders are the environment's")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="phantom and training seeds (default 0 1 2 3 4)")
+    p.add_argument("--folds", type=int, nargs="+", default=None,
+                   help="with -d: take these cross-validation folds as replicates, a (seed, fold) model each, each "
+                        "predicting its own validation cases (default for a dataset without a test set: 0 1 2 3 4; "
+                        "given, also for one with a test set)")
     p.add_argument("--modalities", nargs="+", default=["T1", "T1ce"], help="student modalities (default T1 T1ce)")
     p.add_argument("--methods", nargs="+", default=None,
                    help="as for experiment (default unimodal protokd kdnet moddrop: moddrop is one nnU-Net trained "
@@ -184,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predict-in-process", action="store_true",
                    help="predict in this process without nnU-Net's worker processes (saves a start per model on a "
                         "small machine)")
+    p.add_argument("--cross-validation", action="store_true",
+                   help="evaluate each fold's model on its validation cases even when the dataset has a held-out "
+                        "test set")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
     p.add_argument("-np", "--num-processes", type=int, default=2, help="preprocessing processes (default 2)")
     p.add_argument("-o", "--output", default=None, help="predictions and report (default protokd_experiment_<d>)")

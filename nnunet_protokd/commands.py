@@ -133,7 +133,7 @@ def experiment_settings(args):
         iterations_per_epoch=args.iterations_per_epoch, val_iterations_per_epoch=args.val_iterations_per_epoch,
         final_validation=not args.no_final_validation, plans=args.plans, num_processes=args.num_processes,
         variants=variant_pairs(args.variants or ()),
-        seed=args.seed, predict_in_process=args.predict_in_process)
+        seed=args.seed, predict_in_process=args.predict_in_process, cross_validation=args.cross_validation)
 
 
 def experiment(args) -> int:
@@ -157,7 +157,7 @@ def evidence_settings(args) -> EvidenceSettings:
     return EvidenceSettings(output_folder=args.output, seeds=tuple(args.seeds or EVIDENCE_SEEDS),
                             modalities=tuple(args.modalities), methods=tuple(args.methods or EVIDENCE_METHODS),
                             variants=variants, device=args.device or _default_device(), dataset=args.dataset,
-                            **schedule)
+                            folds=tuple(args.folds) if args.folds else None, **schedule)
 
 
 def evidence(args) -> int:

@@ -374,11 +374,11 @@ def test_modality_dropout_is_compared_with_the_baseline_and_each_distilled_stude
     assert "| T1 | Modality dropout | 60 | " in text
 
 
-def test_evidence_on_a_converted_dataset_predicts_its_test_set_and_refuses_one_without_before_training(
+def test_evidence_on_a_converted_dataset_predicts_its_test_set_or_takes_the_folds_as_replicates(
         tmp_path, monkeypatch):
-    """`evidence -d`: the user's nnU-Net folders and dataset, each seed's models its own; a dataset without
-    labelsTs is refused (cross-validation folds as replicates are not implemented) before anything is trained."""
-    from nnunet_protokd.errors import UserError
+    """`evidence -d`: the user's nnU-Net folders and dataset, each seed's models its own; the held-out test set when
+    the dataset has one, otherwise (or with folds given) each (seed, fold) model of the cross-validation is a
+    replicate predicting its own validation cases."""
     from nnunet_protokd.protocol.evidence import Evidence
     for kind in ("raw", "preprocessed", "results"):
         (tmp_path / f"nnUNet_{kind}").mkdir()
@@ -388,22 +388,27 @@ def test_evidence_on_a_converted_dataset_predicts_its_test_set_and_refuses_one_w
     (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1", "1": "T1ce"}, "labels": {
         "background": 0, "tumour": 1}, "numTraining": 0, "file_ending": ".nii.gz"}))
     settings = EvidenceSettings(str(tmp_path / "evidence"), seeds=(0, 1), dataset="990")
-    lines = []
-    with pytest.raises(UserError, match="Dataset990_Mine has no held-out test set .* cross-validation folds as the "
-                                        "replicates .* is not implemented yet"):
-        Evidence(settings, log=lines.append).run()
-    assert lines == [] and not (tmp_path / "evidence" / "seed_0").exists()
+    runner = Evidence(settings)
     assert os.environ["nnUNet_raw"] == str(tmp_path / "nnUNet_raw")  # the user's, not folders of the evidence run
+    # no test set: nnU-Net's five folds, a (seed, fold) model each
+    assert runner.cross_validation_folds() == (0, 1, 2, 3, 4)
+    assert runner.replicates(1) == [(f"1/{fold}", fold) for fold in range(5)]
+    experiment = runner.experiment(1)
+    assert not experiment.evaluate_on_test_set and experiment.settings.folds == (0, 1, 2, 3, 4)
+    assert experiment.settings.notes["evidence"] == {"seed": 1, "dataset": "990", "folds": [0, 1, 2, 3, 4]}
     (raw / "imagesTs").mkdir()
     (raw / "labelsTs").mkdir()
-    runner = Evidence(settings)
-    runner.check_dataset()
     experiments = [runner.experiment(seed) for seed in (0, 1)]
+    assert runner.replicates(1) == [("1", 0)]
     assert all(e.evaluate_on_test_set and e.dataset_name == "Dataset990_Mine" for e in experiments)
     # each seed trains models of its own: the seed is part of their configuration, hence of their folders
     assert experiments[1].settings.seed == 1 and "1seed" in experiments[1].schedule_configuration
     assert experiments[0].schedule_configuration != experiments[1].schedule_configuration
     assert experiments[1].settings.notes["evidence"] == {"seed": 1, "dataset": "990"}
+    # folds asked for: cross-validation although the dataset has a test set
+    chosen = Evidence(EvidenceSettings(str(tmp_path / "evidence"), seeds=(0,), dataset="990", folds=(0, 1)))
+    assert chosen.replicates(0) == [("0/0", 0), ("0/1", 1)]
+    assert chosen.experiment(0).settings.cross_validation and not chosen.experiment(0).evaluate_on_test_set
     # the report of a dataset's run: its test cases, no phantom audit
     rng = np.random.default_rng(9)
     scores_by_seed = {}
@@ -415,6 +420,14 @@ def test_evidence_on_a_converted_dataset_predicts_its_test_set_and_refuses_one_w
     text = open(write_evidence_report(evidence, str(tmp_path / "report"))).read()
     assert "Seeds 0, 1 (trainers); 12 held-out test cases of dataset 990, never seen in training" in text
     assert "Phantom realism audit" not in text
+    # and of a cross-validation: the (seed, fold) models are the replicates
+    folds = {f"{seed}/{fold}": per_key for seed, per_key in scores_by_seed.items() for fold in (0,)}
+    evidence = evidence_from_raw(raw_values(folds), {**SETTINGS, "seeds": [0, 1], "folds": [0], "dataset": "990"},
+                                 None)
+    text = open(write_evidence_report(evidence, str(tmp_path / "report"))).read()
+    assert "Seeds 0, 1 x folds 0 (trainers; each (seed, fold) model is a replicate" in text
+    assert "12 cross-validation cases of dataset 990, each predicted by its fold's model" in text
+    assert evidence["comparisons"]["protokd:T1"]["mean"]["replicates"] == 2
 
 
 def test_report_only_refuses_an_evidence_json_without_per_case_values(tmp_path, capsys):
@@ -459,17 +472,6 @@ def test_ablations_and_diagnosis_add_their_variants_for_the_modalities_asked_for
     assert requested_variants((), False, True, ("T1",)) == tuple(v for v in DIAGNOSIS_VARIANTS if v[1] == "T1") != ()
     assert requested_variants((("kdnet-kl_mean", "T1ce"),), False, True, ("T1ce",)) == (
         ("kdnet-kl_mean", "T1ce"), ("kdnet-no_kd", "T1ce"))
-
-
-def test_the_default_evidence_command_trains_five_seeds_with_modality_dropout_and_no_ablations():
-    from nnunet_protokd.cli import build_parser
-    from nnunet_protokd.commands import evidence_settings
-    settings = evidence_settings(build_parser().parse_args(["evidence", "-o", "somewhere"]))
-    assert settings.seeds == (0, 1, 2, 3, 4) and settings.variants == ()
-    assert settings.methods == ("unimodal", "protokd", "kdnet", "moddrop")
-    settings = evidence_settings(build_parser().parse_args(["evidence", "--ablations", "--seeds", "3"]))
-    assert settings.seeds == (3,) and {v for v, _ in settings.variants} == {
-        "protokd-no_kd", "protokd-no_proto", "protokd-intra"}
 
 
 def test_on_cpu_training_augments_in_process_while_planning_keeps_nnunet_s_workers(monkeypatch):
@@ -550,6 +552,38 @@ def test_the_protocol_end_to_end_on_one_small_seed_and_resumed_without_training_
     assert runs[0]["methods"] == ["unimodal", "protokd", "moddrop"]
     assert "; wall time " in open(report).read() and ", then " in open(report).read()
 
+    # the same protocol on that converted dataset passed by id (`evidence -d 707`), from clean evidence folders: its
+    # held-out test set with the seed's models found trained, then its cross-validation folds, fold 0's models
+    # reused and fold 1's trained, each (seed, fold) model a replicate predicting its own validation case
+    on_dataset = dict(seeds=(7,), modalities=("T1ce",), methods=("unimodal",), epochs=2, iterations_per_epoch=2,
+                      val_iterations_per_epoch=1, dataset="707")
+    lines.clear()
+    Evidence(EvidenceSettings(output_folder=str(tmp_path / "test_set"), **on_dataset), log=lines.append).run()
+    trainings = [line for line in lines if line.startswith("[") and " train " in line]
+    assert len(trainings) == 2 and all(": already done (" in line for line in trainings), trainings
+    evidence = json.loads((tmp_path / "test_set" / "report" / "evidence.json").read_text())
+    assert evidence["settings"]["folds"] is None and set(evidence["raw"]["scores"]) == {"7"}
+    assert evidence["knowledge"]["T1ce"]["mean"]["n"] == 3  # the 3 held-out phantoms
+    assert not (tmp_path / "test_set" / "nnUNet_raw").exists()  # the environment's nnU-Net folders, not its own
+    folds = EvidenceSettings(output_folder=str(tmp_path / "folds"), folds=(0, 1), **on_dataset)
+    lines.clear()
+    report = Evidence(folds, log=lines.append).run()
+    trainings = [line for line in lines if line.startswith("[") and " train " in line]
+    assert sorted(": already done (" in line for line in trainings) == [False, False, True, True], trainings
+    evidence = json.loads((tmp_path / "folds" / "report" / "evidence.json").read_text())
+    assert set(evidence["raw"]["scores"]) == {"7/0", "7/1"} and evidence["settings"]["folds"] == [0, 1]
+    splits = json.loads(next((tmp_path / "evidence" / "nnUNet_preprocessed").glob("*/splits_final.json")).read_text())
+    for fold in (0, 1):
+        assert set(evidence["raw"]["scores"][f"7/{fold}"]["teacher"]) == set(splits[fold]["val"])
+        assert set(evidence["raw"]["teacher_agreement"][f"7/{fold}"]["unimodal:T1ce"]) == set(splits[fold]["val"])
+    knowledge = evidence["knowledge"]["T1ce"]["mean"]
+    assert knowledge["replicates"] == 2 and knowledge["n"] == sum(len(splits[f]["val"]) for f in (0, 1))
+    assert "Seeds 7 x folds 0, 1 (trainers; each (seed, fold) model is a replicate" in open(report).read()
+    lines.clear()
+    Evidence(folds, log=lines.append).run()  # resumed: nothing trained or predicted again
+    steps = [line for line in lines if line.startswith("[") and (" train " in line or " predict " in line)]
+    assert steps and all(": already done (" in line for line in steps), steps
+
 
 def test_the_evidence_command_line_reaches_the_settings():
     from nnunet_protokd.cli import build_parser  # noqa: PLC0415 (the CLI module is the thing tested)
@@ -557,6 +591,12 @@ def test_the_evidence_command_line_reaches_the_settings():
 
     default = evidence_settings(build_parser().parse_args(["evidence", "-o", "out", "--device", "cpu"]))
     assert default == EvidenceSettings(output_folder="out", device="cpu")
+    # the default command: five seeds, the papers' settings and modality dropout, the ablations behind a flag
+    assert default.seeds == (0, 1, 2, 3, 4) and default.variants == () and default.folds is None
+    assert default.methods == ("unimodal", "protokd", "kdnet", "moddrop")
+    ablations = evidence_settings(build_parser().parse_args(["evidence", "--ablations", "--folds", "0", "2"]))
+    assert {v for v, _ in ablations.variants} == {"protokd-no_kd", "protokd-no_proto", "protokd-intra"}
+    assert ablations.folds == (0, 2)
     chosen = evidence_settings(build_parser().parse_args(
         ["evidence", "-o", "out", "--device", "cpu", "-d", "777", "--methods", "unimodal", "protokd", "moddrop",
          "--seeds", "3", "4"]))

@@ -27,15 +27,16 @@ nnU-Net's own schedule (1000 epochs of 250 iterations) and 3d_fullres on a GPU w
 On a user's already converted dataset (`EvidenceSettings.dataset`, `evidence -d`) the phantoms and their
 conversion are left out: each seed trains every model in the environment's nnU-Net folders (the seed is part of
 each model's configuration) and predicts the dataset's held-out test set (imagesTs with labelsTs), so the
-replicate is the seed as on phantoms. A dataset without a test set is refused before any training: taking
-cross-validation folds as the replicates ((seed, fold) models) is not implemented yet.
+replicate is the seed as on phantoms. Without a test set (or with `folds` given) the replicates are the (seed,
+fold) models of nnU-Net's cross-validation, each predicting its own validation cases; the seed-level statistics
+and the hierarchical bootstrap then resample those models.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -72,6 +73,7 @@ from nnunet_protokd.methods import (
     modality_dropout_of,
     title,
 )
+from nnunet_protokd.plans import dataset_name
 from nnunet_protokd.protocol.experiment import Experiment, ExperimentSettings
 from nnunet_protokd.protocol.running import run_command
 
@@ -145,9 +147,11 @@ class EvidenceSettings:
     # an earlier evidence.json (the committed run, for the demo) whose figures the result sentence quotes beside ours
     reference_evidence: str | None = None
     # an already converted dataset (id or name in the user's nnUNet_raw) instead of the phantoms: each seed trains
-    # every model on it and predicts its held-out test set (imagesTs with labelsTs). Without a test set the
-    # replicate would be a (seed, fold) model of the cross-validation: not implemented, refused before any training
+    # every model on it and predicts its held-out test set (imagesTs with labelsTs)
     dataset: str | None = None
+    # cross-validation folds taken as replicates, a (seed, fold) model each predicting its own validation cases;
+    # None: the held-out test set, or for a dataset without one nnU-Net's five folds (cross_validation_folds)
+    folds: tuple | None = None
 
     def __post_init__(self):
         self.output_folder = os.path.abspath(self.output_folder)
@@ -165,16 +169,37 @@ class Evidence:
     def seed_folder(self, seed: int) -> str:
         return os.path.join(self.settings.output_folder, f"seed_{seed}")
 
+    def cross_validation_folds(self) -> tuple:
+        """The folds whose models are the replicates beside the seeds: those asked for; for a user's dataset
+        without a held-out test set nnU-Net's five; none (each seed's models predict the test set) otherwise."""
+        s = self.settings
+        if s.folds:
+            return tuple(s.folds)
+        if s.dataset is not None and not os.path.isdir(os.path.join(os.environ["nnUNet_raw"], dataset_name(s.dataset),
+                                                                    "labelsTs")):
+            return (0, 1, 2, 3, 4)
+        return ()
+
+    def replicates(self, seed: int) -> list:
+        """(label, fold) of each trained model of `seed` that predicts cases of its own: the seed ("3") with the
+        test set; each (seed, fold) model ("3/1") in cross-validation."""
+        folds = self.cross_validation_folds()
+        return [(f"{seed}/{fold}", fold) for fold in folds] if folds else [(str(seed), 0)]
+
     def experiment(self, seed: int) -> Experiment:
         s = self.settings
+        folds = self.cross_validation_folds()
         data = {"dataset": s.dataset} if s.dataset is not None else {
             "phantom_shape_zyx": list(s.phantom_shape_zyx), "training_cases": s.training_cases,
             "held_out_cases": s.held_out_cases}
+        if folds:
+            data["folds"] = list(folds)
         experiment = Experiment(ExperimentSettings(
             dataset=s.dataset if s.dataset is not None else str(s.first_dataset_id + seed),
             output_folder=os.path.join(self.seed_folder(seed), "experiment"),
             configuration=s.configuration, modalities=tuple(s.modalities), methods=tuple(s.methods),
-            variants=tuple(s.variants), seed=seed, folds=(0,), device=s.device, epochs=s.epochs,
+            variants=tuple(s.variants), seed=seed, folds=folds or (0,), cross_validation=bool(folds),
+            device=s.device, epochs=s.epochs,
             iterations_per_epoch=s.iterations_per_epoch, val_iterations_per_epoch=s.val_iterations_per_epoch,
             final_validation=False, predict_in_process=True,
             notes={"evidence": {"seed": seed, **data}}))
@@ -199,21 +224,8 @@ class Evidence:
             convert_brats_dataset(phantoms["training"], dataset_id, raw, test_folder=phantoms["held_out"],
                                   dataset_name=f"PhantomSeed{seed}")
 
-    def check_dataset(self) -> None:
-        """A user's dataset (`dataset`) must have a labelled held-out test set: refused otherwise, before any
-        training."""
-        experiment = self.experiment(self.settings.seeds[0])
-        if not experiment.evaluate_on_test_set:
-            raise UserError(
-                f"{experiment.dataset_name} has no held-out test set ({experiment.raw}/labelsTs is missing): evidence "
-                f"-d needs imagesTs with labelsTs, predicted by each seed's models. Taking cross-validation folds as "
-                f"the replicates instead ((seed, fold) models) is not implemented yet; `nnunet-protokd experiment "
-                f"-d {self.settings.dataset} --folds 0 1 2 3 4` gives the fold-level comparison of one seed")
-
     def run(self) -> str:
         start = time.time()
-        if self.settings.dataset is not None:
-            self.check_dataset()
         for seed in self.settings.seeds:
             self.log(f"=== seed {seed} ({time.strftime('%H:%M:%S', time.gmtime(time.time() - start))})")
             self.prepare(seed)
@@ -233,13 +245,19 @@ class Evidence:
                                 f"command without --report-only to finish it")
             with open(summary_file) as f:
                 summaries[seed] = json.load(f)
-        raw = {"regions": summaries[self.settings.seeds[0]]["regions"],
-               "scores": {str(seed): {key: result["per_case"] for key, result in summary["results"].items()}
-                          for seed, summary in summaries.items()}}
-        raw["teacher_agreement"] = {str(seed): teacher_agreement(experiment, raw["regions"])
-                                    for seed, experiment in experiments.items()}
-        raw["learning_curves"] = {str(seed): training_curves(experiment) for seed, experiment in experiments.items()}
-        settings = {**asdict(self.settings), "wall_time_seconds": wall_time_seconds,
+        regions = summaries[self.settings.seeds[0]]["regions"]
+        raw = {"regions": regions, "scores": {}, "teacher_agreement": {}, "learning_curves": {}}
+        folds = self.cross_validation_folds()
+        for seed, experiment in experiments.items():
+            for label, fold in self.replicates(seed):
+                # in cross-validation the seed's report holds every fold's cases: each replicate keeps its own
+                cases = set(experiment.evaluation_cases(fold)) if folds else None
+                raw["scores"][label] = {key: {case: values for case, values in result["per_case"].items()
+                                              if cases is None or case in cases}
+                                        for key, result in summaries[seed]["results"].items()}
+                raw["teacher_agreement"][label] = teacher_agreement(experiment, regions, fold)
+                raw["learning_curves"][label] = training_curves(experiment, fold)
+        settings = {**asdict(self.settings), "folds": list(folds) or None, "wall_time_seconds": wall_time_seconds,
                     "runs": self.run_history(output_folder, wall_time_seconds)}
         audit = audit_phantoms(seed=self.settings.seeds[0], shape_zyx=tuple(self.settings.phantom_shape_zyx)) \
             if self.settings.dataset is None else None  # a user's dataset: its images are what they are
@@ -460,8 +478,9 @@ def mean_entropy(probabilities: np.ndarray, region_based: bool) -> np.ndarray:
     return -(p * np.log(p)).sum(axis=0)
 
 
-def teacher_agreement(experiment: Experiment, regions) -> dict:
-    """{key: {case: measures}} on the held-out cases, from the saved segmentations and probabilities. Students:
+def teacher_agreement(experiment: Experiment, regions, fold=0) -> dict:
+    """{key: {case: measures}} on the held-out cases (in cross-validation: `fold`'s validation cases), from the saved
+    segmentations and probabilities. Students:
     "dice", the mean over regions of Dice(student, teacher), and "kl", the mean KL(teacher || student) over brain
     voxels. Every model, the teacher too (calibration, for the diagnosis): "entropy", the mean entropy of its
     probabilities over the reference tumour's voxels, and "volume_ratio": {region: predicted / reference volume}."""
@@ -469,12 +488,14 @@ def teacher_agreement(experiment: Experiment, regions) -> dict:
     region_labels = evaluation_regions(experiment.dataset_json)
     region_based = "regions_class_order" in experiment.dataset_json
     # a variant trained on only some seeds (a diagnosis added later) has no predictions in the others
-    sets = [p for p in experiment.prediction_sets()
-            if MODALITY_SEPARATOR not in (p.modality or "") and os.path.isdir(p.folder)]
+    # each fold's own folder: predictions/all_folds links the segmentations of every fold, not their probabilities
+    sets = [replace(p, folder=experiment.prediction_folder(p.method, p.modality, fold))
+            for p in experiment.prediction_sets() if MODALITY_SEPARATOR not in (p.modality or "")]
+    sets = [p for p in sets if os.path.isdir(p.folder)]
     teacher = next(p for p in sets if p.method == TEACHER.name)
-    brain_folder, reference_folder = experiment.input_folder(None, 0), experiment.ground_truth_folder()
+    brain_folder, reference_folder = experiment.input_folder(None, fold), experiment.ground_truth_folder()
     agreement = {}
-    for case in experiment.evaluation_cases(0):
+    for case in experiment.evaluation_cases(fold):
         brain = reader.read_images([os.path.join(brain_folder, f"{case}_0000{ending}")])[0][0] != 0
         reference = reader.read_seg(os.path.join(reference_folder, case + ending))[0][0]
         teacher_seg = reader.read_seg(os.path.join(teacher.folder, case + ending))[0][0]
@@ -531,9 +552,9 @@ def summarise_agreement(agreement: dict) -> dict:
     return summary
 
 
-def training_curves(experiment: Experiment) -> dict:
+def training_curves(experiment: Experiment, fold=0) -> dict:
     """{key: {"iterations": [...], "pseudo_dice": [...], "grad_norms": {term: [...]}}} from each model's
-    checkpoint_final.pth (nnU-Net's logger: mean_fg_dice is the epoch's pseudo Dice on validation patches)."""
+    checkpoint_final.pth of `fold` (nnU-Net's logger: mean_fg_dice is the epoch's pseudo Dice on validation patches)."""
     curves = {}
     # a model on every channel (modality dropout, LCKD) is trained once: its curve is that of all channels
     models = [(TEACHER.name, None)] + [(method, None) for method in every_channel_methods()
@@ -542,7 +563,7 @@ def training_curves(experiment: Experiment) -> dict:
         trainer = method_trainer(method)
         configuration = experiment.schedule_configuration if modality is None else \
             experiment.student_configuration(modality, method)
-        checkpoint_file = experiment.final_checkpoint(trainer, configuration, 0)
+        checkpoint_file = experiment.final_checkpoint(trainer, configuration, fold)
         if not os.path.isfile(checkpoint_file):  # a variant not trained on this seed
             continue
         checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
@@ -745,8 +766,14 @@ def _wall_times(settings: dict) -> str:
 def write_evidence_markdown(evidence: dict, path: str) -> None:
     regions, settings = evidence["regions"], evidence["settings"]
     seeds = ", ".join(map(str, settings["seeds"]))
-    if settings.get("dataset"):  # the test set's cases, which every model of every seed predicts
-        teacher = evidence["dice"].get(TEACHER.name) or next(iter(evidence["dice"].values()))
+    teacher = evidence["dice"].get(TEACHER.name) or next(iter(evidence["dice"].values()))
+    if settings.get("folds"):  # each (seed, fold) model predicts the validation cases of its fold
+        seeds += f" x folds {', '.join(map(str, settings['folds']))}"
+        where = f"dataset {settings['dataset']}" if settings.get("dataset") else "the training phantoms"
+        data = (f"(trainers; each (seed, fold) model is a replicate, and \"seed\" below reads \"(seed, fold) "
+                f"model\"); {teacher['mean']['n'] // max(1, len(settings['seeds']))} cross-validation cases of "
+                f"{where}, each predicted by its fold's model")
+    elif settings.get("dataset"):  # the test set's cases, which every model of every seed predicts
         data = (f"(trainers); {teacher['mean']['n'] // max(1, len(settings['seeds']))} held-out test cases of "
                 f"dataset {settings['dataset']}")
     else:

@@ -121,6 +121,8 @@ class ExperimentSettings:
     # run each prediction step in this process, nnU-Net's predictor without worker processes: on a small machine
     # starting nnUNetv2_predict costs about a minute, more than predicting a few small cases
     predict_in_process: bool = False
+    # evaluate on each fold's validation cases even when the dataset has a held-out test set (imagesTs/labelsTs)
+    cross_validation: bool = False
     notes: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -140,6 +142,7 @@ class ExperimentSettings:
         arguments += ["--variants", *(f"{v}:{m}" for v, m in self.variants)] if self.variants else []
         arguments += schedule_arguments(self.schedule())
         arguments += ["--predict-in-process"] if self.predict_in_process else []
+        arguments += ["--cross-validation"] if self.cross_validation else []
         return arguments + ([] if self.final_validation else ["--no-final-validation"])
 
 
@@ -205,7 +208,7 @@ class Experiment:
         self.lckd_subsets = [subset.label for subset in every_channel_subset(self.dataset_json)] \
             if LCKD.name in s.methods else []
         self.modality_dropout_modalities = self.modalities if MODALITY_DROPOUT.name in s.methods else ()
-        self.evaluate_on_test_set = os.path.isdir(os.path.join(self.raw, "labelsTs"))
+        self.evaluate_on_test_set = not s.cross_validation and os.path.isdir(os.path.join(self.raw, "labelsTs"))
         self.timings: dict = {}
         # how a step's command is run: a child stopped with this process (protocol/running.py); tests record them
         self.run_command = run_command
