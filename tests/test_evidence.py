@@ -107,6 +107,15 @@ def test_an_earlier_report_without_the_seed_level_statistics_is_quoted_from_its_
     assert f"seeds 0, 1, 2: -0.074, seed-level p = {p:.2g} over 3 trained models" in demo and p > 0.05
 
 
+def test_the_demo_finds_the_committed_evidence_run_and_quotes_it():
+    """The demo's result sentence quotes docs/evidence/evidence.json: the path must reach it from the package."""
+    from nnunet_protokd.protocol.demo import COMMITTED_EVIDENCE
+    from nnunet_protokd.protocol.evidence import reference_figures
+    with open(COMMITTED_EVIDENCE) as f:
+        reference = reference_figures(json.load(f))
+    assert {"protokd:T1ce", "kdnet:T1ce"} <= set(reference["comparisons"]) and len(reference["settings"]["seeds"]) > 1
+
+
 def test_a_mean_pulled_up_by_a_few_cases_against_the_median_is_not_called_better():
     """The direction example: 50 differences of -0.01 and 10 of +0.2 over 3 seeds. The old rule (Wilcoxon p < 0.05
     and the CI of the mean excluding 0, the direction from the mean) called it better."""

@@ -15,9 +15,10 @@ from nnunet_protokd.methods import DEFAULT_METHODS
 from nnunet_protokd.protocol.evidence import CPU_SCHEDULE, Evidence, EvidenceSettings
 
 FIRST_DATASET_ID = 501  # the demo of seed s converts its phantoms into Dataset<501 + s>
-# the evidence run committed with the project: its figures stand beside the demo's
-COMMITTED_EVIDENCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "evidence",
-                                  "evidence.json")
+# the evidence run committed with the project (docs/evidence at the repository's root, beside the package): its
+# figures stand beside the demo's
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+COMMITTED_EVIDENCE = os.path.join(REPOSITORY, "docs", "evidence", "evidence.json")
 
 
 def run_demo(output_folder: str, seed: int = 0, modalities=("T1ce",), epochs: int | None = None,
