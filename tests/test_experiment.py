@@ -312,7 +312,10 @@ def test_workflow_without_snakemake_is_one_line_saying_what_to_install(workspace
 
 def test_cross_validation_folds_predict_into_folders_of_their_own_gathered_for_the_report(workspace):
     """Each fold's models predict that fold's validation cases; one folder per job (two jobs writing one folder
-    would clash on a cluster), and the report reads one folder per method linking to every fold's files."""
+    would clash on a cluster), and the report reads one folder per method linking to every fold's files: without
+    a labelled test set, or with one when asked for (--cross-validation)."""
+    assert Experiment(settings(workspace)).evaluate_on_test_set
+    assert not Experiment(settings(workspace, cross_validation=True)).evaluate_on_test_set
     shutil.rmtree(workspace / "nnUNet_raw" / DATASET / "labelsTs")
     fake_preprocessing(workspace)
     experiment = Experiment(settings(workspace, folds=(0, 1), methods=("unimodal",), modalities=("T1ce",)))
@@ -352,7 +355,7 @@ def test_variants_and_seed_train_on_configurations_of_their_own_with_recorded_se
     from nnunet_protokd.cli import build_parser
     from nnunet_protokd.commands import experiment_settings
     original = settings(workspace, modalities=("T1ce",), seed=0, variants=(("protokd-intra", "T1ce"),),
-                        predict_in_process=True)
+                        predict_in_process=True, cross_validation=True)
     assert experiment_settings(build_parser().parse_args(["experiment", *original.arguments()])) == original
 
 
