@@ -39,6 +39,12 @@ class Variant(NamedTuple):
     settings: dict  # {trainer: {setting: value}}
     title: str
 
+    @property
+    def starts_from_modality_dropout(self) -> bool:
+        """Its students start from the modality-dropout model of their fold (start_from), which must be trained
+        first."""
+        return any(values.get("start_from") == "modality_dropout" for values in self.settings.values())
+
 
 # where a distilled student's weights start (ours; both papers start from random weights): the modality-dropout
 # model of the same fold, its first convolution sliced to the student's channel, combines the two approaches
@@ -159,6 +165,10 @@ VARIANTS = {variant.name: variant for variant in (
     Variant("kdnet-kl_mean", "kdnet", {"KDNetTrainer": {"kl_reduction": "mean"}}, "KD-Net, L_KL averaged"),
     Variant("kdnet-no_kl", "kdnet", {"KDNetTrainer": {"alpha": 0.0}}, "KD-Net without L_KL"),
     Variant("kdnet-no_kd", "kdnet", {"KDNetTrainer": {"lambda": 0.0}}, "KD-Net without L_KD"),
+    # the two approaches combined (ours): ProtoKD at the paper's settings, started from the modality-dropout model
+    # sliced to the student's channel; compared with the baseline and with that modality-dropout model
+    Variant("protokd-from_moddrop", "protokd", {"ProtoKDTrainer": {"start_from": "modality_dropout"}},
+            "ProtoKD started from modality dropout"),
 )}
 
 # a method's control: its own trainer with every distillation term at weight 0. It trains on L_seg like the baseline,
@@ -267,8 +277,11 @@ class ModelKey(NamedTuple):
     @property
     def modality_dropout(self) -> "ModelKey | None":
         """The modality-dropout model predicting from the same modality that this distilled student (a distilling
-        method at its own settings, not a variant) is also compared with; None for every other model."""
-        if self.is_variant or not self.distils or not self.modality or MODALITY_SEPARATOR in self.modality:
+        method at its own settings, or a variant that starts from that model) is also compared with; None for every
+        other model."""
+        if self.is_variant and not VARIANTS[self.method].starts_from_modality_dropout:
+            return None
+        if not self.distils or not self.modality or MODALITY_SEPARATOR in self.modality:
             return None
         return ModelKey(MODALITY_DROPOUT.name, self.modality)
 

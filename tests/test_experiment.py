@@ -334,6 +334,25 @@ def test_cross_validation_folds_predict_into_folders_of_their_own_gathered_for_t
         f"{case}.nii.gz": f"fold {fold}" for fold in (0, 1) for case in experiment.evaluation_cases(fold)}
 
 
+def test_a_student_started_from_modality_dropout_trains_after_that_model_which_it_needs(workspace):
+    """The variant protokd-from_moddrop (start_from=modality_dropout): its training waits for the modality-dropout
+    model of its fold and comes after it in the sequential order; without moddrop among the methods it is refused
+    before anything runs."""
+    experiment = Experiment(settings(workspace, modalities=("T1ce",), methods=("unimodal", "protokd", "moddrop"),
+                                     variants=(("protokd-from_moddrop", "T1ce"),)))
+    steps = experiment.steps()
+    moddrop = experiment.final_checkpoint("ModalityDropoutTrainer", experiment.schedule_configuration, 0)
+    trainings = [step for step in steps if step.kind == "train"]
+    started = [step for step in trainings if moddrop in step.inputs]
+    assert [step.title for step in started] == [
+        f"train ProtoKDTrainer {experiment.schedule_configuration}_T1ce-protokd-from_moddrop fold 0"]
+    assert steps.index(started[0]) > steps.index(next(s for s in trainings if moddrop in s.outputs))
+    assert any("--set ProtoKDTrainer.start_from=modality_dropout" in " ".join(map(str, step.command)) for step in steps)
+    with pytest.raises(ValueError, match=r"the variants \['protokd-from_moddrop'\] start from the modality-dropout "
+                                         r"model: add moddrop to the methods"):
+        Experiment(settings(workspace, modalities=("T1ce",), variants=(("protokd-from_moddrop", "T1ce"),)))
+
+
 def test_variants_and_seed_train_on_configurations_of_their_own_with_recorded_settings(workspace):
     """The evidence protocol's ablations: each variant is a configuration of its own (so no model folder is
     shared with the paper's setting), its settings go through add-config --set, the seed into every schedule."""

@@ -56,7 +56,9 @@ def test_a_method_with_a_control_and_its_ablations_are_compared_with_the_control
 def test_distilled_students_are_compared_with_modality_dropout_of_their_modality_and_need_a_teacher():
     assert ModelKey.parse("protokd:T1").modality_dropout == ModelKey("moddrop", "T1")
     assert ModelKey.parse("kdnet:T1ce").modality_dropout == ModelKey("moddrop", "T1ce")
-    # variants, non-distilling models and subsets are not
+    # a variant started from that model is compared with it: does distillation add to where it starts?
+    assert ModelKey.parse("protokd-from_moddrop:T1ce").modality_dropout == ModelKey("moddrop", "T1ce")
+    # other variants, non-distilling models and subsets are not
     for text in ("protokd-no_kd:T1", "unimodal:T1", "moddrop:T1", "lckd:T1", "teacher", "protokd:T1+T2"):
         assert ModelKey.parse(text).modality_dropout is None, text
     assert modality_dropout_of({"moddrop:T1": 1}, "protokd:T1") == 1

@@ -196,6 +196,10 @@ class Experiment:
         if unknown:
             raise ValueError(f"unknown variants {unknown}: give VARIANT:MODALITY with a variant of "
                              f"{sorted(VARIANTS)} and a student modality of {list(self.modalities)}")
+        started = sorted({v for v, _ in s.variants if VARIANTS[v].starts_from_modality_dropout})
+        if started and MODALITY_DROPOUT.name not in s.methods:
+            raise ValueError(f"the variants {started} start from the modality-dropout model: add "
+                             f"{MODALITY_DROPOUT.name} to the methods, which trains it first")
         units = {"num_epochs": "ep", "num_iterations_per_epoch": "it", "num_val_iterations_per_epoch": "val",
                  "seed": "seed"}
         suffix = "_".join(f"{v}{units[key]}" for key, v in s.schedule().items() if v is not None) + \
@@ -293,19 +297,24 @@ class Experiment:
                       for fold in s.folds if self.lckd_subsets]
         trainings += [(MODALITY_DROPOUT.trainer, self.schedule_configuration, fold)
                       for fold in s.folds if self.modality_dropout_modalities]
+        # a student started from the modality-dropout model (a variant's start_from) waits for that model
+        starts = {self.student_configuration(modality, method) for method, modality in self.students()
+                  if method in VARIANTS and VARIANTS[method].starts_from_modality_dropout}
         trainings += [(method_trainer(method), self.student_configuration(modality, method), fold)
                       for method, modality in self.students() for fold in s.folds]
         for trainer, configuration, fold in trainings:
             folder = self.model_folder(trainer, configuration, fold)
             # a distilling student of fold f starts after the teacher of fold f
-            teacher = [self.final_checkpoint(TEACHER.trainer, self.schedule_configuration, fold)] \
+            waits_for = [self.final_checkpoint(TEACHER.trainer, self.schedule_configuration, fold)] \
                 if trainer in distilling_trainers() else []
+            if configuration in starts:
+                waits_for.append(self.final_checkpoint(MODALITY_DROPOUT.trainer, self.schedule_configuration, fold))
             steps.append(Step(
                 _identifier("train", trainer, configuration, "fold", fold),
                 f"train {trainer} {configuration} fold {fold}", "train",
                 [_bin("nnUNetv2_train"), self.dataset_id, configuration, str(fold), "-tr", trainer, "-p", s.plans,
                  "-device", s.device],
-                inputs=[self.splits_file()] + teacher,
+                inputs=[self.splits_file()] + waits_for,
                 after=[plans_file] + ([configured[configuration]] if configuration in configured else []),
                 outputs=[os.path.join(folder, "checkpoint_final.pth")],
                 continue_from=os.path.join(folder, "checkpoint_latest.pth")))
