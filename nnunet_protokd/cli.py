@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "either distillation term (the control) on T1; KD-Net with L_KL averaged and without L_KD on "
                         "T1ce (about 35 min more on 2 cores; on an earlier run's folder only these are trained)")
     p.add_argument("--schedule", choices=("cpu", "full"), default="cpu",
-                   help="cpu: 2d, 15 epochs x 25 iterations (about 90 minutes on 2 cores); full: 3d_fullres with "
+                   help="cpu: 2d, 15 epochs x 25 iterations (a seed of the default methods: 22-45 minutes on 2 "
+                        "cores, as the machine goes); full: 3d_fullres with "
                         "nnU-Net's 1000 x 250 (a GPU)")
     p.add_argument("-c", "--configuration", default=None, help="override the schedule's configuration")
     add_schedule_arguments(p, ", overriding the schedule's")
