@@ -74,7 +74,12 @@ from nnunet_protokd.methods import (
     title,
 )
 from nnunet_protokd.plans import dataset_name
-from nnunet_protokd.protocol.experiment import Experiment, ExperimentSettings
+from nnunet_protokd.protocol.experiment import (
+    CROSS_VALIDATION_FOLDS,
+    Experiment,
+    ExperimentSettings,
+    has_labelled_test_set,
+)
 from nnunet_protokd.protocol.running import run_command
 
 # the CPU schedule: 2d (nnU-Net plans batch 32 of whole 32x32 slices for these phantoms; an epoch of 25 steps took
@@ -177,9 +182,9 @@ class Evidence:
         s = self.settings
         if s.folds:
             return tuple(s.folds)
-        if s.dataset is not None and not os.path.isdir(os.path.join(os.environ["nnUNet_raw"], dataset_name(s.dataset),
-                                                                    "labelsTs")):
-            return (0, 1, 2, 3, 4)
+        if s.dataset is not None and not has_labelled_test_set(os.path.join(os.environ["nnUNet_raw"],
+                                                                             dataset_name(s.dataset))):
+            return CROSS_VALIDATION_FOLDS
         return ()
 
     def replicates(self, seed: int) -> list:

@@ -168,6 +168,15 @@ def _bin(name: str) -> str:
     return candidate if os.path.exists(candidate) else name
 
 
+# nnU-Net's cross-validation (nnUNetTrainer.do_split): five folds
+CROSS_VALIDATION_FOLDS = (0, 1, 2, 3, 4)
+
+
+def has_labelled_test_set(raw_dataset_folder: str) -> bool:
+    """Whether a raw dataset has held-out cases to evaluate on (labelsTs beside imagesTs)."""
+    return os.path.isdir(os.path.join(raw_dataset_folder, "labelsTs"))
+
+
 class Experiment:
     def __init__(self, settings: ExperimentSettings):
         nnUNet_raw, nnUNet_preprocessed, nnUNet_results = (nnunet_paths.nnUNet_raw, nnunet_paths.nnUNet_preprocessed,
@@ -212,7 +221,7 @@ class Experiment:
         self.lckd_subsets = [subset.label for subset in every_channel_subset(self.dataset_json)] \
             if LCKD.name in s.methods else []
         self.modality_dropout_modalities = self.modalities if MODALITY_DROPOUT.name in s.methods else ()
-        self.evaluate_on_test_set = not s.cross_validation and os.path.isdir(os.path.join(self.raw, "labelsTs"))
+        self.evaluate_on_test_set = not s.cross_validation and has_labelled_test_set(self.raw)
         self.timings: dict = {}
         # how a step's command is run: a child stopped with this process (protocol/running.py); tests record them
         self.run_command = run_command
@@ -425,7 +434,8 @@ class Experiment:
             return
         folder = self.data_folder()
         identifiers = sorted(infer_dataset_class(folder).get_identifiers(folder))
-        write_json_atomically(generate_crossval_split(identifiers, seed=12345, n_splits=5), self.splits_file())
+        write_json_atomically(generate_crossval_split(identifiers, seed=12345,
+                                                     n_splits=len(CROSS_VALIDATION_FOLDS)), self.splits_file())
 
     def lckd_configuration(self, subset: str) -> str:
         """The configuration of a subset model folder (LCKD's, modality dropout's): <schedule>_<A+B>."""
