@@ -61,6 +61,24 @@ def protokd_in_process(root: Path, *arguments) -> str:
     return printed.getvalue()
 
 
+# the plugin's set-up commands that an experiment runs as steps: a JSON edit or a sliced checkpoint, seconds of work
+# after 8-11 s of starting Python, PyTorch and nnU-Net
+SET_UP_COMMANDS = ("add-config", "lckd-subset")
+
+
+def set_up_commands_in_process(run_command):
+    """An experiment's command runner (Experiment.run_command) that runs `nnunet-protokd add-config/lckd-subset`
+    through cli.main in the test process (their exit status is the step's, as from the child) and every other
+    command with `run_command`: trainings and predictions still run as a user's experiment runs them."""
+    def run(command, env=None):
+        if os.path.basename(str(command[0])) != "nnunet-protokd" or command[1] not in SET_UP_COMMANDS:
+            return run_command(command, env)
+        from nnunet_protokd.cli import main  # not at the top: conftest sets the thread variables before torch loads
+        with mock.patch.dict(os.environ, env or {}):
+            return subprocess.CompletedProcess(command, main([str(a) for a in command[1:]]))
+    return run
+
+
 @pytest.fixture(scope="session")
 def phantom_folder(tmp_path_factory) -> Path:
     from nnunet_protokd.data.phantoms import generate_brats_phantoms
