@@ -44,18 +44,24 @@ def run(command: list, env: dict = None, timeout: int = 1200, expect_success: bo
     return result
 
 
+def main_in_process(arguments, environ: dict) -> int:
+    """`nnunet-protokd ARGUMENTS` through the command's own `main` in this test process, with `environ` over
+    os.environ while it runs (nnU-Net 2.8 reads its folder variables when used); returns its exit status."""
+    from nnunet_protokd.cli import main  # not at the top: conftest sets the thread variables before torch loads
+    with mock.patch.dict(os.environ, environ):
+        return main([str(a) for a in arguments])
+
+
 def protokd_in_process(root: Path, *arguments) -> str:
     """`nnunet-protokd ARGUMENTS` on `root`'s nnU-Net folders, run by this test process (the command's own `main`;
     nnU-Net 2.8 reads its folder variables when used): a set-up step without starting Python, PyTorch and nnU-Net
     again (8-11 s of CPU a command). Returns what it printed; a failure is the test's error, with its message. The
     commands whose output or exit status a test checks run as subprocesses (`run`), as a user runs them."""
-    from nnunet_protokd.cli import main  # not at the top: conftest sets the thread variables before torch loads
     folders = {k: v for k, v in nnunet_environment(root).items() if k in ("nnUNet_raw", "nnUNet_preprocessed",
                                                                            "nnUNet_results")}
     printed, errors = io.StringIO(), io.StringIO()
-    with mock.patch.dict(os.environ, folders), contextlib.redirect_stdout(printed), \
-            contextlib.redirect_stderr(errors):
-        status = main([str(a) for a in arguments])
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
+        status = main_in_process(arguments, folders)
     if status:
         raise AssertionError(f"nnunet-protokd {' '.join(map(str, arguments))} exited {status}:\n{errors.getvalue()}")
     return printed.getvalue()
@@ -73,9 +79,7 @@ def set_up_commands_in_process(run_command):
     def run(command, env=None):
         if os.path.basename(str(command[0])) != "nnunet-protokd" or command[1] not in SET_UP_COMMANDS:
             return run_command(command, env)
-        from nnunet_protokd.cli import main  # not at the top: conftest sets the thread variables before torch loads
-        with mock.patch.dict(os.environ, env or {}):
-            return subprocess.CompletedProcess(command, main([str(a) for a in command[1:]]))
+        return subprocess.CompletedProcess(command, main_in_process(command[1:], env or {}))
     return run
 
 
