@@ -205,10 +205,12 @@ class Experiment:
         if unknown:
             raise ValueError(f"unknown variants {unknown}: give VARIANT:MODALITY with a variant of "
                              f"{sorted(VARIANTS)} and a student modality of {list(self.modalities)}")
-        started = sorted({v for v, _ in s.variants if VARIANTS[v].starts_from_modality_dropout})
-        if started and MODALITY_DROPOUT.name not in s.methods:
-            raise ValueError(f"the variants {started} start from the modality-dropout model: add "
-                             f"{MODALITY_DROPOUT.name} to the methods, which trains it first")
+        # variants whose students start from the modality-dropout model (start_from), which trains first
+        self.started_from_modality_dropout = sorted({v for v, _ in s.variants
+                                                     if VARIANTS[v].starts_from_modality_dropout})
+        if self.started_from_modality_dropout and MODALITY_DROPOUT.name not in s.methods:
+            raise ValueError(f"the variants {self.started_from_modality_dropout} start from the modality-dropout "
+                             f"model: add {MODALITY_DROPOUT.name} to the methods, which trains it first")
         units = {"num_epochs": "ep", "num_iterations_per_epoch": "it", "num_val_iterations_per_epoch": "val",
                  "seed": "seed"}
         suffix = "_".join(f"{v}{units[key]}" for key, v in s.schedule().items() if v is not None) + \
@@ -308,7 +310,7 @@ class Experiment:
                       for fold in s.folds if self.modality_dropout_modalities]
         # a student started from the modality-dropout model (a variant's start_from) waits for that model
         starts = {self.student_configuration(modality, method) for method, modality in self.students()
-                  if method in VARIANTS and VARIANTS[method].starts_from_modality_dropout}
+                  if method in self.started_from_modality_dropout}
         trainings += [(method_trainer(method), self.student_configuration(modality, method), fold)
                       for method, modality in self.students() for fold in s.folds]
         for trainer, configuration, fold in trainings:
