@@ -67,17 +67,47 @@ def protokd_in_process(root: Path, *arguments) -> str:
     return printed.getvalue()
 
 
+def nnunet_train_in_process(arguments, environ: dict) -> int:
+    """`nnUNetv2_train ARGUMENTS` through nnU-Net's own entry point (run_training_entry: the same argument parsing,
+    trainer lookup through nnUNet_extTrainer, training and final validation) in this test process, with `environ`
+    over os.environ while it runs; returns its exit status. The thread count it sets for -device cpu is restored."""
+    import torch  # not at the top: conftest sets the thread variables before torch loads
+    from nnunetv2.run.run_training import run_training_entry
+    threads = torch.get_num_threads()
+    try:
+        with mock.patch.dict(os.environ, environ), \
+                mock.patch.object(sys, "argv", ["nnUNetv2_train", *map(str, arguments)]):
+            run_training_entry()
+    except SystemExit as stopped:  # argparse's refusal
+        return stopped.code if isinstance(stopped.code, int) else 1
+    finally:
+        torch.set_num_threads(threads)
+    return 0
+
+
+def train_in_process(root: Path, *arguments) -> None:
+    """`nnUNetv2_train ARGUMENTS` on `root`'s nnU-Net folders in this test process: a fixture's training without
+    starting Python, PyTorch and nnU-Net again (8-11 s of CPU a training). An error is the test's error. A training
+    whose exit status or output a test checks runs as a subprocess (`run`), as a user runs it."""
+    if nnunet_train_in_process(arguments, nnunet_environment(root)):
+        raise AssertionError(f"nnUNetv2_train {' '.join(map(str, arguments))} refused its arguments")
+
+
 # the plugin's set-up commands that an experiment runs as steps: a JSON edit or a sliced checkpoint, seconds of work
 # after 8-11 s of starting Python, PyTorch and nnU-Net
 SET_UP_COMMANDS = ("add-config", "lckd-subset")
 
 
-def set_up_commands_in_process(run_command):
+def commands_in_process(run_command):
     """An experiment's command runner (Experiment.run_command) that runs `nnunet-protokd add-config/lckd-subset`
-    through cli.main in the test process (their exit status is the step's, as from the child) and every other
-    command with `run_command`: trainings and predictions still run as a user's experiment runs them."""
+    through cli.main and `nnUNetv2_train` through nnU-Net's entry point in the test process (their exit status is
+    the step's, as from the child), and every other command with `run_command`. The trainings are the commands a
+    user's experiment runs, with the environment the experiment gives them."""
     def run(command, env=None):
-        if os.path.basename(str(command[0])) != "nnunet-protokd" or command[1] not in SET_UP_COMMANDS:
+        program = os.path.basename(str(command[0]))
+        if program == "nnUNetv2_train":
+            return subprocess.CompletedProcess(command, nnunet_train_in_process(command[1:], env or {}))
+        if program != "nnunet-protokd" or command[1] not in SET_UP_COMMANDS:
             return run_command(command, env)
         return subprocess.CompletedProcess(command, main_in_process(command[1:], env or {}))
     return run

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BIN, DATASET, copy_phantoms, nnunet_environment, run
+from conftest import BIN, DATASET, copy_phantoms, nnunet_environment, run, train_in_process
 from test_student_settings import DATASET_JSON, make_plans
 
 from nnunet_protokd.errors import ConfigurationError
@@ -73,7 +73,7 @@ def workspace(tmp_path_factory, preprocessed_phantoms) -> Path:
     run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-c", "3d_fullres", "--name", "3d_smoke", "--epochs", "1",
          "--iterations-per-epoch", "2", "--val-iterations-per-epoch", "1", "--no-final-validation"], env)
     run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-c", "3d_smoke", "-m", "T1ce"], env)
-    run([BIN / "nnUNetv2_train", "501", "3d_smoke", "0", "-tr", "ProtoKDTeacherTrainer", "-device", "cpu"], env)
+    train_in_process(root, "501", "3d_smoke", "0", "-tr", "ProtoKDTeacherTrainer", "-device", "cpu")
     return root
 
 

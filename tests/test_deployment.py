@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import BIN, REPO, copy_phantoms, nnunet_environment, protokd_in_process, run
+from conftest import BIN, REPO, copy_phantoms, nnunet_environment, protokd_in_process, run, train_in_process
 
 import nnunet_protokd
 
@@ -42,15 +42,14 @@ T1CE = 1
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, preprocessed_phantoms) -> Path:
     root = tmp_path_factory.mktemp("deployment")
-    env = nnunet_environment(root)
     copy_phantoms(preprocessed_phantoms, root)  # converted, planned and preprocessed once per session
     protokd_in_process(root, "add-config", "-d", "501", "-c", "3d_fullres", "--name", "3d_tiny", "--epochs", "1",
                        "--iterations-per-epoch", "2", "--val-iterations-per-epoch", "1", "--no-final-validation",
                        "--set", "LCKDTrainer.election_batches=1")
     protokd_in_process(root, "add-config", "-d", "501", "-c", "3d_tiny", "-m", "T1ce")
-    run([BIN / "nnUNetv2_train", "501", "3d_tiny", "0", "-tr", "ProtoKDTeacherTrainer", "-device", "cpu"], env)
+    train_in_process(root, "501", "3d_tiny", "0", "-tr", "ProtoKDTeacherTrainer", "-device", "cpu")
     for student in ("ProtoKDTrainer", "UnimodalTrainer"):
-        run([BIN / "nnUNetv2_train", "501", STUDENT_CONFIGURATION, "0", "-tr", student, "-device", "cpu"], env)
+        train_in_process(root, "501", STUDENT_CONFIGURATION, "0", "-tr", student, "-device", "cpu")
     single = root / "t1ce_only"
     single.mkdir()
     for image in sorted((root / "nnUNet_raw" / DATASET / "imagesTr").glob(f"*_{T1CE:04d}.nii.gz"))[:2]:

@@ -500,12 +500,12 @@ def test_the_protocol_end_to_end_on_one_small_seed_and_resumed_without_training_
     checkpoints and files."""
     import json
 
-    from conftest import assert_same_training_data, copy_phantoms, set_up_commands_in_process
+    from conftest import assert_same_training_data, commands_in_process, copy_phantoms
 
     from nnunet_protokd.protocol import experiment as experiment_module
     from nnunet_protokd.protocol.evidence import Evidence, EvidenceSettings
-    # add-config and lckd-subset in this process (about 11 starts of nnunet-protokd saved); trainings as children
-    monkeypatch.setattr(experiment_module, "run_command", set_up_commands_in_process(experiment_module.run_command))
+    # add-config, lckd-subset and the trainings in this process (about 18 starts of Python and nnU-Net saved)
+    monkeypatch.setattr(experiment_module, "run_command", commands_in_process(experiment_module.run_command))
     for kind in ("raw", "preprocessed", "results"):  # Evidence sets them; restored after the test
         monkeypatch.setenv(f"nnUNet_{kind}", str(tmp_path / "evidence" / f"nnUNet_{kind}"))
     # seed 7's training phantoms are conftest's phantom_folder, case for case (checked below): nnU-Net's planning

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import BIN, copy_phantoms, nnunet_environment, protokd_in_process, run
+from conftest import BIN, copy_phantoms, nnunet_environment, protokd_in_process, run, train_in_process
 
 DATASET = "Dataset501_BraTS2018"
 TEACHER = "ProtoKDTeacherTrainer__nnUNetPlans__3d_smoke"
@@ -37,14 +37,14 @@ def workspace(tmp_path_factory, preprocessed_phantoms) -> Path:
                        "--iterations-per-epoch", "4", "--val-iterations-per-epoch", "2")
     protokd_in_process(root, "add-config", "-d", "501", "-c", "3d_smoke", "-m", "T1ce")
     run([BIN / "nnUNetv2_train", "501", "3d_smoke", "0", "-tr", "ProtoKDTeacherTrainer", "-device", "cpu"], env)
-    for student in ("UnimodalTrainer", "ProtoKDTrainer", "KDNetTrainer"):
-        run([BIN / "nnUNetv2_train", "501", "3d_smoke_T1ce", "0", "-tr", student, "-device", "cpu"], env)
+    for student in ("UnimodalTrainer", "ProtoKDTrainer", "KDNetTrainer"):  # nnU-Net's entry point, in this process
+        train_in_process(root, "501", "3d_smoke_T1ce", "0", "-tr", student, "-device", "cpu")
     # LCKD: epoch 0 with every modality, epochs 1-2 with random subsets; an election before each epoch
     protokd_in_process(root, "add-config", "-d", "501", "-c", "3d_fullres", "--name", "3d_lckd", "--epochs", "3",
                        "--iterations-per-epoch", "4", "--val-iterations-per-epoch", "2",
                        "--set", "LCKDTrainer.election_interval=1", "--set", "LCKDTrainer.full_modality_fraction=0.34",
                        "--set", "LCKDTrainer.election_batches=2")
-    run([BIN / "nnUNetv2_train", "501", "3d_lckd", "0", "-tr", "LCKDTrainer", "-device", "cpu"], env)
+    train_in_process(root, "501", "3d_lckd", "0", "-tr", "LCKDTrainer", "-device", "cpu")
     single = root / "t1ce_only"
     single.mkdir()
     for image in sorted((root / "nnUNet_raw" / DATASET / "imagesTs").glob(f"*_{T1CE:04d}.nii.gz")):

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import BIN, DATASET, copy_phantoms, nnunet_environment, protokd_in_process, run
+from conftest import BIN, DATASET, copy_phantoms, nnunet_environment, protokd_in_process, run, train_in_process
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_resenc_plans_as_teacher_and_student_and_a_resenc_teacher_for_default_pl
     protokd_in_process(workspace, "add-config", "-d", "501", "-p", resenc, "-c", "3d_smoke", "-m", "T1ce")
     for trainer, configuration in (("ProtoKDTeacherTrainer", "3d_smoke"), ("ProtoKDTrainer", "3d_smoke_T1ce"),
                                    ("KDNetTrainer", "3d_smoke_T1ce"), ("LCKDTrainer", "3d_smoke")):
-        run([BIN / "nnUNetv2_train", "501", configuration, "0", "-tr", trainer, "-p", resenc, "-device", "cpu"], env)
+        train_in_process(workspace, "501", configuration, "0", "-tr", trainer, "-p", resenc, "-device", "cpu")
         folder = workspace / "nnUNet_results" / DATASET / f"{trainer}__{resenc}__{configuration}"
         plans = json.loads((folder / "plans.json").read_text())
         assert "ResidualEncoderUNet" in plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"]
@@ -39,8 +39,7 @@ def test_resenc_plans_as_teacher_and_student_and_a_resenc_teacher_for_default_pl
     protokd_in_process(workspace, "add-config", "-d", "501", "-c", "3d_fullres", "--name", "3d_smoke", *schedule)
     protokd_in_process(workspace, "add-config", "-d", "501", "-c", "3d_smoke", "-m", "T1ce", "--name",
                        "3d_smoke_T1ce_resenc_teacher", "--teacher-plans", resenc)
-    run([BIN / "nnUNetv2_train", "501", "3d_smoke_T1ce_resenc_teacher", "0", "-tr", "ProtoKDTrainer", "-device", "cpu"],
-        env)
+    train_in_process(workspace, "501", "3d_smoke_T1ce_resenc_teacher", "0", "-tr", "ProtoKDTrainer", "-device", "cpu")
     record = json.loads((workspace / "nnUNet_results" / DATASET
                          / "ProtoKDTrainer__nnUNetPlans__3d_smoke_T1ce_resenc_teacher" / "fold_0"
                          / "distillation.json").read_text())
