@@ -15,7 +15,7 @@ from nnunet_protokd.deploy.export import export_student
 from nnunet_protokd.deploy.prediction import check_and_predict
 from nnunet_protokd.errors import ConfigurationError
 from nnunet_protokd.evaluation.report import DATASET_DEFAULT, PredictionSet, build_report
-from nnunet_protokd.io import read_json
+from nnunet_protokd.io import read_json, write_json_atomically
 from nnunet_protokd.lckd.subsets import every_channel_subset, subset_configuration_name, write_subset_model_folder
 from nnunet_protokd.methods import ModelKey
 from nnunet_protokd.plans import add_configuration, dataset_name, load_preprocessed, preprocessed_files
@@ -190,8 +190,7 @@ def benchmark(args) -> int:
                            args.trainers, args.memory_limit_gb, args.patch_size)
     print(format_table(report))
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json_atomically(report, args.output, indent=2, allow_nan=True)
         print(f"wrote {args.output}")
     return 0
 

@@ -64,10 +64,11 @@ def write_text_atomically(text: str, path: str) -> None:
             f.write(text)
 
 
-def write_json_atomically(content, path: str, indent: int = 4) -> None:
-    """JSON by one rename. NaN and infinity are refused: JSON has no such numbers (Python would write
-    `Infinity`)."""
-    write_text_atomically(json.dumps(content, indent=indent, allow_nan=False), path)
+def write_json_atomically(content, path: str, indent: int = 4, allow_nan: bool = False) -> None:
+    """JSON by one rename: a reader (or a run stopped while writing) sees the old file or the new one, never half
+    of one. NaN and infinity are refused unless `allow_nan` (JSON has no such numbers; Python writes `NaN`, which
+    Python reads back: a report's statistics where a test is undefined)."""
+    write_text_atomically(json.dumps(content, indent=indent, allow_nan=allow_nan), path)
 
 
 @contextmanager

@@ -154,7 +154,7 @@ VARIANTS = {variant.name: variant for variant in (
     Variant("protokd-intra", "protokd", {"ProtoKDTrainer": {"intra_class_only": True}},
             "ProtoKD, intra-class L_proto"),
     # temperature 1: for a voxel the student cannot resolve, the KD optimum is calibrated instead of T times
-    # sharper than the evidence the student has (see docs/evidence/README.md)
+    # sharper than the evidence the student has (see docs/evidence/2026-11-29_ablations/README.md)
     Variant("protokd-temp1", "protokd", {"ProtoKDTrainer": {"temperature": 1.0}}, "ProtoKD, KD at T = 1"),
     # the control for the ablations: ProtoKDTrainer with both distillation terms at weight 0 trains on L_seg like
     # the unimodal baseline, as another training run (other initial weights, other augmentation draws); its

@@ -2,6 +2,7 @@
 import json
 import os
 from dataclasses import asdict
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -248,6 +249,11 @@ def test_the_report_is_regenerated_from_evidence_json_alone(tmp_path):
     assert f"mean Dice {np.mean(per_seed):+.3f} [" in stored["headline"]
     assert f"per seed {', '.join(f'{d:+.3f}' for d in per_seed)}" in stored["headline"]
     assert "## Paired difference to the control" in open(first).read()
+    # a run stopped while rewriting its report leaves the previous evidence.json whole (one rename), nothing beside
+    with mock.patch("os.replace", side_effect=KeyboardInterrupt), pytest.raises(KeyboardInterrupt):
+        write_evidence_report({**stored, "headline": "a newer run"}, str(tmp_path / "first"))
+    assert json.loads((tmp_path / "first" / "evidence.json").read_text()) == stored
+    assert not list((tmp_path / "first").glob(".tmp_*"))
 
 
 # what a report needs beside the raw values: an evidence run's settings and a phantom audit

@@ -29,6 +29,7 @@ from nnunet_protokd.evaluation.statistics import (
     replicate_comparison,
     verdict,
 )
+from nnunet_protokd.io import write_json_atomically
 from nnunet_protokd.methods import MODALITY_SEPARATOR, TEACHER, ModelKey, baseline_of, title
 
 
@@ -136,8 +137,7 @@ def build_report(ground_truth_folder: str, dataset_json: dict, prediction_sets: 
                "results": results, "comparisons_with_unimodal": comparisons,
                "comparison_unit": "trained model" if several_models else "case", "run": run_info or {}}
     os.makedirs(output_folder, exist_ok=True)  # only once every file scored: bad input leaves nothing behind
-    with open(os.path.join(output_folder, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json_atomically(summary, os.path.join(output_folder, "summary.json"), indent=2, allow_nan=True)
     _write_markdown(summary, os.path.join(output_folder, "report.md"))
     rows = [result for _, result in ordered_results(summary)]
     plot_dice_bars(summary, rows, os.path.join(output_folder, "dice.png"))

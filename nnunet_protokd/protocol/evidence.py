@@ -58,7 +58,7 @@ from nnunet_protokd.evaluation.statistics import (
     seed_level_test,
     verdict,
 )
-from nnunet_protokd.io import staged_folder
+from nnunet_protokd.io import staged_folder, write_json_atomically
 from nnunet_protokd.methods import (
     BASELINE,
     DEFAULT_METHODS,
@@ -332,8 +332,7 @@ def evidence_from_raw(raw: dict, settings: dict, phantom_audit: dict, reference:
 def write_evidence_report(evidence: dict, output_folder: str) -> str:
     """evidence.json, evidence.md and the figures in `output_folder`; returns evidence.md's path."""
     os.makedirs(output_folder, exist_ok=True)
-    with open(os.path.join(output_folder, "evidence.json"), "w") as f:
-        json.dump(evidence, f, indent=1)
+    write_json_atomically(evidence, os.path.join(output_folder, "evidence.json"), indent=1, allow_nan=True)
     plot_learning_curves(evidence["learning_curves"], os.path.join(output_folder, "learning_curves.png"))
     plot_paired_differences(forest_rows(evidence), os.path.join(output_folder, "paired_differences.png"))
     write_evidence_markdown(evidence, os.path.join(output_folder, "evidence.md"))

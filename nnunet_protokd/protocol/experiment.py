@@ -618,8 +618,7 @@ class Experiment:
             step_start = time.time()
             self.execute(step, log)
             self.timings[step.title] = round(time.time() - step_start, 1)
-            with open(timings_file, "w") as f:
-                json.dump(self.timings, f, indent=1)
+            write_json_atomically(self.timings, timings_file, indent=1)
         if not dry_run:
             log(f"done in {time.strftime('%H:%M:%S', time.gmtime(time.time() - start))}; report: "
                 f"{os.path.join(self.settings.output_folder, 'report', 'report.md')}")

@@ -15,7 +15,7 @@ import torch
 
 from nnunet_protokd import __version__
 from nnunet_protokd.errors import ConfigurationError
-from nnunet_protokd.io import atomic_file, load_checkpoint_weights_only
+from nnunet_protokd.io import atomic_file, load_checkpoint_weights_only, write_json_atomically
 from nnunet_protokd.methods import METHOD_DEFAULTS, SETTINGS_ADDED_LATER, SETTINGS_OF_0_1_0
 from nnunet_protokd.plans import (
     ConfigurationResolvedOnce,
@@ -77,8 +77,7 @@ class RecordedSettings(ConfigurationResolvedOnce):
     def on_train_start(self):
         super().on_train_start()
         if self.local_rank == 0:
-            with open(os.path.join(self.output_folder, RECORD_FILE), "w") as f:
-                json.dump(self.record(), f, indent=4)
+            write_json_atomically(self.record(), os.path.join(self.output_folder, RECORD_FILE))
 
     def save_checkpoint(self, filename: str) -> None:
         super().save_checkpoint(filename)
