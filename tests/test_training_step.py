@@ -7,8 +7,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
-from nnunet_protokd.training.base import NonFiniteLossError, stop_if_non_finite, term_gradient_norms
+from nnunet_protokd.training import base as training_base
+from nnunet_protokd.training.base import LossTermTraining, NonFiniteLossError, stop_if_non_finite, term_gradient_norms
 
 NAMES = ("loss", "seg_loss", "kd_loss", "proto_loss")
 
@@ -78,3 +81,55 @@ def test_gradient_norm_of_each_weighted_term_at_the_parameters(tmp_path):
     assert scaled == pytest.approx(norms, rel=1e-5)
     # the loss can still be backpropagated afterwards: the probe kept the graph
     (first + 10 * second).backward()
+
+
+class _RegionTrainer(LossTermTraining):
+    """What probe_term_gradients reads of a trainer, with nnU-Net's region loss built and compiled as nnU-Net's
+    _build_loss does when it compiles the network (loss.dc = torch.compile(loss.dc))."""
+    logged_terms = ("seg_loss",)
+
+    def __init__(self, network):
+        self.network, self.device, self.grad_scaler = torch.compile(network), torch.device("cpu"), None
+        self.loss = DC_and_BCE_loss({}, {"batch_dice": True, "do_bg": True, "smooth": 1e-5, "ddp": False},
+                                    use_ignore_label=False, dice_class=MemoryEfficientSoftDiceLoss)
+        self.loss.dc = torch.compile(self.loss.dc)
+
+    def weighted_loss_terms(self, data, target):
+        return {"seg_loss": (1.0, self.loss(self.network(data), target))}
+
+
+def test_the_gradient_probe_runs_through_no_compiled_graph(monkeypatch):
+    """The per-term probe backpropagates each term over a retained graph. A compiled graph refuses that when it
+    donates buffers (it stopped the first step of every trainer with compile on at a 24x40x40 patch, nnU-Net's
+    Dice loss compiled with the network) and otherwise computes it wrong: so the probe's pass runs through the
+    plain network and the plain Dice loss, whose norm equals the one computed without compiling; the compiled ones
+    are back afterwards."""
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.LeakyReLU(),
+                                  torch.nn.Conv3d(4, 3, 3, padding=1))
+    data, target = torch.randn(2, 1, 8, 12, 12), (torch.rand(2, 3, 8, 12, 12) > 0.7).float()
+    trainer = _RegionTrainer(network)
+    graphs = []
+
+    def recording(trainer_, terms):
+        graphs.append(_node_types(terms["seg_loss"][1].grad_fn))
+        return term_gradient_norms(trainer_, terms)
+    monkeypatch.setattr(training_base, "term_gradient_norms", recording)
+    norms = trainer.probe_term_gradients(data, target)
+    assert graphs and not [name for name in graphs[0] if "Compiled" in name], graphs[0]
+    assert hasattr(trainer.network, "_orig_mod") and hasattr(trainer.loss.dc, "_orig_mod")  # restored
+
+    plain = DC_and_BCE_loss({}, {"batch_dice": True, "do_bg": True, "smooth": 1e-5, "ddp": False},
+                            use_ignore_label=False, dice_class=MemoryEfficientSoftDiceLoss)
+    gradients = torch.autograd.grad(plain(network(data), target), list(network.parameters()))
+    assert norms["seg_loss"] == pytest.approx(float(torch.sqrt(sum((g ** 2).sum() for g in gradients))), rel=1e-5)
+
+
+def _node_types(grad_fn) -> set:
+    seen, stack = set(), [grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return {type(node).__name__ for node in seen}

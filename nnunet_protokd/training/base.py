@@ -16,7 +16,7 @@ from nnunet_protokd.channels import StudentModality, with_input_channel_check
 from nnunet_protokd.errors import ConfigurationError, show_user_errors_in_nnunet_commands
 from nnunet_protokd.plans import ConfigurationResolvedOnce, configuration_settings, schedule_of
 from nnunet_protokd.settings import FINAL_VALIDATION_KEY
-from nnunet_protokd.training.features import unwrap
+from nnunet_protokd.training.features import compiled_submodules_plain, unwrap
 from nnunet_protokd.training.progress import plot_loss_terms
 
 # nnUNetv2_train/-predict import this module through our trainers: our input errors then print as one line there
@@ -171,14 +171,16 @@ class LossTermTraining(ConfigurationResolvedOnce):
         raise NotImplementedError
 
     def probe_term_gradients(self, data: torch.Tensor, target) -> dict:
-        """term_gradient_norms of an extra forward pass on `data` through the plain network (no update): a
-        compiled network's backward may run only once per graph (a second pass over a retained compiled graph
-        gives wrong gradients, and then so does the step's own backward), and the plain module, which shares the
-        compiled one's parameters and feature hooks, also bypasses DDP, which expects one backward per forward."""
+        """term_gradient_norms of an extra forward pass on `data` through the plain network and the plain loss
+        (no update): a compiled graph's backward may run only once (over a retained compiled graph a second pass
+        gives wrong gradients, and then so does the step's own backward; one that donates buffers refuses
+        retain_graph outright, as nnU-Net's compiled Dice loss did at a 24x40x40 patch), and the plain module,
+        which shares the compiled one's parameters and feature hooks, also bypasses DDP, which expects one
+        backward per forward."""
         network = self.network
         self.network = unwrap(network)
         try:
-            with step_autocast(self):
+            with compiled_submodules_plain(self.loss), step_autocast(self):
                 terms = self.weighted_loss_terms(data, target)
             return term_gradient_norms(self, {name: terms[name] for name in self.logged_terms})
         finally:

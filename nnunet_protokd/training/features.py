@@ -17,6 +17,24 @@ def unwrap(network: torch.nn.Module) -> torch.nn.Module:
             return network
 
 
+@contextmanager
+def compiled_submodules_plain(root: torch.nn.Module):
+    """Within the block, every torch.compile'd submodule of `root` is the plain module it wraps; restored after.
+
+    nnU-Net compiles its Dice loss with the network (`loss.dc = torch.compile(loss.dc)` in _build_loss), so a pass
+    that must not run a compiled graph (the per-term gradient probe: one backward per term over a retained graph,
+    which a compiled backward refuses when it donates buffers, and otherwise gets wrong) swaps them out here."""
+    swapped = [(parent, name, child) for parent in root.modules() for name, child in parent.named_children()
+               if hasattr(child, "_orig_mod")]
+    for parent, name, child in swapped:
+        setattr(parent, name, child._orig_mod)
+    try:
+        yield root
+    finally:
+        for parent, name, child in reversed(swapped):
+            setattr(parent, name, child)
+
+
 class FeatureCapture:
     """Forward hooks on a dynamic_network_architectures U-Net (PlainConvUNet, ResidualEncoderUNet, ...).
 
