@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BIN, DATASET, copy_phantoms, nnunet_environment, run, train_in_process
+from conftest import BIN, DATASET, copy_phantoms, nnunet_environment, protokd_in_process, run, train_in_process
 from test_student_settings import DATASET_JSON, make_plans
 
 from nnunet_protokd.errors import ConfigurationError
@@ -68,11 +68,10 @@ DISTILLING = {"ProtoKDTrainer": ("kd_loss", "proto_loss"), "KDNetTrainer": ("kd_
 def workspace(tmp_path_factory, preprocessed_phantoms) -> Path:
     """The preprocessed phantoms, a T1ce student configuration and its teacher (one epoch of two iterations)."""
     root = tmp_path_factory.mktemp("benchmark")
-    env = nnunet_environment(root)
     copy_phantoms(preprocessed_phantoms, root)
-    run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-c", "3d_fullres", "--name", "3d_smoke", "--epochs", "1",
-         "--iterations-per-epoch", "2", "--val-iterations-per-epoch", "1", "--no-final-validation"], env)
-    run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-c", "3d_smoke", "-m", "T1ce"], env)
+    protokd_in_process(root, "add-config", "-d", "501", "-c", "3d_fullres", "--name", "3d_smoke", "--epochs", "1",
+                       "--iterations-per-epoch", "2", "--val-iterations-per-epoch", "1", "--no-final-validation")
+    protokd_in_process(root, "add-config", "-d", "501", "-c", "3d_smoke", "-m", "T1ce")
     train_in_process(root, "501", "3d_smoke", "0", "-tr", "ProtoKDTeacherTrainer", "-device", "cpu")
     return root
 
