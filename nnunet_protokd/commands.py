@@ -185,12 +185,14 @@ def benchmark(args) -> int:
         plans, dataset_json = load_preprocessed(args.dataset, args.plans)
         teacher_checkpoint = locate_teacher(plans, args.configuration, 0, dataset_json,
                                             nnunet_paths.nnUNet_results.get()).checkpoint_path
+    # the JSON is rewritten after each trainer, so that a run stopped half-way keeps what it measured
+    write = (lambda report: write_json_atomically(report, args.output, indent=2, allow_nan=True)) if args.output \
+        else None
     report = run_benchmark(args.dataset, args.configuration, teacher_checkpoint, args.device or _default_device(),
                            args.steps, args.warmup, args.plans, args.inference_cases, args.precision, args.compile,
-                           args.trainers, args.memory_limit_gb, args.patch_size)
+                           args.trainers, args.memory_limit_gb, args.patch_size, on_result=write)
     print(format_table(report))
     if args.output:
-        write_json_atomically(report, args.output, indent=2, allow_nan=True)
         print(f"wrote {args.output}")
     return 0
 

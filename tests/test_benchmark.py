@@ -59,6 +59,34 @@ def test_a_patch_size_the_network_cannot_take_is_refused_and_the_plans_stay(prep
     assert plans_file.read_text() == before
 
 
+def test_a_stopped_benchmark_keeps_in_its_json_what_it_measured(preprocessed, tmp_path, monkeypatch):
+    """The JSON is rewritten after each trainer: a run stopped (Ctrl-C, a job's time limit) during its second
+    trainer keeps the first one's figures, marked incomplete."""
+    from nnunet_protokd.cli import main
+    measured = {"median_s": 0.5, "iqr_s": 0.01, "n": 3, "peak_memory_mb": 100.0, "loss_forward_s": {}}
+
+    def measuring(arguments, env):
+        if arguments[0] == "worker" and arguments[1] == "ProtoKDTrainer":
+            raise KeyboardInterrupt
+        return measured if arguments[0] == "worker" else {}
+    monkeypatch.setattr(benchmark, "_in_subprocess", measuring)
+    output = tmp_path / "benchmark.json"
+    with pytest.raises(KeyboardInterrupt):
+        main(["benchmark", "-d", "Dataset501_BraTS2018", "-c", "3d_fullres_T1ce", "--device", "cpu",
+              "--teacher-checkpoint", preprocessed, "--trainers", "UnimodalTrainer", "ProtoKDTrainer", "-o", output])
+    report = json.loads(output.read_text())
+    assert report["complete"] is False and list(report["results"]) == ["UnimodalTrainer"]
+    assert report["results"]["UnimodalTrainer"]["median_s"] == 0.5
+
+    monkeypatch.setattr(benchmark, "_in_subprocess", lambda arguments, env: measured if arguments[0] == "worker"
+                        else {})
+    assert main(["benchmark", "-d", "Dataset501_BraTS2018", "-c", "3d_fullres_T1ce", "--device", "cpu",
+                 "--teacher-checkpoint", preprocessed, "--trainers", "UnimodalTrainer", "ProtoKDTrainer",
+                 "-o", output]) == 0
+    report = json.loads(output.read_text())
+    assert report["complete"] is True and list(report["results"]) == ["UnimodalTrainer", "ProtoKDTrainer"]
+
+
 # ----- real steps
 
 DISTILLING = {"ProtoKDTrainer": ("kd_loss", "proto_loss"), "KDNetTrainer": ("kd_loss", "kl_loss")}

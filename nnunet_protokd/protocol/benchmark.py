@@ -245,8 +245,11 @@ def cache_batches(args: dict, count: int) -> None:
 def run_benchmark(dataset: str, configuration: str, teacher_checkpoint: str, device: str = "cpu",
                   steps: int = 20, warmup: int = 3, plans: str = "nnUNetPlans", inference_cases: int = 3,
                   precision: str = "float32", compile_network: str = "nnunet", trainers=None,
-                  memory_limit_gb: float = None, patch_size=None, log=print) -> dict:
-    """Measures `trainers` (default: every mode, TRAINERS and the teacher's forward and inference, MODES)."""
+                  memory_limit_gb: float = None, patch_size=None, log=print, on_result=None) -> dict:
+    """Measures `trainers` (default: every mode, TRAINERS and the teacher's forward and inference, MODES).
+
+    on_result(report) is called after each mode with the report so far ("complete": False until the last), so
+    that a run that is stopped or cut off by a time limit keeps what it measured."""
     if steps < 1 or warmup < 0 or inference_cases < 1:
         raise ConfigurationError(f"--steps must be at least 1 (got {steps}), --warmup at least 0 (got {warmup}) and "
                                  f"--inference-cases at least 1 (got {inference_cases})")
@@ -268,6 +271,22 @@ def run_benchmark(dataset: str, configuration: str, teacher_checkpoint: str, dev
         log(f"caching {steps + warmup} batches from nnU-Net's data loader")
         _in_subprocess(["cache", json.dumps({**args, "count": steps + warmup})], env)
         results = {}
+
+        def report() -> dict:
+            base = results.get(BASELINE.trainer)
+            for mode in (m for m in results if m in TRAINERS):
+                if base and "error" not in base and "error" not in results[mode]:
+                    results[mode]["step_ratio"] = results[mode]["median_s"] / base["median_s"]
+                    results[mode]["memory_ratio"] = results[mode]["peak_memory_mb"] / base["peak_memory_mb"]
+            add_limits(results)
+            return {"dataset": dataset, "configuration": configuration, "device": device, "steps": steps,
+                    "warmup": warmup,
+                    "precision": precision if device == "cpu" else "nnU-Net's CUDA autocast (float16)",
+                    "compile": compile_network, "patch_size": patch_size and list(patch_size),
+                    "batches": "cached: drawn once from nnU-Net's training data loader, the same for every trainer; "
+                               "data loading is not in the measured step",
+                    "torch": torch.__version__, "complete": len(results) == len(modes), "results": results}
+
         for mode in modes:
             log(f"measuring {mode}")
             try:
@@ -275,18 +294,9 @@ def run_benchmark(dataset: str, configuration: str, teacher_checkpoint: str, dev
             except RuntimeError as exc:  # e.g. did not fit in memory: a result, and the others still run
                 results[mode] = {"error": str(exc).strip().splitlines()[-1]}
                 log(f"{mode} failed: {results[mode]['error']}")
-    base = results.get(BASELINE.trainer)
-    for mode in (m for m in modes if m in TRAINERS):
-        if base and "error" not in base and "error" not in results[mode]:
-            results[mode]["step_ratio"] = results[mode]["median_s"] / base["median_s"]
-            results[mode]["memory_ratio"] = results[mode]["peak_memory_mb"] / base["peak_memory_mb"]
-    add_limits(results)
-    return {"dataset": dataset, "configuration": configuration, "device": device, "steps": steps, "warmup": warmup,
-            "precision": precision if device == "cpu" else "nnU-Net's CUDA autocast (float16)",
-            "compile": compile_network, "patch_size": patch_size and list(patch_size),
-            "batches": "cached: drawn once from nnU-Net's training data loader, the same for every trainer; "
-                       "data loading is not in the measured step",
-            "torch": torch.__version__, "results": results}
+            if on_result is not None:
+                on_result(report())
+    return report()
 
 
 def add_limits(results: dict) -> None:
