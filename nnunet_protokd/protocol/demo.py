@@ -3,7 +3,7 @@
 Phantoms in the BraTS 2018 layout -> the BraTS converter (training folder + a labelled held-out folder) ->
 `experiment` (teacher, unimodal, ProtoKD and KD-Net students on the evidence run's schedule, predictions of the
 held-out cases) -> the evidence report of that seed, whose result sentence puts the committed evidence run's
-figures (three seeds, docs/evidence/) beside the demo's own. Everything lives in one folder with its own
+figures (five seeds, docs/evidence/) beside the demo's own. Everything lives in one folder with its own
 nnUNet_raw/_preprocessed/_results, so a user's nnU-Net folders are never touched; running the command again
 continues where it stopped.
 """

@@ -84,10 +84,10 @@ from nnunet_protokd.protocol.running import run_command
 
 # the CPU schedule: 2d (nnU-Net plans batch 32 of whole 32x32 slices for these phantoms; an epoch of 25 steps took
 # 6-8.5 s on 2 cores against about 0.5 s per step for a small 3d patch), 15 epochs of 25 iterations: 3 seeds of
-# 10 models in 81 minutes. On a slower 2-core machine (2026-12-04; the same code, the time in the convolutions'
-# backward pass) an epoch took 10-16 s and one seed of the default (8 models and 9 predictions) 45 minutes. The
-# evidence report measures whether the models reached a plateau (pseudo Dice over the last fifth of training
-# against the fifth before)
+# 10 models in 81 minutes. On the slower 2-core machine of the committed run (2026-12-04; an epoch 10-16 s, the
+# time in the convolutions' backward pass) a seed of the default (8 models, 9 predictions) took 29.5-32 minutes
+# alone, the 5 seeds about 2 h 40 min. The evidence report measures whether the models reached a plateau (pseudo
+# Dice over the last fifth of training against the fifth before)
 CPU_SCHEDULE = {"configuration": "2d", "epochs": 15, "iterations_per_epoch": 25, "val_iterations_per_epoch": 3}
 FULL_SCHEDULE = {"configuration": "3d_fullres", "epochs": None, "iterations_per_epoch": None,
                  "val_iterations_per_epoch": None}
