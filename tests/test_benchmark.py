@@ -1,13 +1,26 @@
 """`nnunet-protokd benchmark`: its arguments, checked before any measuring process starts, then real steps of
 every trainer on the session's preprocessed phantoms with a briefly trained teacher: under bfloat16 CPU autocast
 with a GradScaler, and compiled against eager (about five minutes on 2 CPU cores)."""
+import io
 import json
+import os
 import re
+from contextlib import redirect_stdout
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
-from conftest import BIN, DATASET, copy_phantoms, nnunet_environment, protokd_in_process, run, train_in_process
+from conftest import (
+    BIN,
+    DATASET,
+    copy_phantoms,
+    main_in_process,
+    nnunet_environment,
+    protokd_in_process,
+    run,
+    train_in_process,
+)
 from test_student_settings import DATASET_JSON, make_plans
 
 from nnunet_protokd.errors import ConfigurationError
@@ -123,12 +136,28 @@ def bfloat16_benchmark(workspace) -> tuple:
     plans = json.loads((workspace / "nnUNet_preprocessed" / DATASET / "nnUNetPlans.json").read_text())
     strides = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["strides"]
     patch_size = [2 * s for s in np.prod(np.array(strides), axis=0)]
-    result = run([BIN / "nnunet-protokd", "benchmark", "-d", "501", "-c", "3d_smoke_T1ce", "--device", "cpu",
-                  "--precision", "bfloat16", "--steps", "3", "--warmup", "0", "--inference-cases", "1",
-                  "--patch-size", *patch_size, "-o", output], nnunet_environment(workspace))
+    printed = io.StringIO()
+    # the command's own main in this process, and each trainer's measuring process too (the work of
+    # `python -m nnunet_protokd.protocol.benchmark`, with its environment): ten Python start-ups fewer; the
+    # compiled test below keeps the measuring processes
+    with mock.patch.object(benchmark, "_in_subprocess", measured_in_this_process), redirect_stdout(printed):
+        assert main_in_process(["benchmark", "-d", "501", "-c", "3d_smoke_T1ce", "--device", "cpu", "--precision",
+                                "bfloat16", "--steps", "3", "--warmup", "0", "--inference-cases", "1",
+                                "--patch-size", *patch_size, "-o", output], nnunet_environment(workspace)) == 0
     report = json.loads(output.read_text())
     assert report["patch_size"] == patch_size
-    return result.stdout, report, before, results_files(workspace)
+    return printed.getvalue(), report, before, results_files(workspace)
+
+
+def measured_in_this_process(arguments: list, env: dict) -> dict:
+    """benchmark._in_subprocess's work (its module run as a script) in this process, under the environment it
+    would have had."""
+    with mock.patch.dict(os.environ, env):
+        if arguments[0] == "cache":
+            options = json.loads(arguments[1])
+            benchmark.cache_batches(options, options["count"])
+            return {}
+        return json.loads(json.dumps(benchmark.worker(arguments[1], json.loads(arguments[2]))))
 
 
 def test_benchmark_reports_every_trainer_side_by_side(bfloat16_benchmark):
