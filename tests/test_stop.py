@@ -73,8 +73,8 @@ def test_a_stopped_runner_stops_its_command_and_everything_the_command_started(t
     def stop_when_started():
         while not marker.exists():
             time.sleep(0.05)
-        # only the command's own processes: an earlier test in this worker may have left a child of ours running
-        # (a multiprocessing resource tracker, a compile worker), which is not the runner's to stop
+        # only the command's own processes: an earlier test in this xdist worker may have left a child process of
+        # its own running (CI saw a `python` one), which is not the runner's to stop
         command = [child for child in psutil.Process().children() if str(marker) in " ".join(child.cmdline())]
         started.extend(command + [grandchild for child in command for grandchild in child.children(recursive=True)])
         os.kill(os.getpid(), signal.SIGTERM)  # handled by the main thread, inside run_command
