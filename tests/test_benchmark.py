@@ -153,11 +153,7 @@ def measured_in_this_process(arguments: list, env: dict) -> dict:
     """benchmark._in_subprocess's work (its module run as a script) in this process, under the environment it
     would have had."""
     with mock.patch.dict(os.environ, env):
-        if arguments[0] == "cache":
-            options = json.loads(arguments[1])
-            benchmark.cache_batches(options, options["count"])
-            return {}
-        return json.loads(json.dumps(benchmark.worker(arguments[1], json.loads(arguments[2]))))
+        return json.loads(json.dumps(benchmark.measure(arguments)))
 
 
 def test_benchmark_reports_every_trainer_side_by_side(bfloat16_benchmark):

@@ -353,10 +353,15 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # the per-trainer processes
-    if sys.argv[1] == "cache":
-        options = json.loads(sys.argv[2])
+def measure(arguments: list) -> dict:
+    """What one measuring process does with the arguments _in_subprocess gives it: ["cache", OPTIONS] caches the
+    batches, ["worker", MODE, OPTIONS] measures one mode."""
+    if arguments[0] == "cache":
+        options = json.loads(arguments[1])
         cache_batches(options, options["count"])
-        print(json.dumps({}))
-    else:
-        print(json.dumps(worker(sys.argv[2], json.loads(sys.argv[3]))))
+        return {}
+    return worker(arguments[1], json.loads(arguments[2]))
+
+
+if __name__ == "__main__":  # the per-trainer processes
+    print(json.dumps(measure(sys.argv[1:])))
