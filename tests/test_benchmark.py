@@ -227,6 +227,8 @@ def test_every_trainer_steps_under_mixed_precision_with_a_grad_scaler(bfloat16_b
         assert len(figures["loss_terms"]) == 3, trainer
         assert all(np.isfinite(v) for step in figures["loss_terms"] for v in step.values()), (trainer, figures)
         assert figures["student_changed"], trainer
+        # finite gradients at GradScaler's initial scale (65536): no step skipped, also not by a loss's backward
+        assert figures["scaler_skipped_steps"] == 0, trainer
         assert all(np.isfinite(g) for g in figures["gradient_norms"].values()), (trainer, figures)
         assert figures["gradient_norms"]["seg_loss"] > 0, trainer
     for trainer, terms in DISTILLING.items():

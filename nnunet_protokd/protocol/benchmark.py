@@ -162,7 +162,8 @@ def worker(mode: str, args: dict) -> dict:
         trainer.teachers = [trainer.num_modalities - 1, 1, 1]
     teacher = getattr(trainer, "teacher", None)
     student_before, teacher_before = _weights(trainer.network), teacher and _weights(teacher.network)
-    seconds, loss_terms, loss_seconds = [], [], {"step": 0}
+    seconds, loss_terms, loss_seconds, skipped_steps = [], [], {"step": 0}, 0
+    scaler = trainer.grad_scaler if mode != "teacher" else None
     if mode != "teacher":
         _time_loss_functions(trainer, device, loss_seconds)
     for index, batch in enumerate(batches):
@@ -172,7 +173,11 @@ def worker(mode: str, args: dict) -> dict:
         if mode == "teacher":
             teacher(batch["data"].to(trainer.device))
         else:
+            scale = scaler.get_scale() if scaler is not None else None
             loss_terms.append({k: float(v) for k, v in trainer.train_step(batch).items()})
+            # GradScaler skips a step whose gradients are not finite and lowers its scale: the student then did not
+            # change at that step (on CUDA the first steps of a run often are)
+            skipped_steps += scaler is not None and scaler.get_scale() < scale
         _synchronize(device)
         if index >= warmup:
             seconds.append(time.perf_counter() - start)
@@ -180,7 +185,8 @@ def worker(mode: str, args: dict) -> dict:
     checks = {"loss_terms": loss_terms, "student_changed": not _same_weights(student_before, _weights(trainer.network)),
               "teacher_unchanged": None if teacher is None
                                    else _same_weights(teacher_before, _weights(teacher.network)),
-              "compiled": hasattr(trainer.network, "_orig_mod"), "gradient_norms": trainer._gradient_norms}
+              "compiled": hasattr(trainer.network, "_orig_mod"), "gradient_norms": trainer._gradient_norms,
+              "scaler_skipped_steps": None if scaler is None else int(skipped_steps)}
     loss_forward = {name: float(np.median([per_step.get(i, 0.0) for i in range(warmup, len(batches))]))
                     for name, per_step in loss_seconds.items() if name != "step"}
     return {**_statistics(seconds), "peak_memory_mb": _peak_memory_mb(device), "loss_forward_s": loss_forward,
