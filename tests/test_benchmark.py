@@ -137,21 +137,17 @@ def bfloat16_benchmark(workspace) -> tuple:
     plans = json.loads((workspace / "nnUNet_preprocessed" / DATASET / "nnUNetPlans.json").read_text())
     strides = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["strides"]
     patch_size = [2 * s for s in np.prod(np.array(strides), axis=0)]
-    printed = io.StringIO()
-    # the command's own main in this process, and each trainer's measuring process too (the work of
-    # `python -m nnunet_protokd.protocol.benchmark`, with its environment): ten Python start-ups fewer; the
-    # compiled test below keeps the measuring processes. oneDNN off: at this patch its bfloat16 conv3d backward
-    # (torch 2.14.1, this CPU) writes non-finite weight gradients at random, plugin or not (a plain nnU-Net network
-    # of these plans, patch 4x8x8, loss scale 1: 11 of 100 backward passes; 0 of 60 without oneDNN, 0 of 60 at
-    # 8x16x16), and the GradScaler then rightly skips the step, so that three steps could leave a student unchanged
-    with mock.patch.object(benchmark, "_in_subprocess", measured_in_this_process), redirect_stdout(printed), \
-            torch.backends.mkldnn.flags(enabled=False):
-        assert main_in_process(["benchmark", "-d", "501", "-c", "3d_smoke_T1ce", "--device", "cpu", "--precision",
-                                "bfloat16", "--steps", "3", "--warmup", "0", "--inference-cases", "1",
-                                "--patch-size", *patch_size, "-o", output], nnunet_environment(workspace)) == 0
+    # oneDNN off: at this patch its bfloat16 conv3d backward (torch 2.14.1, this CPU) writes non-finite weight
+    # gradients at random, plugin or not (a plain nnU-Net network of these plans, patch 4x8x8, loss scale 1: 11 of
+    # 100 backward passes; 0 of 60 without oneDNN, 0 of 60 at 8x16x16), and the GradScaler then rightly skips the
+    # step, so that three steps could leave a student unchanged
+    with torch.backends.mkldnn.flags(enabled=False):
+        printed = benchmark_in_this_process(workspace, [
+            "benchmark", "-d", "501", "-c", "3d_smoke_T1ce", "--device", "cpu", "--precision", "bfloat16", "--steps",
+            "3", "--warmup", "0", "--inference-cases", "1", "--patch-size", *patch_size, "-o", output])
     report = json.loads(output.read_text())
     assert report["patch_size"] == patch_size
-    return printed.getvalue(), report, before, results_files(workspace)
+    return printed, report, before, results_files(workspace)
 
 
 def measured_in_this_process(arguments: list, env: dict) -> dict:
@@ -159,6 +155,16 @@ def measured_in_this_process(arguments: list, env: dict) -> dict:
     would have had."""
     with mock.patch.dict(os.environ, env):
         return json.loads(json.dumps(benchmark.measure(arguments)))
+
+
+def benchmark_in_this_process(workspace: Path, arguments: list) -> str:
+    """`nnunet-protokd ARGUMENTS` through the command's own main in this process, and each trainer's measuring
+    process too (the work of `python -m nnunet_protokd.protocol.benchmark`, with its environment): ten Python
+    start-ups fewer. Returns what it printed."""
+    printed = io.StringIO()
+    with mock.patch.object(benchmark, "_in_subprocess", measured_in_this_process), redirect_stdout(printed):
+        assert main_in_process(arguments, nnunet_environment(workspace)) == 0
+    return printed.getvalue()
 
 
 def test_benchmark_reports_every_trainer_side_by_side(bfloat16_benchmark):
@@ -211,8 +217,7 @@ def benchmark_checks(workspace, *options, in_this_process: bool = False) -> dict
     arguments = ["benchmark", "-d", "501", "-c", "3d_smoke_T1ce", "--device", "cpu", "--inference-cases", "1",
                  "-o", output, *options]
     if in_this_process:
-        with mock.patch.object(benchmark, "_in_subprocess", measured_in_this_process), redirect_stdout(io.StringIO()):
-            assert main_in_process(arguments, nnunet_environment(workspace)) == 0
+        benchmark_in_this_process(workspace, arguments)
     else:
         run([BIN / "nnunet-protokd", *arguments], nnunet_environment(workspace))
     return json.loads(output.read_text())["results"]

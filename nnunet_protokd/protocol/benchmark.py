@@ -173,11 +173,12 @@ def worker(mode: str, args: dict) -> dict:
         if mode == "teacher":
             teacher(batch["data"].to(trainer.device))
         else:
-            scale = scaler.get_scale() if scaler is not None else None
+            scale = scaler and scaler.get_scale()
             loss_terms.append({k: float(v) for k, v in trainer.train_step(batch).items()})
-            # GradScaler skips a step whose gradients are not finite and lowers its scale: the student then did not
-            # change at that step (on CUDA the first steps of a run often are)
-            skipped_steps += scaler is not None and scaler.get_scale() < scale
+            # GradScaler skips a step whose gradients are not finite and lowers its scale: the student did not
+            # change at that step (on CUDA, where the scale starts high, the first steps of a run often are skipped)
+            if scaler is not None and scaler.get_scale() < scale:
+                skipped_steps += 1
         _synchronize(device)
         if index >= warmup:
             seconds.append(time.perf_counter() - start)
@@ -186,7 +187,7 @@ def worker(mode: str, args: dict) -> dict:
               "teacher_unchanged": None if teacher is None
                                    else _same_weights(teacher_before, _weights(teacher.network)),
               "compiled": hasattr(trainer.network, "_orig_mod"), "gradient_norms": trainer._gradient_norms,
-              "scaler_skipped_steps": None if scaler is None else int(skipped_steps)}
+              "scaler_skipped_steps": None if scaler is None else skipped_steps}
     loss_forward = {name: float(np.median([per_step.get(i, 0.0) for i in range(warmup, len(batches))]))
                     for name, per_step in loss_seconds.items() if name != "step"}
     return {**_statistics(seconds), "peak_memory_mb": _peak_memory_mb(device), "loss_forward_s": loss_forward,
