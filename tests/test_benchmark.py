@@ -262,5 +262,7 @@ def test_compiled_trainers_give_the_eager_loss_terms_on_every_step(workspace):
             for term in ours:
                 assert ours[term] == pytest.approx(reference[term], rel=1e-4, abs=1e-6), (trainer, step, term)
         # the per-term gradient probe too (a second backward over a retained compiled graph would get it wrong,
-        # and with it the step's own update: measured 1.5 instead of 14.5 for KD-Net's L_KL before the fix)
-        assert compiled[trainer]["gradient_norms"] == pytest.approx(eager[trainer]["gradient_norms"], rel=1e-4)
+        # and with it the step's own update: measured 1.5 instead of 14.5 for KD-Net's L_KL before the fix). A
+        # gradient norm sums over every weight after a backward whose kernels the compiler fused and reordered:
+        # CI measured 1.4e-4 relative between compiled and eager for a correct L_kd, so 1e-3 (the defect is x10)
+        assert compiled[trainer]["gradient_norms"] == pytest.approx(eager[trainer]["gradient_norms"], rel=1e-3)
