@@ -255,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-limit-gb", type=float, default=None,
                    help="address-space limit of each measuring process: a trainer that needs more is reported as "
                         "failed (did not fit) instead of exhausting the machine")
+    p.add_argument("--paired-rounds", type=int, default=None,
+                   help="each distilling trainer also measures its limit in its own process: rounds of its step, "
+                        "its student's unimodal step and its teacher's forward on the same batch, in rotating "
+                        "order (default: --steps; 0: none)")
     p.set_defaults(func="benchmark")
 
     p = commands.add_parser("lckd-subset", help="model folder(s) of a trained LCKD or modality-dropout model for a "

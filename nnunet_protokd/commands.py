@@ -190,7 +190,8 @@ def benchmark(args) -> int:
         else None
     report = run_benchmark(args.dataset, args.configuration, teacher_checkpoint, args.device or _default_device(),
                            args.steps, args.warmup, args.plans, args.inference_cases, args.precision, args.compile,
-                           args.trainers, args.memory_limit_gb, args.patch_size, on_result=write)
+                           args.trainers, args.memory_limit_gb, args.patch_size, args.paired_rounds,
+                           on_result=write)
     print(format_table(report))
     if args.output:
         print(f"wrote {args.output}")

@@ -51,7 +51,8 @@ def preprocessed(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("counts, text", [({"steps": 0}, "--steps must be at least 1 (got 0)"),
                                           ({"warmup": -1}, "--warmup at least 0 (got -1)"),
-                                          ({"inference_cases": 0}, "--inference-cases at least 1 (got 0)")])
+                                          ({"inference_cases": 0}, "--inference-cases at least 1 (got 0)"),
+                                          ({"paired_rounds": -1}, "--paired-rounds at least 0 (got -1)")])
 def test_counts_that_measure_nothing_are_refused(preprocessed, counts, text):
     with pytest.raises(ConfigurationError, match=re.escape(text)):
         benchmark.run_benchmark("Dataset501_BraTS2018", "3d_fullres_T1ce", preprocessed, **counts)
@@ -188,6 +189,16 @@ def test_benchmark_reports_every_trainer_side_by_side(bfloat16_benchmark):
         assert figures["limit_s"] == pytest.approx(report["results"]["UnimodalTrainer"]["median_s"]
                                                    + report["results"]["teacher"]["median_s"])
         assert figures["limit_ratio"] > 0 and 0 < figures["loss_forward_share"] < 1
+        # and its limit measured in its own process, round by round on the same batch (--paired-rounds: --steps)
+        paired = figures["paired_limit"]
+        assert paired["rounds"] == len(paired["per_round"]) == 3
+        step, plain, teacher = (np.array(column) for column in zip(*paired["per_round"]))
+        assert (step > 0).all() and (plain > 0).all() and (teacher > 0).all()
+        assert paired["limit_ratio"] == pytest.approx(np.median(step / (plain + teacher)))
+        assert paired["unimodal_step_s"] == pytest.approx(np.median(plain))
+    assert all("paired_limit" not in report["results"][trainer] for trainer in trainers
+               if trainer not in ("ProtoKDTrainer", "KDNetTrainer"))
+    assert "x paired" in stdout
     assert all(report["results"]["inference"][k] > 0 for k in ("student_median_s", "plain_median_s", "ratio"))
     # the trainers ran in a scratch results folder: the user's model folders are untouched
     assert after == before
@@ -245,12 +256,39 @@ def test_every_trainer_steps_under_mixed_precision_with_a_grad_scaler(bfloat16_b
     assert results["LCKDTrainer"]["gradient_norms"]["kd_loss"] > 0
 
 
+def test_the_paired_limit_times_the_unimodal_trainers_own_step(workspace, tmp_path):
+    """The paired limit's unimodal part, run on a distilling trainer's student, is UnimodalTrainer's train_step:
+    from the same weights on the same batch, the same loss and the same weights after the update."""
+    teacher = next((workspace / "nnUNet_results").rglob("ProtoKDTeacherTrainer__*/fold_0/checkpoint_final.pth"))
+    args = {"dataset": "501", "plans": "nnUNetPlans", "configuration": "3d_smoke_T1ce", "device": "cpu",
+            "teacher_checkpoint": str(teacher), "batches": str(tmp_path / "batches.pt"), "patch_size": None}
+    with mock.patch.dict(os.environ, {**nnunet_environment(workspace), "nnUNet_results": str(tmp_path),
+                                      "nnUNet_n_proc_DA": "0"}):
+        benchmark.cache_batches(args, 1)
+        batch = torch.load(args["batches"], weights_only=True)[0]
+        trainers = {}
+        for name in ("UnimodalTrainer", "ProtoKDTrainer", "KDNetTrainer"):
+            plans, dataset_json = benchmark._measured_plans(args)
+            trainers[name] = benchmark._trainer(name, plans, "3d_smoke_T1ce", dataset_json, "cpu", str(teacher))
+            trainers[name].network.load_state_dict(trainers["UnimodalTrainer"].network.state_dict())
+            trainers[name]._gradient_norms = {}  # no gradient probe: the step alone
+    unimodal = trainers.pop("UnimodalTrainer")
+    expected = unimodal.train_step(batch)
+    for name, trainer in trainers.items():
+        assert trainer.teacher is not None  # a distilling trainer, with everything its own step needs
+        measured = benchmark.unimodal_step(trainer, batch)
+        assert set(measured) == {"loss", "seg_loss"}, name
+        assert measured["loss"] == pytest.approx(expected["loss"], rel=1e-6), name
+        for key, value in unimodal.network.state_dict().items():
+            assert torch.allclose(trainer.network.state_dict()[key], value, rtol=1e-5, atol=1e-7), (name, key)
+
+
 def test_compiled_trainers_give_the_eager_loss_terms_on_every_step(workspace):
     """torch.compile forced on (CPU, 3D, deep supervision on, teacher compiled as the trainers build it): the
     feature hooks fire inside the compiled graph on every step, so L_proto (decoder features) and L_KL
     (bottleneck) equal the eager values step after step, through backward and optimiser updates (the same
     seeded initial weights and cached batches in both runs)."""
-    options = ("--trainers", "ProtoKDTrainer", "KDNetTrainer", "--steps", "3", "--warmup", "0")
+    options = ("--trainers", "ProtoKDTrainer", "KDNetTrainer", "--steps", "3", "--warmup", "0", "--paired-rounds", "0")
     # the eager reference in this process (four Python start-ups fewer); the compiled run as a user's, with its
     # measuring processes, so that torch.compile's state stays out of the test process
     eager = benchmark_checks(workspace, "--compile", "off", *options, in_this_process=True)

@@ -108,26 +108,29 @@ def brats_size_table(figures: dict) -> str:
     lines = [f"nnU-Net 3d_fullres plans: patch {'x'.join(map(str, plans['patch_size']))}, batch "
              f"{plans['batch_size']}, features {plans['features_per_stage']}; CPU float32, {STEPS} measured "
              f"step(s) after 1 of warm-up (median); peak = resident memory of the trainer's process", "",
-             "| trainer | s/iteration | peak GB | limit s | x limit (overhead) | loss terms' forward s |",
-             "|---|---|---|---|---|---|"]
+             "| trainer | s/iteration | peak GB | limit s | x limit (overhead) | x limit paired in its process "
+             "(rounds) | loss terms' forward s |",
+             "|---|---|---|---|---|---|---|"]
     for name, result in figures["benchmark"].items():
         if name == "inference":
             continue
         if "error" in result:
             lines.append(f"| {name} | did not fit ({result['error'][:80]}) | > {MEMORY_LIMIT_GB:g} (address space) "
-                         f"| | | |")
+                         f"| | | | |")
             continue
         limit = (f"{result['limit_s']:.1f} | {result['limit_ratio']:.3f} ({result['overhead_percent']:+.1f} %)"
                  if "limit_s" in result else " | ")
+        paired = result.get("paired_limit")
+        paired = f"{paired['limit_ratio']:.3f} ({paired['rounds']})" if paired else ""
         terms = ", ".join(f"{term} {s:.2f}" for term, s in result.get("loss_forward_s", {}).items())
         lines.append(f"| {name}{' (forward only)' if name == 'teacher' else ''} | {result['median_s']:.1f} | "
-                     f"{result['peak_memory_mb'] / 1024:.1f} | {limit} | {terms} |")
+                     f"{result['peak_memory_mb'] / 1024:.1f} | {limit} | {paired} | {terms} |")
     inference = figures["benchmark"].get("inference", {})
     if "ratio" in inference:
         lines.append(f"| single-modality inference, one case: student / plain nnU-Net | "
                      f"{inference['student_median_s']:.1f} / {inference['plain_median_s']:.1f} s "
-                     f"(x{inference['ratio']:.2f}) | | | | |")
+                     f"(x{inference['ratio']:.2f}) | | | | | |")
     for name in ("plan_and_preprocess", "teacher_one_epoch", "unimodal_one_epoch", "predict_one_case"):
         lines.append(f"| {name} (whole command) | {figures[name]['wall_s']:.0f} s | {figures[name]['peak_gb']:.1f} "
-                     f"| | | |")
+                     f"| | | | |")
     return "\n".join(lines) + "\n"

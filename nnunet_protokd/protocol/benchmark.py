@@ -9,7 +9,10 @@ same way, and the student's sliding-window inference through nnU-Net's predictor
 nnU-Net network of the same plans.
 
 The physical limit of a distilling trainer's step is the unimodal step plus one teacher forward pass (no
-gradient), both measured in the same run: the report gives it and the overhead beyond it.
+gradient), both measured in the same run: the report gives it and the overhead beyond it. Because step times differ
+between processes (15-20 % at BraTS size on a CPU, measured), each distilling trainer's process also measures its
+limit itself, in rounds on the same batch (paired_limit): its step, its student's plain segmentation step and its
+teacher's forward, in rotating order, so that the ratio compares like with like.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from nnunet_protokd.errors import ConfigurationError
 from nnunet_protokd.methods import BASELINE, METHODS, TEACHER, distilling_trainers
 from nnunet_protokd.plans import load_preprocessed, resolved_configuration
 from nnunet_protokd.training import losses
-from nnunet_protokd.training.base import build_checked_network, seed_everything
+from nnunet_protokd.training.base import SingleModalityTrainer, build_checked_network, seed_everything, step_autocast
 
 # every trainer of the registry and the teacher's. A method with one model on every channel (LCKD, modality
 # dropout) trains on the student configuration's multi-channel base; one whose schedule has two stages (LCKD's
@@ -136,6 +139,51 @@ def _time_loss_functions(trainer, device: str, seconds: dict) -> None:
             module[name] = timed
 
 
+def unimodal_step(trainer, batch: dict) -> dict:
+    """UnimodalTrainer's train_step on a distilling trainer's student (network, optimiser, GradScaler): the
+    segmentation loss alone, SingleModalityTrainer's terms, through the same step."""
+    return trainer.train_step_with_terms(batch, SingleModalityTrainer.weighted_loss_terms.__get__(trainer),
+                                         ("seg_loss",))
+
+
+def paired_limit(trainer, batches: list, rounds: int, device: str) -> dict:
+    """The distilling `trainer`'s step against its limit, measured in this process: each round takes the next
+    batch (cyclically) and times, in an order that rotates from round to round, (1) the trainer's train_step,
+    (2) the same train_step with only the segmentation loss (SingleModalityTrainer's terms: the unimodal step, on
+    the same student network, optimiser and GradScaler) and (3) the teacher's forward under the step's autocast.
+    limit_ratio is the median over rounds of (1) / ((2) + (3)); every round's seconds are kept (per_round).
+    The student's weights move in (1) and (2) alike: run it after the checks of the measured steps."""
+    def distilled_step(batch):
+        trainer.train_step(batch)
+
+    def plain_step(batch):
+        unimodal_step(trainer, batch)
+
+    def teacher_forward(batch):
+        with step_autocast(trainer):
+            trainer.teacher(batch["data"].to(trainer.device))
+
+    parts = (distilled_step, plain_step, teacher_forward)
+    per_round = []
+    for index in range(rounds):
+        batch, seconds = batches[index % len(batches)], [0.0, 0.0, 0.0]
+        for position in range(3):
+            part = (index + position) % 3
+            _synchronize(device)
+            start = time.perf_counter()
+            parts[part](batch)
+            _synchronize(device)
+            seconds[part] = time.perf_counter() - start
+        per_round.append(seconds)
+    step, plain, teacher = (np.array(column) for column in zip(*per_round))
+    ratios = step / (plain + teacher)
+    q1, median, q3 = np.percentile(ratios, [25, 50, 75])
+    return {"rounds": rounds, "step_s": float(np.median(step)), "unimodal_step_s": float(np.median(plain)),
+            "teacher_forward_s": float(np.median(teacher)), "limit_ratio": float(median),
+            "limit_ratio_iqr": float(q3 - q1), "overhead_percent": 100.0 * (float(median) - 1.0),
+            "per_round": per_round}
+
+
 def worker(mode: str, args: dict) -> dict:
     """Runs in its own process: one trainer's steps, the teacher's forward, or the inference comparison."""
     seed_everything(0)  # the same batches and initial weights in every run
@@ -190,8 +238,12 @@ def worker(mode: str, args: dict) -> dict:
               "scaler_skipped_steps": None if scaler is None else skipped_steps}
     loss_forward = {name: float(np.median([per_step.get(i, 0.0) for i in range(warmup, len(batches))]))
                     for name, per_step in loss_seconds.items() if name != "step"}
-    return {**_statistics(seconds), "peak_memory_mb": _peak_memory_mb(device), "loss_forward_s": loss_forward,
-            **checks}
+    peak_memory_mb = _peak_memory_mb(device)  # of the measured steps, before the paired rounds run three things
+    paired = {}
+    if name in distilling_trainers() and args.get("paired_rounds"):
+        paired["paired_limit"] = paired_limit(trainer, batches[warmup:] or batches, args["paired_rounds"], device)
+    return {**_statistics(seconds), "peak_memory_mb": peak_memory_mb, "loss_forward_s": loss_forward, **checks,
+            **paired}
 
 
 def _inference(plans: dict, dataset_json: dict, args: dict) -> dict:
@@ -252,14 +304,18 @@ def cache_batches(args: dict, count: int) -> None:
 def run_benchmark(dataset: str, configuration: str, teacher_checkpoint: str, device: str = "cpu",
                   steps: int = 20, warmup: int = 3, plans: str = "nnUNetPlans", inference_cases: int = 3,
                   precision: str = "float32", compile_network: str = "nnunet", trainers=None,
-                  memory_limit_gb: float = None, patch_size=None, log=print, on_result=None) -> dict:
+                  memory_limit_gb: float = None, patch_size=None, paired_rounds: int = None, log=print,
+                  on_result=None) -> dict:
     """Measures `trainers` (default: every mode, TRAINERS and the teacher's forward and inference, MODES).
+    paired_rounds: rounds of each distilling trainer's paired_limit (default: `steps`; 0: none).
 
     on_result(report) is called after each mode with the report so far ("complete": False until the last), so
     that a run that is stopped or cut off by a time limit keeps what it measured."""
-    if steps < 1 or warmup < 0 or inference_cases < 1:
-        raise ConfigurationError(f"--steps must be at least 1 (got {steps}), --warmup at least 0 (got {warmup}) and "
-                                 f"--inference-cases at least 1 (got {inference_cases})")
+    paired_rounds = steps if paired_rounds is None else paired_rounds
+    if steps < 1 or warmup < 0 or inference_cases < 1 or paired_rounds < 0:
+        raise ConfigurationError(f"--steps must be at least 1 (got {steps}), --warmup at least 0 (got {warmup}), "
+                                 f"--inference-cases at least 1 (got {inference_cases}) and --paired-rounds at "
+                                 f"least 0 (got {paired_rounds})")
     modes = tuple(trainers or MODES)
     unknown = [t for t in modes if t not in MODES]
     if unknown:
@@ -273,7 +329,7 @@ def run_benchmark(dataset: str, configuration: str, teacher_checkpoint: str, dev
                 "teacher_checkpoint": teacher_checkpoint, "warmup": warmup,
                 "batches": os.path.join(scratch, "batches.pt"), "inference_cases": inference_cases,
                 "precision": precision, "compile": compile_network, "memory_limit_gb": memory_limit_gb,
-                "patch_size": list(patch_size) if patch_size else None}
+                "patch_size": list(patch_size) if patch_size else None, "paired_rounds": paired_rounds}
         _measured_plans(args)  # a patch size the networks cannot take stops here, with its reason
         log(f"caching {steps + warmup} batches from nnU-Net's data loader")
         _in_subprocess(["cache", json.dumps({**args, "count": steps + warmup})], env)
@@ -290,6 +346,7 @@ def run_benchmark(dataset: str, configuration: str, teacher_checkpoint: str, dev
                     "warmup": warmup,
                     "precision": precision if device == "cpu" else "nnU-Net's CUDA autocast (float16)",
                     "compile": compile_network, "patch_size": patch_size and list(patch_size),
+                    "paired_rounds": paired_rounds,
                     "batches": "cached: drawn once from nnU-Net's training data loader, the same for every trainer; "
                                "data loading is not in the measured step",
                     "torch": torch.__version__, "complete": len(results) == len(modes), "results": results}
@@ -309,7 +366,8 @@ def run_benchmark(dataset: str, configuration: str, teacher_checkpoint: str, dev
 def add_limits(results: dict) -> None:
     """For each distilling trainer measured with the unimodal step and the teacher's forward: limit_s (their sum,
     the least a step that trains the student and runs the teacher can cost), the overhead beyond it as a ratio
-    (median / limit) and in percent, and the share of the step spent in its loss terms' forward passes."""
+    (median / limit) and in percent, and the share of the step spent in its loss terms' forward passes. (The
+    trainer's own paired_limit, measured in its process, needs nothing from the others.)"""
     base, teacher = results.get(BASELINE.trainer), results.get("teacher")
     if not base or not teacher or "error" in base or "error" in teacher:
         return
@@ -337,7 +395,7 @@ def format_table(report: dict) -> str:
     r = report["results"]
     nan = float("nan")
     lines = [f"{'':<24}{'median s/step':>14}{'IQR':>10}{'peak MB':>10}{'x step':>8}{'x memory':>10}{'limit s':>9}"
-             f"{'x limit':>9}{'over %':>8}  loss terms' forward s"]
+             f"{'x limit':>9}{'over %':>8}{'x paired':>10}  loss terms' forward s"]
     for mode in [m for m in TRAINERS + ("teacher",) if m in r]:
         row = r[mode]
         if "error" in row:
@@ -347,9 +405,13 @@ def format_table(report: dict) -> str:
         lines.append(f"{mode:<24}{row['median_s']:>14.4f}{row['iqr_s']:>10.4f}{row['peak_memory_mb']:>10.0f}"
                      f"{row.get('step_ratio', nan):>8.2f}{row.get('memory_ratio', nan):>10.2f}"
                      f"{row.get('limit_s', nan):>9.4f}{row.get('limit_ratio', nan):>9.3f}"
-                     f"{row.get('overhead_percent', nan):>8.1f}  {terms}")
+                     f"{row.get('overhead_percent', nan):>8.1f}"
+                     f"{row.get('paired_limit', {}).get('limit_ratio', nan):>10.3f}  {terms}")
     if any("limit_s" in row for row in r.values()):
         lines.append("limit = UnimodalTrainer's step + the teacher's forward (no gradient), measured in this run")
+    if any("paired_limit" in row for row in r.values()):
+        lines.append("x paired = the trainer's step / (its student's unimodal step + its teacher's forward), median "
+                     "over rounds on the same batch in its own process")
     i = r.get("inference")
     if i is None:
         return "\n".join(lines)

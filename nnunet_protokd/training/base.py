@@ -196,15 +196,20 @@ class LossTermTraining(ConfigurationResolvedOnce):
         self._gradient_norms = None  # measured on this epoch's first step
 
     def train_step(self, batch: dict) -> dict:
+        return self.train_step_with_terms(batch, self.weighted_loss_terms, self.logged_terms)
+
+    def train_step_with_terms(self, batch: dict, weighted_loss_terms, logged_terms: tuple) -> dict:
+        """train_step with other terms than the trainer's own: the benchmark times a distilling trainer's student
+        in a unimodal step (SingleModalityTrainer's terms) beside its distilling step, in one process."""
         data, target = batch_on_device(self, batch)
         if self._gradient_norms is None:
             self._gradient_norms = self.probe_term_gradients(data, target)
         self.optimizer.zero_grad(set_to_none=True)
         with step_autocast(self):
-            terms = self.weighted_loss_terms(data, target)
+            terms = weighted_loss_terms(data, target)
         loss = sum(weight * value for weight, value in terms.values() if weight)
-        names = ("loss",) + tuple(self.logged_terms)
-        values = torch.stack([loss] + [terms[n][1] for n in self.logged_terms]).detach().float()
+        names = ("loss",) + tuple(logged_terms)
+        values = torch.stack([loss] + [terms[n][1] for n in logged_terms]).detach().float()
         values = stop_if_non_finite(self, names, values)
         optimizer_step(self, loss)
         return dict(zip(names, values))
