@@ -110,6 +110,44 @@ def test_prototype_loss_matches_reference(n_items, n_classes, spatial, region_ba
     assert loss.item() == pytest.approx(reference_proto(student, teacher, masks, intra_class_only), rel=1e-4)
 
 
+def textbook_prototype_loss(student, teacher, masks):
+    """Eqs. (2)-(4) in float64 with F.normalize, whole tensors: prototypes as masked means, cosine maps, the mean
+    squared difference over voxels and the (item, class) pairs present."""
+    masks, teacher = masks.double().flatten(2), teacher.detach().double().flatten(2)
+    student = student.double().flatten(2)
+    counts = masks.sum(2)
+
+    def maps(features):
+        prototypes = torch.bmm(masks, features.transpose(1, 2)) / counts.clamp_min(1).unsqueeze(2)
+        unit_features = torch.nn.functional.normalize(features, dim=1, eps=1e-8)
+        return torch.bmm(torch.nn.functional.normalize(prototypes, dim=2, eps=1e-8), unit_features)
+    per_class = (maps(student) - maps(teacher)).square().mean(2)
+    present = (counts > 0).double()
+    return (per_class * present).sum() / present.sum()
+
+
+def test_prototype_loss_gradient_is_the_textbook_one_also_at_zero_feature_vectors():
+    """The student's gradient of Eq. (4) equals autograd's through the plain float64 formula (F.normalize, no
+    chunks), also where a feature vector is all zeros (a dead voxel after an activation): finite, not NaN."""
+    rng = np.random.default_rng(3)
+    labels = random_labels(rng, 2, 4, (6, 7, 5))
+    masks = ground_truth_class_masks(nested_regions(labels, 3), True, 4,
+                                     disjoint_region_classes([[1, 2, 3], [2, 3], [3]])[1])
+    student = torch.from_numpy(rng.normal(size=(2, 6, 6, 7, 5))).float()
+    student[0, :, 1, 2] = 0.0  # a row of voxels whose feature vectors are zero
+    teacher = torch.from_numpy(rng.normal(size=(2, 8, 6, 7, 5))).float()
+    expected_student = student.double().requires_grad_()
+    expected = textbook_prototype_loss(expected_student, teacher, masks)
+    expected.backward()
+    for chunk_voxels in (10 ** 6, 37):  # one chunk, and many
+        student_input = student.clone().requires_grad_()
+        loss = prototype_kd_loss(student_input, teacher, masks, chunk_voxels=chunk_voxels)
+        loss.backward()
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+        assert torch.isfinite(student_input.grad).all()
+        torch.testing.assert_close(student_input.grad.double(), expected_student.grad, rtol=1e-4, atol=1e-7)
+
+
 def label_group_masks(labels, groups):
     """(N, K, *S) masks of label groups, straight from the integer labels."""
     labels = labels[:, 0].numpy()
