@@ -16,6 +16,7 @@ teacher's forward, in rotating order, so that the ratio compares like with like.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -153,17 +154,11 @@ def paired_limit(trainer, batches: list, rounds: int, device: str) -> dict:
     the same student network, optimiser and GradScaler) and (3) the teacher's forward under the step's autocast.
     limit_ratio is the median over rounds of (1) / ((2) + (3)); every round's seconds are kept (per_round).
     The student's weights move in (1) and (2) alike: run it after the checks of the measured steps."""
-    def distilled_step(batch):
-        trainer.train_step(batch)
-
-    def plain_step(batch):
-        unimodal_step(trainer, batch)
-
     def teacher_forward(batch):
         with step_autocast(trainer):
             trainer.teacher(batch["data"].to(trainer.device))
 
-    parts = (distilled_step, plain_step, teacher_forward)
+    parts = (trainer.train_step, functools.partial(unimodal_step, trainer), teacher_forward)
     per_round = []
     for index in range(rounds):
         batch, seconds = batches[index % len(batches)], [0.0, 0.0, 0.0]

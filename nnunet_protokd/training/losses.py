@@ -193,7 +193,8 @@ def _cosine_maps(features: torch.Tensor, unit_prototypes: torch.Tensor, eps: flo
     """Eq. (3) on flat features (N, C, v) and unit-length prototypes (N, K, C): (N, K, v) float32 cosines.
 
     <c_k, z_i> / max(|z_i|, eps), the cosine with the feature vector normalised as F.normalize does, computed
-    without a normalised copy of the C-channel features: only K-channel tensors are made (and kept for backward)."""
+    without a normalised copy of the C-channel features: the chunk's squares are a temporary, summed at once, and
+    only K-channel and one-channel tensors are kept for backward."""
     features = features.float()
     # max(|z|, eps) as sqrt(max(|z|^2, eps^2)): the same value, and a zero gradient below eps as with clamp_min
     # after the norm; summing squares over C is about twice as fast as linalg.vector_norm over a non-innermost
