@@ -94,6 +94,24 @@ def test_pixelwise_kd_matches_reference(n_items, n_classes, spatial, temperature
     assert pixelwise_kd_loss(teacher, teacher, temperature, region_based).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_region_kd_is_finite_and_exact_at_extreme_logits():
+    """Saturated sigmoids (logits of +-30 to +-80, where p or 1-p underflow float32's precision): the Bernoulli KL
+    and its gradient stay finite and equal the float64 computation, and identical logits give 0."""
+    teacher = torch.tensor([-80.0, -30.0, 0.0, 30.0, 80.0, 80.0, -80.0, 3.0]).view(1, 8, 1, 1)
+    student = torch.tensor([80.0, -29.0, 30.0, -30.0, 79.0, -80.0, 80.0, -3.0]).view(1, 8, 1, 1).requires_grad_()
+    loss = pixelwise_kd_loss(student, teacher, 1.0, True)
+    loss.backward()
+    t, s_ = teacher.double(), student.detach().double().requires_grad_()
+    p, log_p, log_q = torch.sigmoid(t), torch.nn.functional.logsigmoid(t), torch.nn.functional.logsigmoid(s_)
+    expected = (p * (log_p - log_q) + (1 - p) * (torch.nn.functional.logsigmoid(-t)
+                                                 - torch.nn.functional.logsigmoid(-s_))).mean()
+    expected.backward()
+    assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(student.grad.double(), s_.grad, rtol=1e-5, atol=1e-9)
+    assert pixelwise_kd_loss(teacher, teacher, 1.0, True).item() == 0.0
+
+
 @pytest.mark.parametrize("region_based", [False, True])
 @pytest.mark.parametrize("n_items, n_classes, spatial", SHAPES)
 @pytest.mark.parametrize("intra_class_only", [False, True])
