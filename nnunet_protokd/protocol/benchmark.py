@@ -109,6 +109,15 @@ def _synchronize(device: str):
         torch.cuda.synchronize()
 
 
+def _timed(device: str, function, *args, **kwargs) -> tuple:
+    """(function(*args, **kwargs), its seconds), synchronised on CUDA before and after."""
+    _synchronize(device)
+    start = time.perf_counter()
+    value = function(*args, **kwargs)
+    _synchronize(device)
+    return value, time.perf_counter() - start
+
+
 def _peak_memory_mb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2 ** 20
@@ -130,12 +139,9 @@ def _time_loss_functions(trainer, device: str, seconds: dict) -> None:
         function = module[name]
         if name.endswith("_loss") and getattr(function, "__module__", None) == losses.__name__:
             def timed(*args, _function=function, _name=name, **kwargs):
-                _synchronize(device)
-                start = time.perf_counter()
-                value = _function(*args, **kwargs)
-                _synchronize(device)
+                value, elapsed = _timed(device, _function, *args, **kwargs)
                 per_step = seconds.setdefault(_name, {})
-                per_step[seconds["step"]] = per_step.get(seconds["step"], 0.0) + time.perf_counter() - start
+                per_step[seconds["step"]] = per_step.get(seconds["step"], 0.0) + elapsed
                 return value
             module[name] = timed
 
@@ -164,11 +170,7 @@ def paired_limit(trainer, batches: list, rounds: int, device: str) -> dict:
         batch, seconds = batches[index % len(batches)], [0.0, 0.0, 0.0]
         for position in range(3):
             part = (index + position) % 3
-            _synchronize(device)
-            start = time.perf_counter()
-            parts[part](batch)
-            _synchronize(device)
-            seconds[part] = time.perf_counter() - start
+            seconds[part] = _timed(device, parts[part], batch)[1]
         per_round.append(seconds)
     step, plain, teacher = (np.array(column) for column in zip(*per_round))
     ratios = step / (plain + teacher)
@@ -266,11 +268,7 @@ def _inference(plans: dict, dataset_json: dict, args: dict) -> dict:
                                     verbose=False, allow_tqdm=False)
         predictor.manual_initialization(network.to(args["device"]).eval(), plans_manager, configuration_manager,
                                         None, modality.single_channel_dataset_json(dataset_json), "benchmark", None)
-        _synchronize(args["device"])
-        start = time.perf_counter()
-        predictor.predict_sliding_window_return_logits(data)
-        _synchronize(args["device"])
-        return time.perf_counter() - start
+        return _timed(args["device"], predictor.predict_sliding_window_return_logits, data)[1]
 
     for index, identifier in enumerate(identifiers):
         data = torch.from_numpy(np.ascontiguousarray(dataset.load_case(identifier)[0][:])).float()
