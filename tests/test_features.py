@@ -97,3 +97,14 @@ def test_hooks_fire_inside_a_compiled_3d_network_on_every_step():
 def parameter_gradients(network):
     # the lower-resolution deep-supervision heads get no gradient from this loss
     return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in network.parameters()]
+
+
+def test_keeps_only_the_features_it_is_asked_for():
+    """A teacher keeps what its student's losses read and nothing more: under no_grad a kept feature map
+    outlives the forward that would have freed it."""
+    network = plain_unet().eval()
+    with FeatureCapture(network, ("bottleneck",)) as capture, capture.recording() as features, torch.no_grad():
+        network(torch.randn(1, 1, 8, 16, 16))
+    assert set(features) == {"bottleneck"} and not network.decoder.stages[-1]._forward_hooks
+    with pytest.raises(ValueError, match="not \\['logits'\\]"):
+        FeatureCapture(network, ("bottleneck", "logits"))

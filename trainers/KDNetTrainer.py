@@ -14,6 +14,7 @@ class KDNetTrainer(DistillationTrainer):
     from the configuration.
     """
     loss_terms = ("kd_loss", "kl_loss")
+    distilled_features = ("bottleneck",)
 
     def check_teacher(self, teacher, student_configuration):
         ours = student_configuration["architecture"]

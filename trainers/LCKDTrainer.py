@@ -77,7 +77,7 @@ class LCKDTrainer(RecordedSettings, MultiModalityTrainer):
                                    "available modalities) changes with every drawn subset, so the graph would be "
                                    "re-traced")
         super().initialize()
-        self.bottlenecks = FeatureCapture(self.network)
+        self.bottlenecks = FeatureCapture(self.network, ("bottleneck",))
         self.print_to_log_file(f"LCKD: {json.dumps(self.record())}", also_print_to_console=False)
 
     def on_train_start(self):

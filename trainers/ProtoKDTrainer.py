@@ -23,6 +23,7 @@ class ProtoKDTrainer(DistillationTrainer):
     without gradient and logged, to show how far the student is from the teacher).
     """
     loss_terms = ("kd_loss", "proto_loss")
+    distilled_features = ("decoder",)
 
     @cached_property
     def region_membership(self):

@@ -11,7 +11,7 @@ from nnunetv2.utilities.helpers import dummy_context
 
 from nnunet_protokd.errors import TeacherError
 from nnunet_protokd.training.base import SingleModalityTrainer
-from nnunet_protokd.training.features import FeatureCapture
+from nnunet_protokd.training.features import FEATURES, FeatureCapture
 from nnunet_protokd.training.modality_dropout import (
     locate_modality_dropout_start,
     minimal_input_shape,
@@ -34,6 +34,7 @@ class DistillationTrainer(RecordedSettings, SingleModalityTrainer):
     checks and the logging of every term are LossTermTraining's (training.py).
     """
     loss_terms: tuple = ()
+    distilled_features: tuple = FEATURES  # the captured features distillation_terms reads (FeatureCapture)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -83,12 +84,13 @@ class DistillationTrainer(RecordedSettings, SingleModalityTrainer):
                                         self.modality.name, minimal_input_shape(1, self.configuration_manager))
             self.print_to_log_file(f"started from {self.start_checkpoint.checkpoint_path}, first convolution sliced "
                                    f"to {self.modality.name}")
-        self.student_features = FeatureCapture(self.network)
+        self.student_features = FeatureCapture(self.network, self.distilled_features)
         if self.teacher_checkpoint is None:
             self.print_to_log_file(f"no teacher (validation and prediction only): {self.missing_teacher}")
             return
         # the teacher runs every step: compiled when the student is (nnU-Net's choice: CUDA, nnUNet_compile)
-        self.teacher = self.teacher_checkpoint.build(self.device, compile_network=self._do_i_compile())
+        self.teacher = self.teacher_checkpoint.build(self.device, compile_network=self._do_i_compile(),
+                                                     features=self.distilled_features)
         self.print_to_log_file(f"distillation: {json.dumps(self.record())}", also_print_to_console=False)
 
     def on_train_start(self):

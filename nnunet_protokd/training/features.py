@@ -35,19 +35,27 @@ def compiled_submodules_plain(root: torch.nn.Module):
             setattr(parent, name, child)
 
 
+FEATURES = ("bottleneck", "decoder")  # what FeatureCapture can keep
+
+
 class FeatureCapture:
     """Forward hooks on a dynamic_network_architectures U-Net (PlainConvUNet, ResidualEncoderUNet, ...).
 
-    While `recording()` is active, each forward pass stores into the yielded dict:
+    While `recording()` is active, each forward pass stores into the yielded dict those of `names` (default both):
       "bottleneck": output of encoder.stages[-1], (N, C_bottleneck, *S_bottleneck);
       "decoder":    output of decoder.stages[-1], the last decoder features at full resolution, before the
                     1x1 segmentation head, (N, C_0, *S).
+    Keep only what a loss uses: under no_grad (a teacher) a kept feature map outlives the forward that would have
+    freed it (the decoder features at BraTS size: 0.6 GiB in float32).
     The hooks stay registered (torch.compile does not have to re-trace when they come and go) but keep
     nothing outside `recording()`, so no activation outlives the step that produced it. `remove()` detaches
     them; the object is also a context manager that does so on exit.
     """
 
-    def __init__(self, network: torch.nn.Module):
+    def __init__(self, network: torch.nn.Module, names: tuple = FEATURES):
+        unknown = set(names) - set(FEATURES)
+        if unknown:
+            raise ValueError(f"FeatureCapture keeps {FEATURES}, not {sorted(unknown)}")
         unet = unwrap(network)
         try:
             modules = {"bottleneck": unet.encoder.stages[-1], "decoder": unet.decoder.stages[-1]}
@@ -55,7 +63,7 @@ class FeatureCapture:
             raise TypeError(f"cannot capture features of {type(unet).__name__}: expected a "
                             f"dynamic_network_architectures U-Net with encoder.stages and decoder.stages") from None
         self._store = None
-        self._handles = [module.register_forward_hook(self._hook(name)) for name, module in modules.items()]
+        self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in names]
 
     def _hook(self, name):
         def keep_output(module, inputs, output):

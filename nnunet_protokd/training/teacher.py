@@ -23,7 +23,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunet_protokd.errors import TeacherError
 from nnunet_protokd.io import load_checkpoint_weights_only, sha256_of
 from nnunet_protokd.plans import TEACHER_DEFAULTS, configuration_settings, resolved_configuration, teacher_model_folder
-from nnunet_protokd.training.features import FeatureCapture
+from nnunet_protokd.training.features import FEATURES, FeatureCapture
 
 # what every nnU-Net v2 checkpoint holds (nnUNetTrainer.save_checkpoint) and the teacher loader reads
 NNUNET_CHECKPOINT_KEYS = ("network_weights", "init_args")
@@ -53,7 +53,7 @@ class TeacherCheckpoint:
                 "configuration": self.configuration, "fold": self.fold,
                 "channels": [self.dataset_json["channel_names"][str(c)] for c in range(len(self.channel_indices))]}
 
-    def build(self, device: torch.device, compile_network: bool = False) -> "Teacher":
+    def build(self, device: torch.device, compile_network: bool = False, features: tuple = FEATURES) -> "Teacher":
         plans_manager = PlansManager(self.plans)
         # without deep supervision the decoder computes only the full-resolution head the losses use
         network = nnUNetTrainer.build_network_architecture(
@@ -62,20 +62,23 @@ class TeacherCheckpoint:
         network.load_state_dict(self.network_weights)
         network.to(device).eval().requires_grad_(False)
         self.network_weights = None  # the copy on the device is the one in use
-        return Teacher(network, self.channel_indices, compile_network)
+        return Teacher(network, self.channel_indices, compile_network, features)
 
 
 class Teacher:
     """A frozen teacher network: eval mode, no gradients, never in an optimiser or a checkpoint."""
 
-    def __init__(self, network: torch.nn.Module, channel_indices: tuple, compile_network: bool = False):
+    def __init__(self, network: torch.nn.Module, channel_indices: tuple, compile_network: bool = False,
+                 features: tuple = FEATURES):
         self.channel_indices = list(channel_indices)
-        self.features = FeatureCapture(network)  # hooks on the plain modules, which the compiled graph calls
+        # hooks on the plain modules, which the compiled graph calls; only the features the student's losses use
+        self.features = FeatureCapture(network, features)
         self.network = torch.compile(network) if compile_network else network
 
     @torch.no_grad()
     def __call__(self, data: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """(logits (N, K, *S), {"bottleneck": ..., "decoder": ...}) for a batch holding every dataset channel."""
+        """(logits (N, K, *S), {name: features} for the names it was built with) for a batch holding every dataset
+        channel."""
         if self.channel_indices != list(range(data.shape[1])):
             data = data[:, self.channel_indices]
         with self.features.recording() as features:
