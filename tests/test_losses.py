@@ -89,9 +89,23 @@ def test_pixelwise_kd_matches_reference(n_items, n_classes, spatial, temperature
     generator = torch.Generator().manual_seed(0)
     student = torch.randn(n_items, n_classes, *spatial, generator=generator) * 3
     teacher = torch.randn(n_items, n_classes, *spatial, generator=generator) * 3
+    student.requires_grad_()
     loss = pixelwise_kd_loss(student, teacher, temperature, region_based)
-    assert loss.item() == pytest.approx(reference_kd(student, teacher, temperature, region_based), rel=1e-4, abs=1e-7)
+    assert loss.item() == pytest.approx(reference_kd(student.detach(), teacher, temperature, region_based),
+                                        rel=1e-4, abs=1e-7)
     assert pixelwise_kd_loss(teacher, teacher, temperature, region_based).item() == pytest.approx(0.0, abs=1e-6)
+    # the gradient (written out in the loss: (q - p) / T) is autograd's through the float64 textbook KL
+    loss.backward()
+    leaf = student.detach().double().requires_grad_()
+    s_, t = leaf / temperature, teacher.double() / temperature
+    if region_based:
+        p, q = torch.sigmoid(t), torch.sigmoid(s_)
+        textbook = p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))
+    else:
+        log_p, log_q = torch.log_softmax(t, dim=1), torch.log_softmax(s_, dim=1)
+        textbook = log_p.exp() * (log_p - log_q)
+    textbook.mean().backward()
+    torch.testing.assert_close(student.grad.double(), leaf.grad, rtol=1e-4, atol=1e-9)
 
 
 def test_region_kd_is_finite_and_exact_at_extreme_logits():
@@ -128,9 +142,10 @@ def test_prototype_loss_matches_reference(n_items, n_classes, spatial, region_ba
     assert loss.item() == pytest.approx(reference_proto(student, teacher, masks, intra_class_only), rel=1e-4)
 
 
-def textbook_prototype_loss(student, teacher, masks):
+def textbook_prototype_loss(student, teacher, masks, intra_class_only=False, class_presence="item"):
     """Eqs. (2)-(4) in float64 with F.normalize, whole tensors: prototypes as masked means, cosine maps, the mean
-    squared difference over voxels and the (item, class) pairs present."""
+    squared difference over voxels (with intra_class_only: over each class's voxels) and the (item, class) pairs
+    present (class_presence "batch": only classes every item has)."""
     masks, teacher = masks.double().flatten(2), teacher.detach().double().flatten(2)
     student = student.double().flatten(2)
     counts = masks.sum(2)
@@ -139,14 +154,19 @@ def textbook_prototype_loss(student, teacher, masks):
         prototypes = torch.bmm(masks, features.transpose(1, 2)) / counts.clamp_min(1).unsqueeze(2)
         unit_features = torch.nn.functional.normalize(features, dim=1, eps=1e-8)
         return torch.bmm(torch.nn.functional.normalize(prototypes, dim=2, eps=1e-8), unit_features)
-    per_class = (maps(student) - maps(teacher)).square().mean(2)
-    present = (counts > 0).double()
-    return (per_class * present).sum() / present.sum()
+    squared = (maps(student) - maps(teacher)).square()
+    per_class = (squared * masks).sum(2) / counts.clamp_min(1) if intra_class_only else squared.mean(2)
+    present = counts > 0
+    if class_presence == "batch":
+        present = present.all(dim=0, keepdim=True).expand_as(present)
+    return (per_class * present.double()).sum() / present.double().sum()
 
 
-def test_prototype_loss_gradient_is_the_textbook_one_also_at_zero_feature_vectors():
-    """The student's gradient of Eq. (4) equals autograd's through the plain float64 formula (F.normalize, no
-    chunks), also where a feature vector is all zeros (a dead voxel after an activation): finite, not NaN."""
+@pytest.mark.parametrize("intra_class_only, class_presence", [(False, "item"), (True, "item"), (False, "batch")])
+def test_prototype_loss_gradient_is_the_textbook_one_also_at_zero_feature_vectors(intra_class_only, class_presence):
+    """The student's gradient of Eq. (4) (written out by hand in the loss: _SquaredMapDifferences) equals
+    autograd's through the plain float64 formula (F.normalize, no chunks), for every setting of the term, also
+    where a feature vector is all zeros (a dead voxel after an activation): finite, not NaN."""
     rng = np.random.default_rng(3)
     labels = random_labels(rng, 2, 4, (6, 7, 5))
     masks = ground_truth_class_masks(nested_regions(labels, 3), True, 4,
@@ -155,11 +175,12 @@ def test_prototype_loss_gradient_is_the_textbook_one_also_at_zero_feature_vector
     student[0, :, 1, 2] = 0.0  # a row of voxels whose feature vectors are zero
     teacher = torch.from_numpy(rng.normal(size=(2, 8, 6, 7, 5))).float()
     expected_student = student.double().requires_grad_()
-    expected = textbook_prototype_loss(expected_student, teacher, masks)
+    expected = textbook_prototype_loss(expected_student, teacher, masks, intra_class_only, class_presence)
     expected.backward()
     for chunk_voxels in (10 ** 6, 37):  # one chunk, and many
         student_input = student.clone().requires_grad_()
-        loss = prototype_kd_loss(student_input, teacher, masks, chunk_voxels=chunk_voxels)
+        loss = prototype_kd_loss(student_input, teacher, masks, intra_class_only, class_presence,
+                                 chunk_voxels=chunk_voxels)
         loss.backward()
         assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
         assert torch.isfinite(student_input.grad).all()

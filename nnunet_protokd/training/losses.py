@@ -10,7 +10,9 @@ and a sum over the ~2 million voxels of a BraTS patch overflows float16 (max 655
 (logits, decoder features, masks) are not cast whole: every reduction over voxels runs chunk by chunk
 (`summed_over_voxel_chunks`), each chunk cast to float32 and its sums accumulated in float32, so that no
 full-size float32 copy of a network's output exists (a 112x160x128 patch, batch 2, 32 decoder channels: 0.59 GB
-per copy) and the gradients are those of the unchunked float32 computation.
+per copy) and the gradients are those of the unchunked float32 computation. ProtoKD's two terms write their
+gradient out (autograd Functions whose backward runs chunk by chunk too): autograd through the chunks would either
+keep their float32 intermediates or, for half-precision inputs, recompute every chunk's forward in backward.
 """
 from __future__ import annotations
 
@@ -99,12 +101,41 @@ def pixelwise_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         code; for softmax this is the per-voxel KL divided by K). No T^2 factor. The teacher is detached:
         gradients reach the student only.
     """
-    def kl_sum(student, teacher):
-        return (_bernoulli_or_softmax_kl(student.float() / temperature, teacher.float() / temperature,
-                                         region_based).sum(),)
-    (total,) = summed_over_voxel_chunks(kl_sum, voxel_chunks((student_logits.flatten(2),
-                                                              teacher_logits.detach().flatten(2)), chunk_voxels))
+    total = _SummedKL.apply(student_logits.flatten(2), teacher_logits.detach().flatten(2), temperature, region_based,
+                            chunk_voxels)
     return total / student_logits.numel()
+
+
+class _SummedKL(torch.autograd.Function):
+    """forward(student (N, K, V), teacher (N, K, V) detached, temperature, region_based, chunk_voxels): the float32
+    sum of the elementwise KL(teacher || student) of the logits divided by the temperature, chunk by chunk.
+
+    Its gradient in the student's logits is (q - p) / T elementwise (q, p: the student's and the teacher's
+    softened softmax or sigmoid), computed chunk by chunk in backward from the two logits alone: nothing is kept
+    from forward, and no chunk's KL is recomputed (autograd through half-precision chunks would have to)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, temperature: float, region_based: bool, chunk_voxels: int):
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        for student_chunk, teacher_chunk in voxel_chunks((student, teacher), chunk_voxels):
+            total += _bernoulli_or_softmax_kl(student_chunk.float() / temperature,
+                                              teacher_chunk.float() / temperature, region_based).sum()
+        ctx.save_for_backward(student, teacher)
+        ctx.temperature, ctx.region_based, ctx.chunk_voxels = temperature, region_based, chunk_voxels
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        student, teacher = ctx.saved_tensors
+        probabilities = torch.sigmoid if ctx.region_based else functools.partial(torch.softmax, dim=1)
+        grad = torch.empty_like(student)
+        with torch.autocast(student.device.type, enabled=False):
+            scale = grad_total.float() / ctx.temperature
+            for (student_chunk, teacher_chunk), grad_chunk in zip(
+                    voxel_chunks((student, teacher), ctx.chunk_voxels), grad.split(ctx.chunk_voxels, dim=2)):
+                grad_chunk.copy_((probabilities(student_chunk.float() / ctx.temperature)
+                                  - probabilities(teacher_chunk.float() / ctx.temperature)) * scale)
+        return grad, None, None, None, None
 
 
 def disjoint_region_classes(regions) -> tuple[list[tuple], list[tuple]]:
@@ -199,11 +230,86 @@ def _cosine_maps(features: torch.Tensor, unit_prototypes: torch.Tensor, eps: flo
     without a normalised copy of the C-channel features: the chunk's squares are a temporary, summed at once, and
     only K-channel and one-channel tensors are kept for backward."""
     features = features.float()
-    # max(|z|, eps) as sqrt(max(|z|^2, eps^2)): the same value, and a zero gradient below eps as with clamp_min
-    # after the norm; summing squares over C is about twice as fast as linalg.vector_norm over a non-innermost
-    # axis, forward and backward (measured on CPU: 60 -> 37 ms per chunk of 2 x 32 x 2^17)
-    norms = (features * features).sum(dim=1, keepdim=True).clamp_min(eps * eps).sqrt()  # (N, 1, v)
-    return torch.bmm(unit_prototypes, features) / norms
+    return torch.bmm(unit_prototypes, features) / _feature_norms(features, eps)
+
+
+def _feature_norms(features: torch.Tensor, eps: float) -> torch.Tensor:
+    """max(|z_i|, eps) of float32 flat features (N, C, v): (N, 1, v).
+
+    Computed as sqrt(max(|z|^2, eps^2)): the same value, and a zero gradient below eps as with clamp_min after the
+    norm; summing squares over C is about twice as fast as linalg.vector_norm over a non-innermost axis, forward
+    and backward (measured on CPU: 60 -> 37 ms per chunk of 2 x 32 x 2^17)."""
+    return (features * features).sum(dim=1, keepdim=True).clamp_min(eps * eps).sqrt()
+
+
+class _SquaredMapDifferences(torch.autograd.Function):
+    """The prototype term's reductions over voxels, Eqs. (2)-(4), with its gradient written out.
+
+    forward(student (N, Cs, V), teacher (N, Ct, V) detached, masks (N, K, V), intra_class_only, chunk_voxels, eps)
+    -> (summed (N, K): sum over voxels of (M_k^s(i) - M_k^t(i))^2, times the mask of k with intra_class_only;
+    counts (N, K): voxels per class), float32, computed in chunks of voxels cast to float32.
+
+    Autograd through the chunks would keep float32 copies of the student's features (or, to avoid them,
+    recompute every chunk's forward in backward: both networks' maps again). The gradient needs much less: with
+    h_k(i) = dL/dM_k^s(i) / |z_i| and the cosine maps M_k^s(i) = <c_k, z_i> / |z_i| of the unit prototypes c_k,
+        dL/dz_i = sum_k h_k(i) c_k - z_i sum_k h_k(i) M_k^s(i) / |z_i|  +  sum_k m_k(i) dL/dp_k / n_k,
+    where dL/dc_k = sum_i h_k(i) z_i, dL/dp_k follows through c_k = p_k / max(|p_k|, eps), and n_k counts class
+    k's voxels (p_k = its mean feature, Eq. 2). Forward keeps the maps' differences (N, K, V) and the feature
+    norms (N, 1, V) in float32, 1/Cs and 1/(K Cs) the size of a float32 copy of the features; backward makes two
+    passes over the student's chunks: the sums for dL/dc_k, then dL/dz chunk by chunk into the gradient, in the
+    features' dtype. Where |z_i| <= eps (the norm clamped) the second part of dL/dz_i is 0, as in autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, masks, intra_class_only: bool, chunk_voxels: int, eps: float):
+        chunks = voxel_chunks((student, teacher, masks), chunk_voxels)
+        student_prototypes, counts = _prototypes_and_counts([(features, mask) for features, _, mask in chunks])
+        teacher_prototypes, _ = _prototypes_and_counts([(features, mask) for _, features, mask in chunks])
+        unit_student = F.normalize(student_prototypes, dim=2, eps=eps)
+        unit_teacher = F.normalize(teacher_prototypes, dim=2, eps=eps)
+        differences = torch.empty(masks.shape, dtype=torch.float32, device=student.device)
+        norms = torch.empty((student.shape[0], 1, student.shape[2]), dtype=torch.float32, device=student.device)
+        summed = torch.zeros(masks.shape[:2], dtype=torch.float32, device=student.device)
+        for (features, teacher_chunk, mask), difference, norm in zip(
+                chunks, differences.split(chunk_voxels, dim=2), norms.split(chunk_voxels, dim=2)):
+            features = features.float()
+            norm.copy_(_feature_norms(features, eps))
+            difference.copy_(torch.bmm(unit_student, features) / norm - _cosine_maps(teacher_chunk, unit_teacher, eps))
+            squared = difference.square()
+            summed += (squared * mask.float()).sum(2) if intra_class_only else squared.sum(2)
+        ctx.save_for_backward(student, masks, differences, norms, student_prototypes, unit_student, counts)
+        ctx.intra_class_only, ctx.chunk_voxels, ctx.eps = intra_class_only, chunk_voxels, eps
+        ctx.mark_non_differentiable(counts)
+        return summed, counts
+
+    @staticmethod
+    def backward(ctx, grad_summed, _grad_counts):
+        student, masks, differences, norms, prototypes, unit, counts = ctx.saved_tensors
+        eps = ctx.eps
+        with torch.autocast(student.device.type, enabled=False):
+            slope = 2.0 * grad_summed.float().unsqueeze(2)  # d summed_k / d difference_k(i) = 2 difference_k(i)
+
+            def scaled_upstream(mask, difference, norm):  # h = dL/dM^s / |z|, (N, K, v)
+                upstream = slope * difference
+                return (upstream * mask.float() if ctx.intra_class_only else upstream) / norm
+
+            chunks = voxel_chunks((student, masks, differences, norms), ctx.chunk_voxels)
+            grad_unit = torch.zeros_like(unit)
+            for features, mask, difference, norm in chunks:
+                grad_unit += torch.bmm(scaled_upstream(mask, difference, norm), features.float().transpose(1, 2))
+            lengths = prototypes.norm(dim=2, keepdim=True)
+            radial = (unit * grad_unit).sum(2, keepdim=True)
+            grad_prototypes = torch.where(lengths > eps, (grad_unit - unit * radial) / lengths, grad_unit / eps)
+            # one matmul per chunk for both linear parts: [c_k | dL/dp_k / n_k] (N, C, 2K) x [h; m] (N, 2K, v)
+            linear = torch.cat((unit, grad_prototypes / counts.clamp_min(1.0).unsqueeze(2)), dim=1).transpose(1, 2)
+            grad = torch.empty_like(student)
+            for (features, mask, difference, norm), grad_chunk in zip(chunks, grad.split(ctx.chunk_voxels, dim=2)):
+                features = features.float()
+                scaled = scaled_upstream(mask, difference, norm)
+                maps = torch.bmm(unit, features) / norm
+                along = (scaled * maps).sum(1, keepdim=True) / norm * (norm > eps)  # (N, 1, v)
+                grad_chunk.copy_(torch.baddbmm(features * -along, linear, torch.cat((scaled, mask.float()), dim=1)))
+        return grad, None, None, None, None, None
 
 
 @without_autocast
@@ -236,8 +342,8 @@ def prototype_kd_loss(student_features: torch.Tensor, teacher_features: torch.Te
             i.e. intra- and inter-class similarities.
         class_presence: "item": class k counts for item n when item n has voxels of k; "batch": only when every
             item of the batch has (the authors' code, which then averages over all items, classes and voxels).
-        chunk_voxels: voxels per float32 chunk (summed_over_voxel_chunks): two passes over the voxels, the
-            prototypes' sums, then the maps' squared differences summed per (item, class).
+        chunk_voxels: voxels per float32 chunk: two passes over the voxels, the prototypes' sums, then the maps'
+            squared differences summed per (item, class); two in backward (_SquaredMapDifferences).
     Returns:
         float32 scalar: the squared differences averaged over voxels and over the (item, class) pairs that count
         (absent classes contribute nothing; with intra_class_only, over the voxels of each class). 0 if no
@@ -246,22 +352,11 @@ def prototype_kd_loss(student_features: torch.Tensor, teacher_features: torch.Te
     if class_presence not in ("item", "batch"):
         raise ValueError(f"class_presence must be 'item' or 'batch', got {class_presence!r}")
     eps = 1e-8  # prototype_similarity_maps' default
-    chunks = voxel_chunks((student_features.flatten(2), teacher_features.detach().flatten(2), masks.flatten(2)),
-                          chunk_voxels)
-    student_prototypes, counts = _prototypes_and_counts([(student, mask) for student, _, mask in chunks])
-    teacher_prototypes, _ = _prototypes_and_counts([(teacher, mask) for _, teacher, mask in chunks])
+    summed, counts = _SquaredMapDifferences.apply(student_features.flatten(2), teacher_features.detach().flatten(2),
+                                                  masks.flatten(2), intra_class_only, chunk_voxels, eps)
     present = counts > 0
     if class_presence == "batch":
         present = present.all(dim=0, keepdim=True).expand_as(present)
-
-    def squared_map_differences(student, teacher, chunk_masks, unit_student_prototypes, unit_teacher_prototypes):
-        squared = (_cosine_maps(student, unit_student_prototypes, eps)
-                   - _cosine_maps(teacher, unit_teacher_prototypes, eps)).square()  # (N, K, v)
-        return ((squared * chunk_masks.float()).sum(2) if intra_class_only else squared.sum(2),)
-
-    (summed,) = summed_over_voxel_chunks(
-        squared_map_differences, chunks,
-        (F.normalize(student_prototypes, dim=2, eps=eps), F.normalize(teacher_prototypes, dim=2, eps=eps)))
     per_class = summed / (counts.clamp_min(1.0) if intra_class_only else masks[0, 0].numel())
     weights = present.float()
     return (per_class * weights).sum() / weights.sum().clamp_min(1.0)
