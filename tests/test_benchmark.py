@@ -196,8 +196,22 @@ def test_benchmark_reports_every_trainer_side_by_side(bfloat16_benchmark):
         assert (step > 0).all() and (plain > 0).all() and (teacher > 0).all()
         assert paired["limit_ratio"] == pytest.approx(np.median(step / (plain + teacher)))
         assert paired["unimodal_step_s"] == pytest.approx(np.median(plain))
-    assert all("paired_limit" not in report["results"][trainer] for trainer in trainers
-               if trainer not in ("ProtoKDTrainer", "KDNetTrainer"))
+    # the memory limit: the unimodal peak + what the step holds of its teacher (weights, the kept outputs): the
+    # logits and only the features its losses read (KD-Net no full-resolution decoder features)
+    protokd_kept, kdnet_kept = (report["results"][t]["teacher_memory"] for t in ("ProtoKDTrainer", "KDNetTrainer"))
+    assert protokd_kept["kept"] == ["decoder"] and kdnet_kept["kept"] == ["bottleneck"]
+    assert protokd_kept["weights_mb"] == kdnet_kept["weights_mb"] > 0
+    assert protokd_kept["kept_mb"] > kdnet_kept["kept_mb"]
+    for trainer in ("ProtoKDTrainer", "KDNetTrainer"):
+        figures = report["results"][trainer]
+        assert figures["memory_limit_mb"] == pytest.approx(report["results"]["UnimodalTrainer"]["peak_memory_mb"]
+                                                           + figures["teacher_memory"]["weights_mb"]
+                                                           + figures["teacher_memory"]["kept_mb"])
+        assert figures["memory_limit_ratio"] == pytest.approx(figures["peak_memory_mb"] / figures["memory_limit_mb"])
+    assert "x mem limit" in stdout
+    assert report["results"]["teacher"]["logits_dtype"] == "torch.bfloat16"  # timed as the steps run it
+    assert all("paired_limit" not in report["results"][trainer] and "teacher_memory" not in report["results"][trainer]
+               for trainer in trainers if trainer not in ("ProtoKDTrainer", "KDNetTrainer"))
     assert "x paired" in stdout
     assert all(report["results"]["inference"][k] > 0 for k in ("student_median_s", "plain_median_s", "ratio"))
     # the trainers ran in a scratch results folder: the user's model folders are untouched
@@ -205,19 +219,23 @@ def test_benchmark_reports_every_trainer_side_by_side(bfloat16_benchmark):
 
 
 def test_the_limit_is_the_unimodal_step_plus_the_teacher_forward():
-    results = {"UnimodalTrainer": {"median_s": 2.0}, "teacher": {"median_s": 0.5},
-               "ProtoKDTrainer": {"median_s": 3.0,
+    results = {"UnimodalTrainer": {"median_s": 2.0, "peak_memory_mb": 1000.0}, "teacher": {"median_s": 0.5},
+               "ProtoKDTrainer": {"median_s": 3.0, "peak_memory_mb": 1320.0,
+                                  "teacher_memory": {"weights_mb": 50.0, "kept_mb": 150.0},
                                   "loss_forward_s": {"prototype_kd_loss": 0.25, "pixelwise_kd_loss": 0.05}},
                "KDNetTrainer": {"error": "did not fit"}}
     benchmark.add_limits(results)
     assert results["ProtoKDTrainer"]["limit_s"] == 2.5 and results["ProtoKDTrainer"]["limit_ratio"] == 1.2
     assert results["ProtoKDTrainer"]["overhead_percent"] == pytest.approx(20.0)
     assert results["ProtoKDTrainer"]["loss_forward_share"] == pytest.approx(0.1)
+    assert results["ProtoKDTrainer"]["memory_limit_mb"] == 1200.0
+    assert results["ProtoKDTrainer"]["memory_limit_ratio"] == pytest.approx(1.1)
     assert "limit_s" not in results["KDNetTrainer"] and "limit_s" not in results["UnimodalTrainer"]
-    del results["teacher"]  # without the teacher's forward there is no limit to give
-    results["ProtoKDTrainer"] = {"median_s": 3.0}
+    del results["teacher"]  # without the teacher's forward there is no time limit to give, the memory one stays
+    results["ProtoKDTrainer"] = {"median_s": 3.0, "peak_memory_mb": 1320.0,
+                                 "teacher_memory": {"weights_mb": 50.0, "kept_mb": 150.0}}
     benchmark.add_limits(results)
-    assert "limit_s" not in results["ProtoKDTrainer"]
+    assert "limit_s" not in results["ProtoKDTrainer"] and results["ProtoKDTrainer"]["memory_limit_mb"] == 1200.0
 
 
 def benchmark_checks(workspace, *options, in_this_process: bool = False) -> dict:
@@ -274,6 +292,10 @@ def test_the_paired_limit_times_the_unimodal_trainers_own_step(workspace, tmp_pa
             trainers[name]._gradient_norms = {}  # no gradient probe: the step alone
     unimodal = trainers.pop("UnimodalTrainer")
     expected = unimodal.train_step(batch)
+    # each teacher keeps of its forward only the features its student's losses read (no full-resolution decoder
+    # features held through KD-Net's step)
+    assert set(trainers["KDNetTrainer"].teacher(batch["data"])[1]) == {"bottleneck"}
+    assert set(trainers["ProtoKDTrainer"].teacher(batch["data"])[1]) == {"decoder"}
     for name, trainer in trainers.items():
         assert trainer.teacher is not None  # a distilling trainer, with everything its own step needs
         measured = benchmark.unimodal_step(trainer, batch)

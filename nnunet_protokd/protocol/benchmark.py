@@ -12,7 +12,9 @@ The physical limit of a distilling trainer's step is the unimodal step plus one 
 gradient), both measured in the same run: the report gives it and the overhead beyond it. Because step times differ
 between processes (15-20 % at BraTS size on a CPU, measured), each distilling trainer's process also measures its
 limit itself, in rounds on the same batch (paired_limit): its step, its student's plain segmentation step and its
-teacher's forward, in rotating order, so that the ratio compares like with like.
+teacher's forward, in rotating order, so that the ratio compares like with like. The memory limit is the
+unimodal peak plus what a distilling step holds of its teacher (teacher_memory: its weights and the outputs of its
+forward that the losses read), measured in the distilling trainer's process.
 """
 from __future__ import annotations
 
@@ -153,6 +155,26 @@ def unimodal_step(trainer, batch: dict) -> dict:
                                          ("seg_loss",))
 
 
+def teacher_forward(trainer, batch: dict) -> tuple:
+    """The distilling `trainer`'s teacher on `batch` as its step runs it (under the step's autocast)."""
+    with step_autocast(trainer):
+        return trainer.teacher(batch["data"].to(trainer.device))
+
+
+def _megabytes(tensors) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors) / 2 ** 20
+
+
+def teacher_memory(trainer, batch: dict) -> dict:
+    """What a distilling step holds of its teacher beyond the unimodal step: the teacher's weights and what its
+    forward returns (logits and the captured features the losses read), kept through the student's forward and
+    backward. The forward's other activations are freed before the student's forward starts (no_grad)."""
+    logits, features = teacher_forward(trainer, batch)
+    network = trainer.teacher.network
+    return {"weights_mb": _megabytes([*network.parameters(), *network.buffers()]),
+            "kept_mb": _megabytes([logits, *features.values()]), "kept": sorted(features)}
+
+
 def paired_limit(trainer, batches: list, rounds: int, device: str) -> dict:
     """The distilling `trainer`'s step against its limit, measured in this process: each round takes the next
     batch (cyclically) and times, in an order that rotates from round to round, (1) the trainer's train_step,
@@ -160,11 +182,7 @@ def paired_limit(trainer, batches: list, rounds: int, device: str) -> dict:
     the same student network, optimiser and GradScaler) and (3) the teacher's forward under the step's autocast.
     limit_ratio is the median over rounds of (1) / ((2) + (3)); every round's seconds are kept (per_round).
     The student's weights move in (1) and (2) alike: run it after the checks of the measured steps."""
-    def teacher_forward(batch):
-        with step_autocast(trainer):
-            trainer.teacher(batch["data"].to(trainer.device))
-
-    parts = (trainer.train_step, functools.partial(unimodal_step, trainer), teacher_forward)
+    parts = (trainer.train_step, functools.partial(unimodal_step, trainer), functools.partial(teacher_forward, trainer))
     per_round = []
     for index in range(rounds):
         batch, seconds = batches[index % len(batches)], [0.0, 0.0, 0.0]
@@ -215,8 +233,8 @@ def worker(mode: str, args: dict) -> dict:
         loss_seconds["step"] = index
         _synchronize(device)
         start = time.perf_counter()
-        if mode == "teacher":
-            teacher(batch["data"].to(trainer.device))
+        if mode == "teacher":  # as a distilling step runs it, under the step's autocast
+            teacher_logits_dtype = str(teacher_forward(trainer, batch)[0].dtype)
         else:
             scale = scaler and scaler.get_scale()
             loss_terms.append({k: float(v) for k, v in trainer.train_step(batch).items()})
@@ -232,15 +250,18 @@ def worker(mode: str, args: dict) -> dict:
               "teacher_unchanged": None if teacher is None
                                    else _same_weights(teacher_before, _weights(teacher.network)),
               "compiled": hasattr(trainer.network, "_orig_mod"), "gradient_norms": trainer._gradient_norms,
-              "scaler_skipped_steps": None if scaler is None else skipped_steps}
+              "scaler_skipped_steps": None if scaler is None else skipped_steps,
+              **({"logits_dtype": teacher_logits_dtype} if mode == "teacher" else {})}
     loss_forward = {name: float(np.median([per_step.get(i, 0.0) for i in range(warmup, len(batches))]))
                     for name, per_step in loss_seconds.items() if name != "step"}
     peak_memory_mb = _peak_memory_mb(device)  # of the measured steps, before the paired rounds run three things
-    paired = {}
-    if name in distilling_trainers() and args.get("paired_rounds"):
-        paired["paired_limit"] = paired_limit(trainer, batches[warmup:] or batches, args["paired_rounds"], device)
+    limits = {}
+    if name in distilling_trainers():
+        limits["teacher_memory"] = teacher_memory(trainer, batches[0])
+        if args.get("paired_rounds"):
+            limits["paired_limit"] = paired_limit(trainer, batches[warmup:] or batches, args["paired_rounds"], device)
     return {**_statistics(seconds), "peak_memory_mb": peak_memory_mb, "loss_forward_s": loss_forward, **checks,
-            **paired}
+            **limits}
 
 
 def _inference(plans: dict, dataset_json: dict, args: dict) -> dict:
@@ -357,17 +378,25 @@ def run_benchmark(dataset: str, configuration: str, teacher_checkpoint: str, dev
 
 
 def add_limits(results: dict) -> None:
-    """For each distilling trainer measured with the unimodal step and the teacher's forward: limit_s (their sum,
-    the least a step that trains the student and runs the teacher can cost), the overhead beyond it as a ratio
-    (median / limit) and in percent, and the share of the step spent in its loss terms' forward passes. (The
-    trainer's own paired_limit, measured in its process, needs nothing from the others.)"""
+    """For each distilling trainer measured with the unimodal step: memory_limit_mb (the unimodal peak plus what
+    the step holds of its teacher: weights and the forward's kept outputs, teacher_memory) and memory_limit_ratio;
+    with the teacher's forward measured too: limit_s (the unimodal step + the teacher's forward, the least a step
+    that trains the student and runs the teacher can cost), the overhead beyond it as a ratio (median / limit) and
+    in percent, and the share of the step spent in its loss terms' forward passes. (The trainer's own
+    paired_limit, measured in its process, needs nothing from the others.)"""
     base, teacher = results.get(BASELINE.trainer), results.get("teacher")
-    if not base or not teacher or "error" in base or "error" in teacher:
+    if not base or "error" in base:
         return
-    limit = base["median_s"] + teacher["median_s"]
+    limit = None if not teacher or "error" in teacher else base["median_s"] + teacher["median_s"]
     for mode in distilling_trainers():
         row = results.get(mode)
-        if row and "error" not in row:
+        if not row or "error" in row:
+            continue
+        if "teacher_memory" in row:
+            row["memory_limit_mb"] = (base["peak_memory_mb"] + row["teacher_memory"]["weights_mb"]
+                                      + row["teacher_memory"]["kept_mb"])
+            row["memory_limit_ratio"] = row["peak_memory_mb"] / row["memory_limit_mb"]
+        if limit is not None:
             row["limit_s"] = limit
             row["limit_ratio"] = row["median_s"] / limit
             row["overhead_percent"] = 100.0 * (row["median_s"] - limit) / limit
@@ -388,7 +417,7 @@ def format_table(report: dict) -> str:
     r = report["results"]
     nan = float("nan")
     lines = [f"{'':<24}{'median s/step':>14}{'IQR':>10}{'peak MB':>10}{'x step':>8}{'x memory':>10}{'limit s':>9}"
-             f"{'x limit':>9}{'over %':>8}{'x paired':>10}  loss terms' forward s"]
+             f"{'x limit':>9}{'over %':>8}{'x paired':>10}{'x mem limit':>12}  loss terms' forward s"]
     for mode in [m for m in TRAINERS + ("teacher",) if m in r]:
         row = r[mode]
         if "error" in row:
@@ -399,12 +428,16 @@ def format_table(report: dict) -> str:
                      f"{row.get('step_ratio', nan):>8.2f}{row.get('memory_ratio', nan):>10.2f}"
                      f"{row.get('limit_s', nan):>9.4f}{row.get('limit_ratio', nan):>9.3f}"
                      f"{row.get('overhead_percent', nan):>8.1f}"
-                     f"{row.get('paired_limit', {}).get('limit_ratio', nan):>10.3f}  {terms}")
+                     f"{row.get('paired_limit', {}).get('limit_ratio', nan):>10.3f}"
+                     f"{row.get('memory_limit_ratio', nan):>12.3f}  {terms}")
     if any("limit_s" in row for row in r.values()):
         lines.append("limit = UnimodalTrainer's step + the teacher's forward (no gradient), measured in this run")
     if any("paired_limit" in row for row in r.values()):
         lines.append("x paired = the trainer's step / (its student's unimodal step + its teacher's forward), median "
                      "over rounds on the same batch in its own process")
+    if any("memory_limit_mb" in row for row in r.values()):
+        lines.append("x mem limit = the trainer's peak / (UnimodalTrainer's peak + its teacher's weights and the "
+                     "outputs its forward keeps for the losses)")
     i = r.get("inference")
     if i is None:
         return "\n".join(lines)
