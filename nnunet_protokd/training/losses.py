@@ -23,9 +23,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-# voxels of each item in one chunk: a float32 chunk of 32 channels of a batch of 2 is 32 MB, and a patch of up to
-# 50x50x50 voxels (the phantoms) is a single chunk, computed without recomputation
-VOXELS_PER_CHUNK = 2 ** 17
+# voxels of each item in one chunk, by device type. CUDA: 2^17 (a float32 chunk of 32 channels of a batch of 2 is
+# 32 MB; on a GPU the chunked reductions are launch-bound, measured on an H200: fewer chunks, not smaller ones). CPU:
+# 2^15 (8 MB): at BraTS size (2x32x96x160x160) ProtoKD's prototype term took 2.3 s forward+backward on bfloat16
+# inputs in chunks of 2^17 voxels, 1.7 s in chunks of 2^16 and 0.6 s in chunks of 2^15 (float32: 0.81, 0.58, 0.56 s;
+# 2-core CPU, one process, medians of 4): blocks of tens of MB, allocated and freed for every chunk, come fresh
+# from the operating system each time, smaller ones are reused
+VOXELS_PER_CHUNK = {"cuda": 2 ** 17, "cpu": 2 ** 15}
+
+
+def voxels_per_chunk(tensor: torch.Tensor) -> int:
+    """The default chunk size (voxels per item) for reductions over `tensor`'s voxels, by its device type."""
+    return VOXELS_PER_CHUNK.get(tensor.device.type, VOXELS_PER_CHUNK["cuda"])
 
 
 def without_autocast(loss):
@@ -40,11 +49,18 @@ def without_autocast(loss):
     return full_precision_loss
 
 
-def voxel_chunks(voxel_tensors, chunk_voxels: int = VOXELS_PER_CHUNK) -> list[tuple]:
-    """(N, X, V) tensors (e.g. features flattened over S) cut along V into chunks of chunk_voxels voxels (V in one
-    chunk when V <= chunk_voxels): a list of tuples, one chunk of every tensor each. Views, no copies; one
-    torch.split per tensor, whose backward puts the chunks' gradients (from every pass over them) together once."""
+def voxel_chunks(voxel_tensors, chunk_voxels: int | None = None) -> list[tuple]:
+    """(N, X, V) tensors (e.g. features flattened over S) cut along V into chunks of chunk_voxels voxels (default:
+    voxels_per_chunk of the first tensor; V in one chunk when V <= chunk_voxels): a list of tuples, one chunk of
+    every tensor each. Views, no copies; one torch.split per tensor, whose backward puts the chunks' gradients (from
+    every pass over them) together once."""
+    chunk_voxels = chunk_voxels or voxels_per_chunk(voxel_tensors[0])
     return list(zip(*(torch.split(t, chunk_voxels, dim=-1) for t in voxel_tensors)))
+
+
+def _split_like(tensor: torch.Tensor, chunks: list) -> tuple:
+    """`tensor` (N, X, V) cut along V as `chunks` (voxel_chunks) are: views to write a chunk's result into."""
+    return tensor.split([chunk[0].shape[-1] for chunk in chunks], dim=-1)
 
 
 def summed_over_voxel_chunks(per_chunk, chunks: list, shared=()) -> tuple:
@@ -88,7 +104,7 @@ def _bernoulli_or_softmax_kl(student: torch.Tensor, teacher: torch.Tensor, regio
 
 @without_autocast
 def pixelwise_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-                      region_based: bool, chunk_voxels: int = VOXELS_PER_CHUNK) -> torch.Tensor:
+                      region_based: bool, chunk_voxels: int | None = None) -> torch.Tensor:
     """ProtoKD Eq. (1): KL(teacher || student) of temperature-softened predictions.
 
     Args:
@@ -115,7 +131,7 @@ class _SummedKL(torch.autograd.Function):
     from forward, and no chunk's KL is recomputed (autograd through half-precision chunks would have to)."""
 
     @staticmethod
-    def forward(ctx, student, teacher, temperature: float, region_based: bool, chunk_voxels: int):
+    def forward(ctx, student, teacher, temperature: float, region_based: bool, chunk_voxels: int | None):
         total = torch.zeros((), dtype=torch.float32, device=student.device)
         for student_chunk, teacher_chunk in voxel_chunks((student, teacher), chunk_voxels):
             total += _bernoulli_or_softmax_kl(student_chunk.float() / temperature,
@@ -131,8 +147,8 @@ class _SummedKL(torch.autograd.Function):
         grad = torch.empty_like(student)
         with torch.autocast(student.device.type, enabled=False):
             scale = grad_total.float() / ctx.temperature
-            for (student_chunk, teacher_chunk), grad_chunk in zip(
-                    voxel_chunks((student, teacher), ctx.chunk_voxels), grad.split(ctx.chunk_voxels, dim=2)):
+            chunks = voxel_chunks((student, teacher), ctx.chunk_voxels)
+            for (student_chunk, teacher_chunk), grad_chunk in zip(chunks, _split_like(grad, chunks)):
                 grad_chunk.copy_((probabilities(student_chunk.float() / ctx.temperature)
                                   - probabilities(teacher_chunk.float() / ctx.temperature)) * scale)
         return grad, None, None, None, None
@@ -208,7 +224,7 @@ def _prototypes_and_counts(chunks: list) -> tuple[torch.Tensor, torch.Tensor]:
 
 @without_autocast
 def class_prototypes(features: torch.Tensor, masks: torch.Tensor,
-                     chunk_voxels: int = VOXELS_PER_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+                     chunk_voxels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ProtoKD Eq. (2): c_k = mean of the feature vectors z_i of the voxels i in class k, per batch item.
 
     Args:
@@ -255,13 +271,13 @@ class _SquaredMapDifferences(torch.autograd.Function):
         dL/dz_i = sum_k h_k(i) c_k - z_i sum_k h_k(i) M_k^s(i) / |z_i|  +  sum_k m_k(i) dL/dp_k / n_k,
     where dL/dc_k = sum_i h_k(i) z_i, dL/dp_k follows through c_k = p_k / max(|p_k|, eps), and n_k counts class
     k's voxels (p_k = its mean feature, Eq. 2). Forward keeps the maps' differences (N, K, V) and the feature
-    norms (N, 1, V) in float32, 1/Cs and 1/(K Cs) the size of a float32 copy of the features; backward makes two
+    norms (N, 1, V) in float32, K/Cs and 1/Cs the size of a float32 copy of the features; backward makes two
     passes over the student's chunks: the sums for dL/dc_k, then dL/dz chunk by chunk into the gradient, in the
     features' dtype. Where |z_i| <= eps (the norm clamped) the second part of dL/dz_i is 0, as in autograd.
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, masks, intra_class_only: bool, chunk_voxels: int, eps: float):
+    def forward(ctx, student, teacher, masks, intra_class_only: bool, chunk_voxels: int | None, eps: float):
         chunks = voxel_chunks((student, teacher, masks), chunk_voxels)
         student_prototypes, counts = _prototypes_and_counts([(features, mask) for features, _, mask in chunks])
         teacher_prototypes, _ = _prototypes_and_counts([(features, mask) for _, features, mask in chunks])
@@ -271,7 +287,7 @@ class _SquaredMapDifferences(torch.autograd.Function):
         norms = torch.empty((student.shape[0], 1, student.shape[2]), dtype=torch.float32, device=student.device)
         summed = torch.zeros(masks.shape[:2], dtype=torch.float32, device=student.device)
         for (features, teacher_chunk, mask), difference, norm in zip(
-                chunks, differences.split(chunk_voxels, dim=2), norms.split(chunk_voxels, dim=2)):
+                chunks, _split_like(differences, chunks), _split_like(norms, chunks)):
             features = features.float()
             norm.copy_(_feature_norms(features, eps))
             difference.copy_(torch.bmm(unit_student, features) / norm - _cosine_maps(teacher_chunk, unit_teacher, eps))
@@ -303,7 +319,7 @@ class _SquaredMapDifferences(torch.autograd.Function):
             # one matmul per chunk for both linear parts: [c_k | dL/dp_k / n_k] (N, C, 2K) x [h; m] (N, 2K, v)
             linear = torch.cat((unit, grad_prototypes / counts.clamp_min(1.0).unsqueeze(2)), dim=1).transpose(1, 2)
             grad = torch.empty_like(student)
-            for (features, mask, difference, norm), grad_chunk in zip(chunks, grad.split(ctx.chunk_voxels, dim=2)):
+            for (features, mask, difference, norm), grad_chunk in zip(chunks, _split_like(grad, chunks)):
                 features = features.float()
                 scaled = scaled_upstream(mask, difference, norm)
                 maps = torch.bmm(unit, features) / norm
@@ -329,7 +345,7 @@ def prototype_similarity_maps(features: torch.Tensor, prototypes: torch.Tensor, 
 @without_autocast
 def prototype_kd_loss(student_features: torch.Tensor, teacher_features: torch.Tensor, masks: torch.Tensor,
                       intra_class_only: bool = False, class_presence: str = "item",
-                      chunk_voxels: int = VOXELS_PER_CHUNK) -> torch.Tensor:
+                      chunk_voxels: int | None = None) -> torch.Tensor:
     """ProtoKD Eq. (4): mean squared difference of the student's and the teacher's I2FV maps.
 
     Each network's maps use its own features and its own prototypes (Eq. 2) over the same ground-truth masks;
@@ -373,7 +389,7 @@ def _one_minus_dice(intersection: torch.Tensor, denominator: torch.Tensor, eps: 
 
 @without_autocast
 def soft_dice_loss(probabilities: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5,
-                   chunk_voxels: int = VOXELS_PER_CHUNK) -> torch.Tensor:
+                   chunk_voxels: int | None = None) -> torch.Tensor:
     """1 - soft Dice of probabilities against a (soft or hard) reference, per item and channel.
 
     Args:
@@ -391,7 +407,7 @@ def soft_dice_loss(probabilities: torch.Tensor, reference: torch.Tensor, eps: fl
 @without_autocast
 def soft_label_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
                        region_based: bool, soften_student: bool = False,
-                       chunk_voxels: int = VOXELS_PER_CHUNK) -> torch.Tensor:
+                       chunk_voxels: int | None = None) -> torch.Tensor:
     """KD-Net's L_KD, Eq. (2) (Hu et al., MICCAI 2020; the L_KD of L = lambda L_KD + (1-lambda) L_GT + alpha L_KL).
 
     (1 - soft Dice) between the teacher's prediction softened by T, sigma(f_t / T), and the student's unsoftened
