@@ -127,8 +127,8 @@ class _SummedKL(torch.autograd.Function):
     sum of the elementwise KL(teacher || student) of the logits divided by the temperature, chunk by chunk.
 
     Its gradient in the student's logits is (q - p) / T elementwise (q, p: the student's and the teacher's
-    softened softmax or sigmoid), computed chunk by chunk in backward from the two logits alone: nothing is kept
-    from forward, and no chunk's KL is recomputed (autograd through half-precision chunks would have to)."""
+    softened softmax or sigmoid), computed chunk by chunk in backward from the two logits alone: nothing computed
+    in forward is kept, and no chunk's KL is recomputed (autograd through half-precision chunks would have to)."""
 
     @staticmethod
     def forward(ctx, student, teacher, temperature: float, region_based: bool, chunk_voxels: int | None):
