@@ -40,7 +40,8 @@ def voxels_per_chunk(tensor: torch.Tensor) -> int:
 def without_autocast(loss):
     """Runs `loss` with autocast disabled on the device of its first tensor argument, so that its reductions and
     matmuls run in the float32 it casts to (full-size inputs chunk by chunk: summed_over_voxel_chunks). Gradients
-    flow back through the casts to the network's (float16/bfloat16) outputs."""
+    flow back through the casts to the network's (float16/bfloat16) outputs. The hand-written backward passes below
+    run under it too."""
     @functools.wraps(loss)
     def full_precision_loss(*args, **kwargs):
         device_type = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
@@ -141,16 +142,16 @@ class _SummedKL(torch.autograd.Function):
         return total
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_total):
         student, teacher = ctx.saved_tensors
         probabilities = torch.sigmoid if ctx.region_based else functools.partial(torch.softmax, dim=1)
         grad = torch.empty_like(student)
-        with torch.autocast(student.device.type, enabled=False):
-            scale = grad_total.float() / ctx.temperature
-            chunks = voxel_chunks((student, teacher), ctx.chunk_voxels)
-            for (student_chunk, teacher_chunk), grad_chunk in zip(chunks, _split_like(grad, chunks)):
-                grad_chunk.copy_((probabilities(student_chunk.float() / ctx.temperature)
-                                  - probabilities(teacher_chunk.float() / ctx.temperature)) * scale)
+        scale = grad_total.float() / ctx.temperature
+        chunks = voxel_chunks((student, teacher), ctx.chunk_voxels)
+        for (student_chunk, teacher_chunk), grad_chunk in zip(chunks, _split_like(grad, chunks)):
+            grad_chunk.copy_((probabilities(student_chunk.float() / ctx.temperature)
+                              - probabilities(teacher_chunk.float() / ctx.temperature)) * scale)
         return grad, None, None, None, None
 
 
@@ -299,32 +300,32 @@ class _SquaredMapDifferences(torch.autograd.Function):
         return summed, counts
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_summed, _grad_counts):
         student, masks, differences, norms, prototypes, unit, counts = ctx.saved_tensors
         eps = ctx.eps
-        with torch.autocast(student.device.type, enabled=False):
-            slope = 2.0 * grad_summed.float().unsqueeze(2)  # d summed_k / d difference_k(i) = 2 difference_k(i)
+        slope = 2.0 * grad_summed.float().unsqueeze(2)  # d summed_k / d difference_k(i) = 2 difference_k(i)
 
-            def scaled_upstream(mask, difference, norm):  # h = dL/dM^s / |z|, (N, K, v)
-                upstream = slope * difference
-                return (upstream * mask.float() if ctx.intra_class_only else upstream) / norm
+        def scaled_upstream(mask, difference, norm):  # h = dL/dM^s / |z|, (N, K, v)
+            upstream = slope * difference
+            return (upstream * mask.float() if ctx.intra_class_only else upstream) / norm
 
-            chunks = voxel_chunks((student, masks, differences, norms), ctx.chunk_voxels)
-            grad_unit = torch.zeros_like(unit)
-            for features, mask, difference, norm in chunks:
-                grad_unit += torch.bmm(scaled_upstream(mask, difference, norm), features.float().transpose(1, 2))
-            lengths = prototypes.norm(dim=2, keepdim=True)
-            radial = (unit * grad_unit).sum(2, keepdim=True)
-            grad_prototypes = torch.where(lengths > eps, (grad_unit - unit * radial) / lengths, grad_unit / eps)
-            # one matmul per chunk for both linear parts: [c_k | dL/dp_k / n_k] (N, C, 2K) x [h; m] (N, 2K, v)
-            linear = torch.cat((unit, grad_prototypes / counts.clamp_min(1.0).unsqueeze(2)), dim=1).transpose(1, 2)
-            grad = torch.empty_like(student)
-            for (features, mask, difference, norm), grad_chunk in zip(chunks, _split_like(grad, chunks)):
-                features = features.float()
-                scaled = scaled_upstream(mask, difference, norm)
-                maps = torch.bmm(unit, features) / norm
-                along = (scaled * maps).sum(1, keepdim=True) / norm * (norm > eps)  # (N, 1, v)
-                grad_chunk.copy_(torch.baddbmm(features * -along, linear, torch.cat((scaled, mask.float()), dim=1)))
+        chunks = voxel_chunks((student, masks, differences, norms), ctx.chunk_voxels)
+        grad_unit = torch.zeros_like(unit)
+        for features, mask, difference, norm in chunks:
+            grad_unit += torch.bmm(scaled_upstream(mask, difference, norm), features.float().transpose(1, 2))
+        lengths = prototypes.norm(dim=2, keepdim=True)
+        radial = (unit * grad_unit).sum(2, keepdim=True)
+        grad_prototypes = torch.where(lengths > eps, (grad_unit - unit * radial) / lengths, grad_unit / eps)
+        # one matmul per chunk for both linear parts: [c_k | dL/dp_k / n_k] (N, C, 2K) x [h; m] (N, 2K, v)
+        linear = torch.cat((unit, grad_prototypes / counts.clamp_min(1.0).unsqueeze(2)), dim=1).transpose(1, 2)
+        grad = torch.empty_like(student)
+        for (features, mask, difference, norm), grad_chunk in zip(chunks, _split_like(grad, chunks)):
+            features = features.float()
+            scaled = scaled_upstream(mask, difference, norm)
+            maps = torch.bmm(unit, features) / norm
+            along = (scaled * maps).sum(1, keepdim=True) / norm * (norm > eps)  # (N, 1, v)
+            grad_chunk.copy_(torch.baddbmm(features * -along, linear, torch.cat((scaled, mask.float()), dim=1)))
         return grad, None, None, None, None, None
 
 
