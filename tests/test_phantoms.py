@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from nnunet_protokd.data.brats import convert_brats_dataset
 from nnunet_protokd.data.phantoms import MODALITIES, generate_brats_phantoms
 
 SMALL_SHAPE = (16, 24, 24)
@@ -197,7 +198,8 @@ def test_refuses_non_empty_output_folder(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, argument", [
-    (dict(num_hgg=0), "num_hgg"),
+    (dict(num_hgg=0, num_lgg=0), "num_hgg and num_lgg"),
+    (dict(num_hgg=1.5), "num_hgg"),
     (dict(num_lgg=-1), "num_lgg"),
     (dict(shape_zyx=(8, 48, 48)), "shape_zyx"),
     (dict(shape_zyx=(32, 48)), "shape_zyx"),
@@ -210,6 +212,15 @@ def test_bad_arguments_raise(tmp_path, kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         generate_brats_phantoms(str(tmp_path / "out"), **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+def test_one_grade_may_be_absent(tmp_path):
+    """A cohort of one grade (BraTS 2023 and later have no LGG folder): the other grade's count is 0."""
+    written = generate_brats_phantoms(str(tmp_path / "hgg_only"), num_hgg=2, num_lgg=0, shape_zyx=SMALL_SHAPE)
+    assert [os.path.basename(os.path.dirname(case)) for case in written] == ["HGG", "HGG"]
+    assert sorted(os.listdir(tmp_path / "hgg_only")) == ["HGG"]
+    dataset = convert_brats_dataset(str(tmp_path / "hgg_only"), 501, str(tmp_path / "raw"), num_processes=1)
+    assert len(os.listdir(os.path.join(dataset, "labelsTr"))) == 2
 
 
 def test_realism_audit_weak_evidence_outside_main_modality_and_rater_disagreement():

@@ -122,8 +122,10 @@ def generate_brats_phantoms(output_folder: str, num_hgg: int = 8, num_lgg: int =
 def _validate_arguments(output_folder, num_hgg, num_lgg, seed, shape_zyx, spacing_xyz, naming,
                         first_case_index):
     for name, count in (("num_hgg", num_hgg), ("num_lgg", num_lgg)):
-        if not isinstance(count, (int, np.integer)) or isinstance(count, bool) or count <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {count!r}")
+        if not isinstance(count, (int, np.integer)) or isinstance(count, bool) or count < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {count!r}")
+    if num_hgg + num_lgg == 0:  # one grade may be absent (a cohort of glioblastomas only), not both
+        raise ValueError("num_hgg and num_lgg are both 0: nothing to generate")
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if len(shape_zyx) != 3 or any(int(n) != n or n < 16 for n in shape_zyx):
