@@ -103,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("demo", help="the whole protocol on built-in phantoms (CPU, under 20 minutes)",
                             description="One seed of the evidence protocol: phantoms in the BraTS 2018 layout -> "
-                                        "conversion -> teacher, unimodal, ProtoKD and KD-Net students (2d, the "
-                                        "evidence run's schedule) -> predictions on held-out phantoms -> report, "
+                                        "conversion -> teacher, unimodal, ProtoKD and KD-Net students and one "
+                                        "nnU-Net trained with modality dropout (2d, the evidence run's schedule) -> "
+                                        "predictions on held-out phantoms -> report, "
                                         "with the committed evidence run's figures beside the demo's. Running it "
                                         "again continues where it stopped.")
     p.add_argument("-o", "--output", default="demo_output", help="demo folder (default ./demo_output)")
@@ -112,9 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modalities", nargs="+", default=["T1ce"],
                    help="student modalities (default T1ce; each one more adds about 9 minutes on a 2-core CPU)")
     p.add_argument("--all-modalities", action="store_true", help="students for T1, T1ce, T2 and FLAIR")
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
-                   help="as for experiment; add lckd for LCKD and its 15-subset table (about 15 more minutes on "
-                        "CPU, mostly its 15 predictions)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="as for experiment (default, as evidence: unimodal protokd kdnet moddrop); add lckd for LCKD "
+                        "and its 15-subset table (about 15 more minutes on CPU, mostly its 15 predictions)")
     p.add_argument("--epochs", type=int, default=None, help="epochs of every model (default: the evidence run's, 15)")
     p.add_argument("--iterations-per-epoch", type=int, default=None,
                    help="training iterations per epoch (default: the evidence run's, 25)")

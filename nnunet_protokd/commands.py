@@ -173,7 +173,7 @@ def evidence(args) -> int:
 def demo(args) -> int:
     modalities = ("T1", "T1ce", "T2", "FLAIR") if args.all_modalities else tuple(args.modalities)
     report_file = run_demo(args.output, args.seed, modalities, args.epochs, args.iterations_per_epoch,
-                           args.device or _default_device(), tuple(args.methods))
+                           args.device or _default_device(), tuple(args.methods or EVIDENCE_METHODS))
     table_1 = os.path.join(os.path.abspath(args.output), f"seed_{args.seed}", "experiment", "report", "report.md")
     print(f"\nThe report is {report_file} (figures beside it); the paper's Table 1 with HD95 and overlays: {table_1}")
     return 0
