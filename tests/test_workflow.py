@@ -41,10 +41,11 @@ def workflow_folder(root: Path, phantom_folder: Path, preprocessed_phantoms: Pat
     return root / "workflow"
 
 
-def snakemake(folder: Path, *arguments, timeout=1500):
+def snakemake(folder: Path, *arguments, timeout=1500, expect_success=True):
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}  # the Snakefile sets them itself
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return run([BIN / "snakemake", "-s", folder / "Snakefile", "-d", folder, *arguments], env, timeout=timeout)
+    return run([BIN / "snakemake", "-s", folder / "Snakefile", "-d", folder, *arguments], env, timeout=timeout,
+               expect_success=expect_success)
 
 
 def planned_jobs(dry_run_output: str) -> dict:
@@ -77,15 +78,18 @@ def test_one_rule_per_step_of_the_experiment_with_its_command(local_run):
     root, folder, planned, _ = local_run
     steps = experiment_of(root).steps()
     assert planned_jobs(planned) == {**{step.name: 1 for step in steps}, "all": 1}
-    for step in steps:  # the shell command Snakemake would run is the step's own
-        assert shlex.join(step.command) in planned, step.name
+    experiment = experiment_of(root)
+    for step in steps:  # the shell command Snakemake would run is the step's own; a training's, through --step
+        expected = experiment.step_command(step.name) if step.continue_from else step.command
+        assert shlex.join(expected) in planned, step.name
     snakefile = (folder / "Snakefile").read_text()
     student = f"train_{STUDENT.split('__')[0]}_{STUDENT.split('__')[2]}_fold_0"
     rule = snakefile.split(f"rule {student}:")[1].split("\nrule ")[0]
     teacher = root / "nnUNet_results" / DATASET / "ProtoKDTeacherTrainer__nnUNetPlans__3d_fullres_1ep_2it_1val_nofv"
     assert str(teacher / "fold_0" / "checkpoint_final.pth") in rule.split("output:")[0]  # after its fold's teacher
     assert "splits_final.json" in rule.split("output:")[0]  # after the split, hence after preprocessing
-    assert "fold_0/checkpoint_latest.pth ]; then resume=--c" in rule
+    assert shlex.join(experiment.step_command(student)) in rule  # the lock and --c as `experiment` does them
+    assert f"# runs: {shlex.join(next(s for s in steps if s.name == student).command)}" in rule
 
 
 def test_local_run_writes_the_report_of_experiment(local_run):
@@ -114,6 +118,27 @@ def test_second_run_does_nothing_and_a_deleted_checkpoint_retrains_that_student_
     name = f"{STUDENT.split('__')[0]}_{STUDENT.split('__')[2]}_fold_0"
     assert planned_jobs(snakemake(folder, "-n").stdout) == {f"train_{name}": 1, f"predict_{name}": 1, "report": 1,
                                                             "all": 1}
+
+
+def test_a_training_job_is_refused_while_its_model_folder_is_locked_then_trains(local_run):
+    """A job of the workflow and an `experiment` (or another job) on the same model folder never train it at once:
+    the job holds the folder's lock as `experiment` does. Here this process holds it: the job fails, naming the
+    lock, and leaves the folder as it was; once it is released, the same command trains the student."""
+    from nnunet_protokd.io import held_exclusively
+    from nnunet_protokd.protocol.experiment import TRAINING_LOCK
+    root, folder, _, _ = local_run
+    student = root / "nnUNet_results" / DATASET / STUDENT / "fold_0"
+    (student / "checkpoint_final.pth").unlink(missing_ok=True)  # as the test before leaves it
+    before = sorted(p.name for p in student.iterdir())
+    with held_exclusively(str(student / TRAINING_LOCK), "the model folder"):
+        refused = snakemake(folder, "--cores", "1", "--retries", "0", expect_success=False)
+    assert refused.returncode != 0
+    name = f"train_{STUDENT.split('__')[0]}_{STUDENT.split('__')[2]}_fold_0"
+    job_log = (root / "experiment" / "logs" / f"{name}.log").read_text()
+    assert "is in use by" in job_log and TRAINING_LOCK in job_log, job_log[-2000:]
+    assert sorted(p.name for p in student.iterdir()) == before
+    assert snakemake(folder, "--cores", "1").returncode == 0
+    assert (student / "checkpoint_final.pth").is_file() and not (student / TRAINING_LOCK).exists()
 
 
 def test_workflow_is_rewritten_only_for_the_same_protocol(workspace):  # noqa: F811
