@@ -1,6 +1,7 @@
 """`experiment`: the protocol's commands, --dry-run, and resuming a half-done experiment (commands recorded by a
 stand-in for subprocess.run, so that no training runs here; the integration test trains for real)."""
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -151,6 +152,30 @@ def test_resuming_skips_finished_work_and_continues_half_trained_models(workspac
     again.run_command = fake_run
     again.run(log=messages.append)
     assert commands == [c for c in commands if "add-config" in " ".join(c)]
+
+
+def test_planning_runs_without_n_proc_da_0_which_trainings_keep(workspace, monkeypatch):
+    """nnUNet_n_proc_DA=0 (augmentation in the training process, for repeatable seeds) is a valid setting for
+    training, but nnU-Net's planner sets torch's thread count from it and fails at 0: the planning step runs
+    without it, every other step with the user's environment."""
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    experiment = Experiment(settings(workspace, methods=("unimodal",), modalities=("T1ce",)))
+    environments = {}
+
+    def record(command, env=None):
+        environments[os.path.basename(command[0])] = env
+        raise SystemExit  # what ran, and in which environment, is all this test needs
+
+    experiment.run_command = record
+    plan = next(step for step in experiment.steps() if step.kind == "preprocess")
+    with pytest.raises(SystemExit):
+        experiment.execute(plan)
+    planner = environments["nnUNetv2_plan_and_preprocess"]
+    assert "nnUNet_n_proc_DA" not in planner and planner["nnUNet_raw"] == os.environ["nnUNet_raw"]
+    teacher = next(step for step in experiment.steps() if step.continue_from)
+    with pytest.raises(SystemExit):
+        experiment.execute(teacher)
+    assert environments["nnUNetv2_train"] is None  # the user's environment, nnUNet_n_proc_DA=0 included
 
 
 def test_unknown_modality_or_method_is_refused(workspace):

@@ -75,12 +75,13 @@ def local_run(tmp_path_factory, phantom_folder, preprocessed_phantoms):
 
 
 def test_one_rule_per_step_of_the_experiment_with_its_command(local_run):
+    from nnunet_protokd.protocol.workflow import through_runner
     root, folder, planned, _ = local_run
     steps = experiment_of(root).steps()
     assert planned_jobs(planned) == {**{step.name: 1 for step in steps}, "all": 1}
     experiment = experiment_of(root)
-    for step in steps:  # the shell command Snakemake would run is the step's own; a training's, through --step
-        expected = experiment.step_command(step.name) if step.continue_from else step.command
+    for step in steps:  # the shell command Snakemake would run is the step's own; training and planning via --step
+        expected = experiment.step_command(step.name) if through_runner(step) else step.command
         assert shlex.join(expected) in planned, step.name
     snakefile = (folder / "Snakefile").read_text()
     student = f"train_{STUDENT.split('__')[0]}_{STUDENT.split('__')[2]}_fold_0"

@@ -69,6 +69,15 @@ STEP_RESOURCES = {
 }
 
 
+def planner_environment() -> dict | None:
+    """The environment for nnU-Net's planning: without nnUNet_n_proc_DA when it is 0. That value is valid for training
+    (augmentation in the training process, which the seed then covers), but nnU-Net's planner sets torch's thread
+    count from it and fails at 0. None (this process's environment) otherwise."""
+    if os.environ.get("nnUNet_n_proc_DA", "").strip() != "0":
+        return None
+    return {name: value for name, value in os.environ.items() if name != "nnUNet_n_proc_DA"}
+
+
 @dataclass
 class Step:
     """One command of the protocol, as data that both `experiment` (runs it unless it is done) and the Snakemake
@@ -562,7 +571,8 @@ class Experiment:
                     raise UserError(f"{step.continue_from} is damaged (a training stopped while writing it): delete "
                                     f"it to {step.title} from the start, or put back a copy of it, then run again")
                 command = step.command + (["--c"] if step.resumes() else [])
-                completed = self.run_command(command)
+                environment = planner_environment() if step.kind == "preprocess" else None
+                completed = self.run_command(command, env=environment)
             if completed.returncode != 0:
                 raise StepFailed(f"step {step.name} ({step.title}) failed with exit status "
                                  f"{completed.returncode}: {shlex.join(command)}")

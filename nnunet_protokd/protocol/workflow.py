@@ -3,10 +3,10 @@
 One rule per step of `Experiment.steps()` (the list `experiment` runs): its command as the shell command, the
 files the step reads and writes as input and output, so that Snakemake runs every fold, modality and method in
 parallel where the dependencies allow (preprocessing and the cross-validation split first, each fold's teacher
-before that fold's students, the report last) and a rerun resumes from what exists. A training's job is
-`experiment --step NAME`: it holds the model folder's lock as `experiment` does and adds nnU-Net's `--c` only when
-checkpoint_latest.pth exists (a retry after a time limit continues; a lone checkpoint_best.pth is never continued
-from). Resources per step kind live in DIR/config.yaml.
+before that fold's students, the report last) and a rerun resumes from what exists. A training's job (and the
+planning's) is `experiment --step NAME` (through_runner): it holds the model folder's lock as `experiment` does and
+adds nnU-Net's `--c` only when checkpoint_latest.pth exists (a retry after a time limit continues; a lone
+checkpoint_best.pth is never continued from). Resources per step kind live in DIR/config.yaml.
 
 Files: DIR/Snakefile (generated: regenerate rather than edit), DIR/config.yaml (resources and retries per kind of
 step: edit freely, never overwritten), DIR/slurm/config.yaml (an example SLURM profile); per job a log in
@@ -57,11 +57,16 @@ def _literal(*words) -> str:
     return shlex.join(words).replace("{", "{{").replace("}", "}}")
 
 
+def through_runner(step: Step) -> bool:
+    """A step whose job is `experiment --step NAME`, run as `experiment` runs it: a training (under the model folder's
+    lock, so that a second job, a rerun or an `experiment` on the same folders is refused while it trains; --c only
+    when checkpoint_latest.pth exists and is whole) and the planning (in the environment nnU-Net's planner needs)."""
+    return bool(step.continue_from) or step.kind == "preprocess"
+
+
 def _shell(experiment: Experiment, step: Step, log: str) -> str:
-    """The step's command, its output going to the log. A training runs through `experiment --step`, as `experiment`
-    runs it: under the model folder's lock (a second job, a rerun or an `experiment` on the same folders is refused
-    while it trains), with --c only when checkpoint_latest.pth exists and is whole."""
-    command = experiment.step_command(step.name) if step.continue_from else step.command
+    """The step's command, its output going to the log."""
+    command = experiment.step_command(step.name) if through_runner(step) else step.command
     return _literal(*command) + f" > {_literal(log)} 2>&1"
 
 
@@ -71,8 +76,9 @@ def _rule(experiment: Experiment, step: Step) -> str:
     outputs = [f"touch({f!r})" if step.markers else repr(f) for f in step.outputs]
     outputs += [f"directory({f!r})" for f in step.output_folders]
     lines = [f"rule {step.name}:", f"    # {step.title}"]
-    if step.continue_from:  # what the job's `--step` runs, for a reader of the Snakefile
-        lines.append(f"    # runs: {shlex.join(step.command)} (with --c to continue)")
+    if through_runner(step):  # what the job's `--step` runs, for a reader of the Snakefile
+        resumes = " (with --c to continue)" if step.continue_from else ""
+        lines.append(f"    # runs: {shlex.join(step.command)}{resumes}")
     if inputs:
         lines.append(f"    input: {', '.join(inputs)}")
     lines += [f"    output: {', '.join(outputs)}",
