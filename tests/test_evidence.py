@@ -116,6 +116,14 @@ def test_the_demo_finds_the_committed_evidence_run_and_quotes_it():
     with open(COMMITTED_EVIDENCE) as f:
         reference = reference_figures(json.load(f))
     assert {"protokd:T1ce", "kdnet:T1ce"} <= set(reference["comparisons"]) and len(reference["settings"]["seeds"]) > 1
+    # against modality dropout too: the demo's one seed beside the committed run's five
+    committed = reference["comparisons_with_modality_dropout"]["protokd:T1ce"]["mean"]
+    rng = np.random.default_rng(4)
+    one_seed = replicate_comparison(*paired({0: rng.normal(0.04, 0.02, 20)}, rng))
+    demo = headline({"comparisons": {"protokd:T1ce": {"mean": one_seed}},
+                     "comparisons_with_modality_dropout": {"protokd:T1ce": {"mean": one_seed}}}, reference)
+    rival = demo.split("from modality dropout")[1]
+    assert f"(the evidence run: {verdict(committed).word}, {committed['mean_difference']:+.3f}" in rival
 
 
 def test_a_mean_pulled_up_by_a_few_cases_against_the_median_is_not_called_better():

@@ -364,8 +364,11 @@ def report_from_evidence(evidence_file: str, output_folder: str) -> str:
 def reference_figures(evidence: dict) -> dict:
     """What the headline quotes of an earlier evidence.json (the committed run, for the demo): its seeds and each
     comparison's mean-Dice figures. Kept inside our evidence.json, so that it stays the report's only input."""
+    rivals = evidence.get("comparisons_with_modality_dropout") or {}
     return {"settings": {"seeds": evidence["settings"]["seeds"]},
             "comparisons": {key: {"mean": per_region["mean"]} for key, per_region in evidence["comparisons"].items()},
+            "comparisons_with_modality_dropout": {key: {"mean": per_region["mean"]}
+                                                  for key, per_region in rivals.items()},
             "knowledge": {modality: {"mean": per_region["mean"]}
                           for modality, per_region in (evidence.get("knowledge") or {}).items()}}
 
@@ -658,7 +661,7 @@ def headline(evidence: dict, reference: dict | None = None) -> str:
     modality against the unimodal baseline: `student_verdict`'s answer on mean Dice (or why there is none), the
     seed-level figures and the smallest difference the seeds could detect, and for a distilled student the same
     against modality dropout where it was trained; with one seed, the case-level figures, marked as a description.
-    With `reference` (reference_figures of an earlier run) its figures for the same student beside ours."""
+    With `reference` (reference_figures of an earlier run) its figures for the same comparison beside ours."""
     knowledge = evidence.get("knowledge") or {}
     sentences = [knowledge_sentence(knowledge)] if knowledge else []
     for key, per_region in evidence["comparisons"].items():
@@ -677,6 +680,9 @@ def headline(evidence: dict, reference: dict | None = None) -> str:
             stated = _stated(decision, "modality dropout") if decision.knowledge else \
                 "no verdict against modality dropout either"
             sentence += f"; {stated}, mean Dice {_figures(rival)}"
+            earlier = (reference or {}).get("comparisons_with_modality_dropout", {}).get(key, {}).get("mean")
+            if earlier is not None:
+                sentence += (f" (the evidence run: {_earlier_figures(earlier, key, reference.get('knowledge'))})")
         sentences.append(sentence)
     return "; ".join(sentences) + "."
 
