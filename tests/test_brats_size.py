@@ -10,8 +10,9 @@ brats_size.json and brats_size.md there and printed. Phantoms at BraTS geometry 
 `nnUNetv2_plan_and_preprocess` with nnU-Net's default plans, a one-iteration teacher (so that students have a
 teacher checkpoint), the benchmark (one warm-up and PROTOKD_BRATS_SIZE_STEPS measured steps, default 1, of every
 trainer on the same batches, each in its own process under an address-space limit of PROTOKD_BRATS_SIZE_MEMORY_GB,
-default 18, so that a trainer that does not fit is a result), a one-iteration UnimodalTrainer and `nnUNetv2_predict`
-of one full-size case from its one modality.
+default 18, so that a trainer that does not fit is a result; PROTOKD_BRATS_SIZE_PRECISION=bfloat16 or float16 runs
+its steps under CPU autocast, the stand-in for CUDA's, default float32), a one-iteration UnimodalTrainer and
+`nnUNetv2_predict` of one full-size case from its one modality.
 """
 import json
 import os
@@ -33,6 +34,8 @@ DATASET = "Dataset501_BraTS2018"
 # a 24 GB machine that other jobs share; PROTOKD_BRATS_SIZE_MEMORY_GB raises it on a machine of its own
 MEMORY_LIMIT_GB = float(os.environ.get("PROTOKD_BRATS_SIZE_MEMORY_GB", "18"))
 STEPS = int(os.environ.get("PROTOKD_BRATS_SIZE_STEPS", "1"))  # measured steps per trainer, after one of warm-up
+# the benchmark's steps under CPU autocast (bfloat16 is fast only on CPUs with bfloat16 instructions, e.g. AVX512_BF16)
+PRECISION = os.environ.get("PROTOKD_BRATS_SIZE_PRECISION", "float32")
 
 
 def timed(command: list, env: dict) -> dict:
@@ -77,8 +80,8 @@ def test_every_trainer_at_brats_size(tmp_path_factory):
                                           "ProtoKDTeacherTrainer", "-device", "cpu"], env)
     output = root / "brats_size_benchmark.json"
     run([BIN / "nnunet-protokd", "benchmark", "-d", "501", "-c", "3d_probe_T1ce", "--device", "cpu", "--steps",
-         str(STEPS), "--warmup", "1", "--inference-cases", "1", "--memory-limit-gb", str(MEMORY_LIMIT_GB), "-o",
-         output], env, timeout=3 * 3600)
+         str(STEPS), "--warmup", "1", "--inference-cases", "1", "--memory-limit-gb", str(MEMORY_LIMIT_GB),
+         "--precision", PRECISION, "-o", output], env, timeout=3 * 3600)
     figures["benchmark"] = json.loads(output.read_text())["results"]
     figures["unimodal_one_epoch"] = timed([BIN / "nnUNetv2_train", "501", "3d_probe_T1ce", "0", "-tr",
                                            "UnimodalTrainer", "-device", "cpu"], env)
@@ -106,7 +109,7 @@ def test_every_trainer_at_brats_size(tmp_path_factory):
 def brats_size_table(figures: dict) -> str:
     plans = figures["plans"]
     lines = [f"nnU-Net 3d_fullres plans: patch {'x'.join(map(str, plans['patch_size']))}, batch "
-             f"{plans['batch_size']}, features {plans['features_per_stage']}; CPU float32, {STEPS} measured "
+             f"{plans['batch_size']}, features {plans['features_per_stage']}; CPU {PRECISION}, {STEPS} measured "
              f"step(s) after 1 of warm-up (median); peak = resident memory of the trainer's process", "",
              "| trainer | s/iteration | peak GB | limit s | x limit (overhead) | x limit paired in its process "
              "(rounds) | loss terms' forward s |",
