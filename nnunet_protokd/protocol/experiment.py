@@ -94,6 +94,8 @@ class Step:
     done_check: Callable[[], bool] | None = None  # a finer test than "its outputs exist" (every case predicted)
     action: Callable[[], None] | None = None  # `experiment` does this in-process instead of running the command
     continue_from: str = ""  # a training's checkpoint_latest.pth: when it exists the command gets nnU-Net's --c
+    # the environment its command needs when this process's does not do (None: inherit it)
+    environment: Callable[[], dict | None] | None = None
     note: str = ""  # what an in-process action does, for --dry-run
 
     def done(self) -> bool:
@@ -282,7 +284,8 @@ class Experiment:
             # writes .snakemake_timestamp into folders it makes) would break nnU-Net's look at its file endings.
             # add-config edits the plans later, so later steps need it to exist, whatever its age
             inputs=[os.path.join(self.raw, "dataset.json")], outputs=[plans_file],
-            done_check=lambda: os.path.isfile(plans_file) and os.path.isdir(self.data_folder())))
+            done_check=lambda: os.path.isfile(plans_file) and os.path.isdir(self.data_folder()),
+            environment=planner_environment))
         # nnU-Net's trainers write splits_final.json when it is missing: parallel folds would race for it
         steps.append(Step("splits", "cross-validation splits", "small", self.step_command("splits"),
                           after=[plans_file], outputs=[self.splits_file()], action=self.write_splits,
@@ -571,8 +574,7 @@ class Experiment:
                     raise UserError(f"{step.continue_from} is damaged (a training stopped while writing it): delete "
                                     f"it to {step.title} from the start, or put back a copy of it, then run again")
                 command = step.command + (["--c"] if step.resumes() else [])
-                environment = planner_environment() if step.kind == "preprocess" else None
-                completed = self.run_command(command, env=environment)
+                completed = self.run_command(command, env=step.environment() if step.environment else None)
             if completed.returncode != 0:
                 raise StepFailed(f"step {step.name} ({step.title}) failed with exit status "
                                  f"{completed.returncode}: {shlex.join(command)}")

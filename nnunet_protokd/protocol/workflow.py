@@ -61,7 +61,7 @@ def through_runner(step: Step) -> bool:
     """A step whose job is `experiment --step NAME`, run as `experiment` runs it: a training (under the model folder's
     lock, so that a second job, a rerun or an `experiment` on the same folders is refused while it trains; --c only
     when checkpoint_latest.pth exists and is whole) and the planning (in the environment nnU-Net's planner needs)."""
-    return bool(step.continue_from) or step.kind == "preprocess"
+    return bool(step.continue_from) or step.environment is not None
 
 
 def _shell(experiment: Experiment, step: Step, log: str) -> str:
