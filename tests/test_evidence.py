@@ -90,8 +90,9 @@ def test_a_better_student_is_reported_better_and_an_equal_one_as_no_difference()
                                      REGIONS)
     assert verdict(one_seed["protokd:T1"]["mean"]).direction is None
     demo = headline({"comparisons": one_seed}, {"settings": {"seeds": [0, 1, 2]}, "comparisons": comparisons})
-    assert "ProtoKD (T1): no significant difference at this budget (one trained model per method: no seed-level " \
-           "verdict is possible) from the unimodal baseline" in demo
+    assert "- ProtoKD (T1): untested against the unimodal baseline (one trained model per method: a verdict needs " \
+           "the seed-level test over two or more), mean Dice" in demo
+    assert "no significant difference" not in demo.split("(the evidence run")[0]  # one model is not tested
     assert "(descriptive: the cases share one trained model) (the evidence run, seeds 0, 1, 2: better, +0.05" in demo
 
 
@@ -122,7 +123,7 @@ def test_the_demo_finds_the_committed_evidence_run_and_quotes_it():
     one_seed = replicate_comparison(*paired({0: rng.normal(0.04, 0.02, 20)}, rng))
     demo = headline({"comparisons": {"protokd:T1ce": {"mean": one_seed}},
                      "comparisons_with_modality_dropout": {"protokd:T1ce": {"mean": one_seed}}}, reference)
-    rival = demo.split("from modality dropout")[1]
+    rival = demo.split("untested against modality dropout")[1]
     assert f"(the evidence run: {verdict(committed).word}, {committed['mean_difference']:+.3f}" in rival
 
 
@@ -139,7 +140,7 @@ def test_a_mean_pulled_up_by_a_few_cases_against_the_median_is_not_called_better
     assert decision.direction is None
     assert decision.failed == ("the median difference (-0.010) and the mean (+0.025) point different ways",)
     sentence = headline({"comparisons": {"protokd:T1": {"mean": c}}})
-    assert sentence.startswith("ProtoKD (T1): no significant difference at this budget (the median difference")
+    assert sentence.startswith("- ProtoKD (T1): no significant difference at this budget (the median difference")
 
 
 @pytest.mark.parametrize("draw", [2, 3, 8])
@@ -368,7 +369,7 @@ def test_with_one_seed_knowledge_is_untested_and_the_students_keep_the_one_seed_
     assert 0.25 < lead < 0.35
     assert evidence["headline"].startswith("Is there knowledge to transfer? T1ce: untested with one trained model "
                                            f"each (the teacher minus the baseline, descriptive: WT {lead:+.3f}")
-    assert "ProtoKD (T1ce): no significant difference at this budget (one trained model per method" in \
+    assert "- ProtoKD (T1ce): untested against the unimodal baseline (one trained model per method" in \
         evidence["headline"]
 
 

@@ -27,6 +27,8 @@ HIERARCHICAL_RESAMPLES = 10_000
 NO_DIFFERENCE = "no significant difference at this budget"
 # what a distilled student's verdict is replaced by where its teacher is not better than the unimodal baseline
 NO_KNOWLEDGE = "no knowledge to transfer at this budget"
+# a comparison of one trained model per method: its cases share that model, so no test of ours can call it
+UNTESTED = "untested"
 
 
 def paired_comparison(student: list, baseline: list, seed: int = 0) -> dict:
@@ -173,17 +175,24 @@ class Verdict(NamedTuple):
     failed: tuple  # the conditions that failed, as the sentences say them
     # False: a distilled student whose teacher is not better than the baseline there (`distillation_verdict`)
     knowledge: bool = True
+    # False: one trained model per method, where no test can decide (its case-level figures only describe it)
+    tested: bool = True
 
     @property
     def text(self) -> str:
-        """'better', 'worse', 'no significant difference at this budget (why)' or 'no knowledge to transfer at
-        this budget (why)'."""
-        return self.direction or f"{NO_DIFFERENCE if self.knowledge else NO_KNOWLEDGE} ({'; '.join(self.failed)})"
+        """'better', 'worse', 'no significant difference at this budget (why)', 'no knowledge to transfer at
+        this budget (why)' or 'untested (why)'."""
+        if self.direction:
+            return self.direction
+        said = UNTESTED if not self.tested else NO_DIFFERENCE if self.knowledge else NO_KNOWLEDGE
+        return f"{said} ({'; '.join(self.failed)})"
 
     @property
     def word(self) -> str:
-        """The verdict in a table cell: 'better', 'worse', 'no significant difference' or 'no knowledge to
-        transfer'."""
+        """The verdict in a table cell: 'better', 'worse', 'no significant difference', 'no knowledge to
+        transfer' or 'untested'."""
+        if not self.tested:
+            return UNTESTED
         return self.direction or ("no significant difference" if self.knowledge else "no knowledge to transfer")
 
 
@@ -200,7 +209,8 @@ def verdict(comparison: dict) -> Verdict:
     mean = comparison["mean_difference"]
     sign = np.sign(mean)
     if comparison["replicates"] < 2:
-        return Verdict(None, ("one trained model per method: no seed-level verdict is possible",))
+        return Verdict(None, ("one trained model per method: a verdict needs the seed-level test over two or more",),
+                       tested=False)
     failed = []
     if level["p"] is None:
         failed.append("no spread between the trained models: the seed-level test is undefined")

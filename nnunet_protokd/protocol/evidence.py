@@ -50,6 +50,7 @@ from nnunet_protokd.errors import UserError
 from nnunet_protokd.evaluation.figures import plot_learning_curves, plot_paired_differences
 from nnunet_protokd.evaluation.statistics import (
     NO_KNOWLEDGE,
+    UNTESTED,
     Verdict,
     distillation_verdict,
     format_p,
@@ -657,13 +658,14 @@ def _title(key: str) -> str:
 
 
 def headline(evidence: dict, reference: dict | None = None) -> str:
-    """First whether there is knowledge to transfer (`knowledge_sentence`), then one sentence per method and
-    modality against the unimodal baseline: `student_verdict`'s answer on mean Dice (or why there is none), the
-    seed-level figures and the smallest difference the seeds could detect, and for a distilled student the same
-    against modality dropout where it was trained; with one seed, the case-level figures, marked as a description.
+    """First whether there is knowledge to transfer (`knowledge_sentence`), then one line ("- ...", a Markdown
+    list item) per method and modality against the unimodal baseline: `student_verdict`'s answer on mean Dice (or
+    why there is none), the seed-level figures and the smallest difference the seeds could detect, and for a
+    distilled student the same against modality dropout where it was trained; with one seed, "untested" and the
+    case-level figures, marked as a description.
     With `reference` (reference_figures of an earlier run) its figures for the same comparison beside ours."""
     knowledge = evidence.get("knowledge") or {}
-    sentences = [knowledge_sentence(knowledge)] if knowledge else []
+    sentences = [knowledge_sentence(knowledge) + "."] if knowledge else []
     for key, per_region in evidence["comparisons"].items():
         if ModelKey.parse(key).is_variant:
             continue
@@ -683,8 +685,8 @@ def headline(evidence: dict, reference: dict | None = None) -> str:
             earlier = (reference or {}).get("comparisons_with_modality_dropout", {}).get(key, {}).get("mean")
             if earlier is not None:
                 sentence += (f" (the evidence run: {_earlier_figures(earlier, key, reference.get('knowledge'))})")
-        sentences.append(sentence)
-    return "; ".join(sentences) + "."
+        sentences.append(f"- {sentence}.")
+    return "\n".join(sentences)
 
 
 def _stated(decision: Verdict, against: str) -> str:
@@ -692,6 +694,8 @@ def _stated(decision: Verdict, against: str) -> str:
     this budget (why), so no verdict against X'."""
     if decision.direction:
         return f"{decision.direction} than {against}"
+    if not decision.tested:
+        return f"{UNTESTED} against {against} ({'; '.join(decision.failed)})"
     if not decision.knowledge:
         return f"{decision.text}, so no verdict against {against}"
     return f"{decision.text} from {against}"
