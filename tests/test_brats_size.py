@@ -13,6 +13,10 @@ trainer on the same batches, each in its own process under an address-space limi
 default 18, so that a trainer that does not fit is a result; PROTOKD_BRATS_SIZE_PRECISION=bfloat16 or float16 runs
 its steps under CPU autocast, the stand-in for CUDA's, default float32), a one-iteration UnimodalTrainer and
 `nnUNetv2_predict` of one full-size case from its one modality.
+
+On a machine with a GPU, PROTOKD_BRATS_SIZE_DEVICE=cuda runs every command there as users do (nnU-Net's float16
+autocast; no address-space limit, which CUDA's start-up does not survive) and PROTOKD_BRATS_SIZE_COMPILE (the
+benchmark's --compile: nnunet, on or off; default nnunet, which compiles on CUDA) says whether to compile.
 """
 import json
 import os
@@ -36,6 +40,8 @@ MEMORY_LIMIT_GB = float(os.environ.get("PROTOKD_BRATS_SIZE_MEMORY_GB", "18"))
 STEPS = int(os.environ.get("PROTOKD_BRATS_SIZE_STEPS", "1"))  # measured steps per trainer, after one of warm-up
 # the benchmark's steps under CPU autocast (bfloat16 is fast only on CPUs with bfloat16 instructions, e.g. AVX512_BF16)
 PRECISION = os.environ.get("PROTOKD_BRATS_SIZE_PRECISION", "float32")
+DEVICE = os.environ.get("PROTOKD_BRATS_SIZE_DEVICE", "cpu")
+COMPILE = os.environ.get("PROTOKD_BRATS_SIZE_COMPILE", "nnunet")
 
 
 def timed(command: list, env: dict) -> dict:
@@ -77,21 +83,22 @@ def test_every_trainer_at_brats_size(tmp_path_factory):
          "--iterations-per-epoch", "1", "--val-iterations-per-epoch", "1", "--no-final-validation"], env)
     run([BIN / "nnunet-protokd", "add-config", "-d", "501", "-c", "3d_probe", "-m", "T1ce"], env)
     figures["teacher_one_epoch"] = timed([BIN / "nnUNetv2_train", "501", "3d_probe", "0", "-tr",
-                                          "ProtoKDTeacherTrainer", "-device", "cpu"], env)
+                                          "ProtoKDTeacherTrainer", "-device", DEVICE], env)
     output = root / "brats_size_benchmark.json"
-    run([BIN / "nnunet-protokd", "benchmark", "-d", "501", "-c", "3d_probe_T1ce", "--device", "cpu", "--steps",
-         str(STEPS), "--warmup", "1", "--inference-cases", "1", "--memory-limit-gb", str(MEMORY_LIMIT_GB),
-         "--precision", PRECISION, "-o", output], env, timeout=3 * 3600)
+    limits = ["--memory-limit-gb", str(MEMORY_LIMIT_GB), "--precision", PRECISION] if DEVICE == "cpu" else []
+    run([BIN / "nnunet-protokd", "benchmark", "-d", "501", "-c", "3d_probe_T1ce", "--device", DEVICE, "--steps",
+         str(STEPS), "--warmup", "1", "--inference-cases", "1", "--compile", COMPILE, *limits, "-o", output], env,
+        timeout=3 * 3600)
     figures["benchmark"] = json.loads(output.read_text())["results"]
     figures["unimodal_one_epoch"] = timed([BIN / "nnUNetv2_train", "501", "3d_probe_T1ce", "0", "-tr",
-                                           "UnimodalTrainer", "-device", "cpu"], env)
+                                           "UnimodalTrainer", "-device", DEVICE], env)
     t1ce_only = root / "t1ce_only"
     t1ce_only.mkdir(exist_ok=True)
     case = next((root / "nnUNet_raw" / DATASET / "imagesTs").glob("*_0001.nii.gz"))
     os.link(case, t1ce_only / case.name.replace("_0001.nii.gz", "_0000.nii.gz"))
     figures["predict_one_case"] = timed([BIN / "nnUNetv2_predict", "-i", t1ce_only, "-o", root / "predicted", "-d",
                                          "501", "-c", "3d_probe_T1ce", "-tr", "UnimodalTrainer", "-f", "0",
-                                         "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env)
+                                         "-device", DEVICE, "--disable_tta", "-npp", "1", "-nps", "1"], env)
     predicted = sitk.ReadImage(str(next((root / "predicted").glob("*.nii.gz"))))
     assert predicted.GetSize() == (240, 240, 155)
 
@@ -108,9 +115,11 @@ def test_every_trainer_at_brats_size(tmp_path_factory):
 
 def brats_size_table(figures: dict) -> str:
     plans = figures["plans"]
+    where = (f"CPU {PRECISION}; peak = resident memory of the trainer's process" if DEVICE == "cpu" else
+             f"{DEVICE}, nnU-Net's float16 autocast; peak = the tensors the trainer's process allocated")
     lines = [f"nnU-Net 3d_fullres plans: patch {'x'.join(map(str, plans['patch_size']))}, batch "
-             f"{plans['batch_size']}, features {plans['features_per_stage']}; CPU {PRECISION}, {STEPS} measured "
-             f"step(s) after 1 of warm-up (median); peak = resident memory of the trainer's process", "",
+             f"{plans['batch_size']}, features {plans['features_per_stage']}; {where}; compile {COMPILE}; {STEPS} "
+             f"measured step(s) after 1 of warm-up (median)", "",
              "| trainer | s/iteration | peak GB | limit s | x limit (overhead) | x limit paired in its process "
              "(rounds) | loss terms' forward s |",
              "|---|---|---|---|---|---|---|"]
