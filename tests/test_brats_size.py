@@ -60,6 +60,8 @@ def test_every_trainer_at_brats_size(tmp_path_factory):
     root = Path(os.environ.get("PROTOKD_BRATS_SIZE_DIR") or tmp_path_factory.mktemp("brats_size"))
     root.mkdir(parents=True, exist_ok=True)
     env = nnunet_environment(root)
+    if COMPILE != "nnunet":  # nnU-Net's own trainings and predictions compile (or not) as the benchmark does
+        env["nnUNet_compile"] = "true" if COMPILE == "on" else "false"
     figures = {}
     geometry = {"shape_zyx": (155, 240, 240), "spacing_xyz": (1.0, 1.0, 1.0), "seed": 0}
     if not (root / "train").is_dir():  # a kept work folder reuses its phantoms (minutes each at this size)
