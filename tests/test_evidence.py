@@ -11,6 +11,7 @@ from statsmodels.stats.multitest import multipletests
 
 from nnunet_protokd.evaluation.statistics import (
     detectable_difference,
+    format_p,
     hierarchical_bootstrap_ci,
     random_intercept_check,
     replicate_comparison,
@@ -588,6 +589,11 @@ def test_the_protocol_end_to_end_on_one_small_seed_and_resumed_without_training_
     text = open(report).read()
     assert "ProtoKD (T1ce): " in text and "| T1ce | ProtoKD without L_proto | 3 |" in text
     assert "| T1ce | Modality dropout | 3 | " in text and "## Paired difference to modality dropout" in text
+    # agreement with the teacher: both differences to the baseline with their seed-level p
+    agreement_rows = text.split("## Knowledge transfer")[1].split("## Calibration")[0].splitlines()
+    cells = next(row for row in agreement_rows if row.startswith("| T1ce | ProtoKD | ")).split(" | ")
+    for cell, name in ((cells[3], "dice_vs_baseline"), (cells[5], "kl_vs_baseline")):
+        assert cell.rstrip(" |").endswith(f"] ({format_p(agreement['protokd:T1ce'][name]['seed_level']['p'])})")
     # the seed is recorded where the model is: the model folder's plans.json
     plans = json.loads(next((tmp_path / "evidence" / "nnUNet_results").glob(
         "*/ProtoKDTrainer__nnUNetPlans__*_T1ce/plans.json")).read_text())

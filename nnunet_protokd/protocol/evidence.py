@@ -852,15 +852,14 @@ def write_evidence_markdown(evidence: dict, path: str) -> None:
               "KL(teacher || student) of their region probabilities over brain voxels; the differences are paired "
               "against the unimodal baseline of the same modality (a student that distils agrees more: Dice up, "
               "KL down), as mean [hierarchical 95 % CI] (seed-level p).", "",
-              "| Modality | Method | Dice to teacher | vs baseline | KL to teacher | vs baseline (p) |",
+              "| Modality | Method | Dice to teacher | vs baseline (p) | KL to teacher | vs baseline (p) |",
               "|---|---|---|---|---|---|"]
     for key, entry in _ordered(evidence["teacher_agreement"]):
         method, modality = ModelKey.parse(key)
         if method == TEACHER.name:
             continue
-        dice_change = _ci(entry["dice_vs_baseline"]) if "dice_vs_baseline" in entry else "-"
-        kl_change = (f"{_ci(entry['kl_vs_baseline'])} ({format_p(entry['kl_vs_baseline']['seed_level']['p'])})"
-                     if "kl_vs_baseline" in entry else "-")
+        dice_change, kl_change = (f"{_ci(entry[name])} ({format_p(entry[name]['seed_level']['p'])})"
+                                  if name in entry else "-" for name in ("dice_vs_baseline", "kl_vs_baseline"))
         lines.append(f"| {modality} | {title(method)} | {entry['dice']:.3f} | {dice_change} | "
                      f"{entry['kl']:.4f} | {kl_change} |")
     lines += ["", "## Calibration: how sure each model is, and how much it segments", "",
