@@ -360,7 +360,7 @@ def test_a_region_where_the_teacher_is_not_better_gets_no_knowledge_to_transfer_
     assert rows["ProtoKDTrainer, L_seg only (control) (T1)"]["TC"].direction == "better"
 
 
-def test_with_one_seed_knowledge_is_untested_and_the_students_keep_the_one_seed_answer():
+def test_with_one_seed_knowledge_is_untested_and_the_students_keep_the_one_seed_answer(tmp_path):
     rng = np.random.default_rng(7)
     baseline = scores(rng, 0.0, 20)
     raw = {"0": {"unimodal:T1ce": per_case(baseline), "teacher": per_case(by_region(baseline, (0.3, 0, 0.2), rng)),
@@ -372,6 +372,13 @@ def test_with_one_seed_knowledge_is_untested_and_the_students_keep_the_one_seed_
                                            f"each (the teacher minus the baseline, descriptive: WT {lead:+.3f}")
     assert "- ProtoKD (T1ce): untested against the unimodal baseline (one trained model per method" in \
         evidence["headline"]
+    # the tables say so too: the knowledge table's cells and the student's verdict column
+    text = open(write_evidence_report(evidence_from_raw(raw_values(raw), SETTINGS, AUDIT), str(tmp_path))).read()
+    text = text.splitlines()
+    knowledge_row = next(row for row in text if row.startswith("| T1ce | ") and "): untested |" in row)
+    assert knowledge_row.count(": untested") == 4  # WT, TC, ET, mean
+    student_rows = [row for row in text if row.startswith("| T1ce | ProtoKD | 1 | 20 | ")]
+    assert student_rows and all(row.endswith(" | untested |") for row in student_rows)
 
 
 def test_modality_dropout_is_compared_with_the_baseline_and_each_distilled_student_with_it(tmp_path):

@@ -927,7 +927,7 @@ def headline_table(evidence: dict) -> list:
         if rivals:
             rival = rivals.get(key, {}).get("mean")
             cells.append(f"{_ci(rival)} ({format_p(rival['seed_level']['p'])}): "
-                         f"{_verdict_word(rival, student_verdict(knowledge, key, 'mean', rival))}" if rival else "-")
+                         f"{student_verdict(knowledge, key, 'mean', rival).word}" if rival else "-")
         cells += [f"{agreement['kl']:.3f}" if "kl" in agreement else "-",
                   _ci(agreement["kl_vs_baseline"]) if "kl_vs_baseline" in agreement else "-"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -955,7 +955,7 @@ def knowledge_section(evidence: dict) -> list:
         for region in list(regions) + ["mean"]:
             c = per_region[region]
             decision = verdict(c)
-            answer = "one seed: untested" if c["replicates"] < 2 else \
+            answer = UNTESTED if not decision.tested else \
                 ("teacher better" if decision.direction == "better" else NO_KNOWLEDGE)
             cells.append(f"{_ci(c)} (p {format_p(c['seed_level']['p'])}): {answer}")
         cells += [_plateau(plateau.get(TEACHER.name)), _plateau(plateau.get(ModelKey(BASELINE.name, modality).text))]
@@ -967,15 +967,11 @@ def _plateau(entry: dict | None) -> str:
     return "-" if entry is None else f"{entry['status']} ({entry['change_over_last_fifth']:+.3f})"
 
 
-def _verdict_word(c: dict, decision: Verdict) -> str:
-    return "one seed: none" if c["replicates"] < 2 else decision.word
-
-
 def _seed_level_cells(c: dict, decision: Verdict) -> list:
     """[mean [CI], seed-level p (Holm), per seed, smallest detectable difference, verdict] of one comparison."""
     detectable = c["seed_level"]["detectable_difference"]
     return [_ci(c), f"{format_p(c['seed_level']['p'])} ({format_p(c.get('holm_p'))})", _per_seed(c),
-            f"{detectable:.3f}" if detectable is not None else "n/a", _verdict_word(c, decision)]
+            f"{detectable:.3f}" if detectable is not None else "n/a", decision.word]
 
 
 def _comparison_table(evidence: dict, name: str) -> list:
