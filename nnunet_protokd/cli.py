@@ -260,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each distilling trainer also measures its limit in its own process: rounds of its step, "
                         "its student's unimodal step and its teacher's forward on the same batch, in rotating "
                         "order (default: --steps; 0: none)")
+    p.add_argument("--cpu-allocator", choices=("system", "retain"), default="system",
+                   help="CPU only: 'retain' keeps freed memory in each measuring process (glibc malloc tunables), "
+                        "as PyTorch's CUDA allocator does, instead of glibc returning large blocks to the kernel "
+                        "after every step: faster, steadier CPU step times at BraTS size; the peak memory column "
+                        "is then what the allocator held (default: system)")
     p.set_defaults(func="benchmark")
 
     p = commands.add_parser("lckd-subset", help="model folder(s) of a trained LCKD or modality-dropout model for a "

@@ -191,7 +191,7 @@ def benchmark(args) -> int:
     report = run_benchmark(args.dataset, args.configuration, teacher_checkpoint, args.device or _default_device(),
                            args.steps, args.warmup, args.plans, args.inference_cases, args.precision, args.compile,
                            args.trainers, args.memory_limit_gb, args.patch_size, args.paired_rounds,
-                           on_result=write)
+                           args.cpu_allocator, on_result=write)
     print(format_table(report))
     if args.output:
         print(f"wrote {args.output}")

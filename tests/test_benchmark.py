@@ -5,12 +5,16 @@ import io
 import json
 import os
 import re
+import subprocess
+import sys
 from contextlib import redirect_stdout
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 from conftest import (
     BIN,
@@ -100,6 +104,59 @@ def test_a_stopped_benchmark_keeps_in_its_json_what_it_measured(preprocessed, tm
                  "-o", output]) == 0
     report = json.loads(output.read_text())
     assert report["complete"] is True and list(report["results"]) == ["UnimodalTrainer", "ProtoKDTrainer"]
+
+
+FAULTS_OF_REPEATED_STEPS = """
+import resource, torch
+def step():  # two 256 MiB tensors made, touched and freed, as a step's activations are
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(2 ** 26)
+    y = x + 1
+    del x, y
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(sum([step() for _ in range(8)][4:]))  # after four steps of warm-up
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc tunables")
+def test_the_retaining_cpu_allocator_reuses_freed_memory_without_page_faults():
+    """--cpu-allocator retain: after a few steps, the blocks freed by one step are reused by the next without
+    faulting their pages in again; glibc as it comes maps every large tensor afresh (65536 pages of 4 KiB per
+    256 MiB: 524288 in four steps of two)."""
+    faults = {}
+    for allocator in ("system", "retain"):
+        env = dict(os.environ, **benchmark.allocator_environment(allocator, "cpu"))
+        if allocator == "system":
+            env.pop("GLIBC_TUNABLES", None)
+        completed = subprocess.run([sys.executable, "-c", FAULTS_OF_REPEATED_STEPS], env=env, capture_output=True,
+                                   text=True, check=True)
+        faults[allocator] = int(completed.stdout.split()[-1])
+    assert faults["system"] > 400000 and faults["retain"] < 20000, faults
+
+
+def test_the_cpu_allocator_reaches_every_measuring_process_and_the_report(preprocessed, monkeypatch):
+    environments = []
+
+    def measuring(arguments, env):
+        environments.append(env)
+        return {"median_s": 0.5, "iqr_s": 0.01, "n": 3, "peak_memory_mb": 100.0} if arguments[0] == "worker" else {}
+    monkeypatch.setattr(benchmark, "_in_subprocess", measuring)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")  # a user's own tunables are kept
+    report = benchmark.run_benchmark("Dataset501_BraTS2018", "3d_fullres_T1ce", preprocessed,
+                                     trainers=["UnimodalTrainer"], cpu_allocator="retain", log=lambda text: None)
+    assert len(environments) == 2 and all(env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:"
+                                          + benchmark.CPU_ALLOCATORS["retain"] for env in environments)
+    assert report["cpu_allocator"] == "retain" and "what the allocator held" in benchmark.format_table(report)
+    environments.clear()
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    report = benchmark.run_benchmark("Dataset501_BraTS2018", "3d_fullres_T1ce", preprocessed,
+                                     trainers=["UnimodalTrainer"], log=lambda text: None)
+    assert report["cpu_allocator"] == "system" and all("GLIBC_TUNABLES" not in env for env in environments)
+    with pytest.raises(ConfigurationError, match="applies to --device cpu only"):
+        benchmark.run_benchmark("Dataset501_BraTS2018", "3d_fullres_T1ce", preprocessed, device="cuda",
+                                cpu_allocator="retain")
+    with pytest.raises(ConfigurationError, match="--cpu-allocator must be one of system, retain"):
+        benchmark.run_benchmark("Dataset501_BraTS2018", "3d_fullres_T1ce", preprocessed, cpu_allocator="jemalloc")
 
 
 # ----- real steps
@@ -196,6 +253,8 @@ def test_benchmark_reports_every_trainer_side_by_side(bfloat16_benchmark):
         assert (step > 0).all() and (plain > 0).all() and (teacher > 0).all()
         assert paired["limit_ratio"] == pytest.approx(np.median(step / (plain + teacher)))
         assert paired["unimodal_step_s"] == pytest.approx(np.median(plain))
+        # three rounds give the sign test's p (at least 1/8) but no 95 % interval of the median
+        assert paired["limit_ratio_ci95"] is None and 0.125 <= paired["below_bound_p"] <= 1.0
     # the memory limit: the unimodal peak + what the step holds of its teacher (weights, the kept outputs): the
     # logits and only the features its losses read (KD-Net no full-resolution decoder features)
     protokd_kept, kdnet_kept = (report["results"][t]["teacher_memory"] for t in ("ProtoKDTrainer", "KDNetTrainer"))
@@ -236,6 +295,44 @@ def test_the_limit_is_the_unimodal_step_plus_the_teacher_forward():
                                  "teacher_memory": {"weights_mb": 50.0, "kept_mb": 150.0}}
     benchmark.add_limits(results)
     assert "limit_s" not in results["ProtoKDTrainer"] and results["ProtoKDTrainer"]["memory_limit_mb"] == 1200.0
+
+
+@pytest.mark.parametrize("batches", [1, 2, 3])
+def test_paired_rounds_time_every_batch_in_every_order_and_test_the_bound(batches):
+    """The paired limit's design and verdict, on parts that take known seconds: each round times all three parts,
+    in an order that changes from round to round, and within 3 x batches rounds every batch is timed in each of
+    the three orders (batch and order effects apart, also with 3 batches, where a rotation by round number alone
+    ties each batch to one order). The median ratio comes with its distribution-free 95 % interval and the sign
+    test's p that it is below 1.05, both recomputable from per_round."""
+    rounds = 6 * batches
+    trainer = SimpleNamespace(train_step=lambda batch: None)
+    names = {trainer.train_step: "step", benchmark.unimodal_step: "plain", benchmark.teacher_forward: "teacher"}
+    timed = []  # (round, batch, part) in the order they ran
+
+    def known_seconds(device, part, batch):
+        index, name = len(timed) // 3, names[getattr(part, "func", part)]
+        timed.append((index, batch, name))
+        # round r: a step of 1.0015 + 0.01 r s against a limit of 0.75 + 0.25 s, no ratio exactly at the bound
+        return None, {"step": 1.0015 + 0.01 * index, "plain": 0.75, "teacher": 0.25}[name]
+
+    with mock.patch.object(benchmark, "_timed", side_effect=known_seconds):
+        result = benchmark.paired_limit(trainer, [f"batch {i}" for i in range(batches)], rounds, "cpu")
+    orders_by_round = [tuple(name for _, _, name in timed[3 * r:3 * r + 3]) for r in range(rounds)]
+    assert all(sorted(order) == ["plain", "step", "teacher"] for order in orders_by_round)
+    assert all(a != b for a, b in zip(orders_by_round, orders_by_round[1:]))
+    for batch in range(batches):
+        first = [orders_by_round[r] for r in range(3 * batches) if timed[3 * r][1] == f"batch {batch}"]
+        assert len(set(first)) == 3, (batch, first)
+
+    ratios = np.array([step / (plain + teacher) for step, plain, teacher in result["per_round"]])
+    assert ratios == pytest.approx(1.0015 + 0.01 * np.arange(rounds))
+    assert result["limit_ratio"] == pytest.approx(np.median(ratios)) and result["bound"] == 1.05
+    # the sign test: under "median ratio 1.05", each round is above the bound with probability 1/2
+    above = int((ratios > 1.05).sum())
+    assert result["below_bound_p"] == pytest.approx(scipy.stats.binom.cdf(above, rounds, 0.5))
+    low, high = result["limit_ratio_ci95"]
+    assert ratios.min() <= low < result["limit_ratio"] < high <= ratios.max()
+    assert low in ratios and high in ratios  # order statistics of the rounds
 
 
 def benchmark_checks(workspace, *options, in_this_process: bool = False) -> dict:

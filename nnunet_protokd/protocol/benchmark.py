@@ -21,7 +21,9 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import math
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -30,6 +32,7 @@ import time
 
 import nnunetv2.paths as nnunet_paths  # read at call time: tests and commands set them late
 import numpy as np
+import scipy.stats
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
@@ -56,6 +59,31 @@ TRAINERS = tuple(trainer for method in METHODS.values()
                  ) + (TEACHER.trainer,)
 MODES = TRAINERS + ("teacher", "inference")  # what one run measures, unless told fewer
 EVERY_CHANNEL_TRAINERS = tuple(method.trainer for method in (*METHODS.values(), TEACHER) if method.every_channel)
+
+# glibc's malloc hands every block above its mmap threshold (32 MiB at most) back to the kernel when it is freed,
+# so on a CPU each BraTS-size step maps its large tensors afresh and faults in every page of them: measured at
+# BraTS size under bfloat16 (2 cores), 40 % of the CPU time in the kernel and rounds spreading by 10 %. "retain"
+# (glibc tunables: no mmap, no trimming) keeps freed memory in the process for the next step, as PyTorch's caching
+# allocator does on CUDA: the same run took 12.4 instead of 27.2 s per unimodal step, with a tenth of the IQR. The
+# price: the process's peak resident memory is then what the allocator holds, not what the step needs at once
+CPU_ALLOCATORS = {"system": None,
+                  "retain": "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=" + str(2 ** 62)}
+
+
+def allocator_environment(cpu_allocator: str, device: str) -> dict:
+    """The environment variables that give the measuring processes `cpu_allocator` (CPU_ALLOCATORS)."""
+    if cpu_allocator not in CPU_ALLOCATORS:
+        raise ConfigurationError(f"--cpu-allocator must be one of {', '.join(CPU_ALLOCATORS)}, got {cpu_allocator!r}")
+    if CPU_ALLOCATORS[cpu_allocator] is None:
+        return {}
+    if device != "cpu":
+        raise ConfigurationError(f"--cpu-allocator {cpu_allocator} applies to --device cpu only (got {device}: "
+                                 "PyTorch's CUDA allocator caches freed memory already)")
+    if platform.libc_ver()[0] != "glibc":
+        raise ConfigurationError(f"--cpu-allocator {cpu_allocator} sets glibc's malloc tunables, and this Python "
+                                 f"does not run on glibc ({platform.libc_ver()[0] or 'unknown C library'})")
+    tunables = ":".join(filter(None, (os.environ.get("GLIBC_TUNABLES"), CPU_ALLOCATORS[cpu_allocator])))
+    return {"GLIBC_TUNABLES": tunables}
 
 
 def _trainer(name: str, plans: dict, configuration: str, dataset_json: dict, device: str, teacher_checkpoint: str,
@@ -175,28 +203,41 @@ def teacher_memory(trainer, batch: dict) -> dict:
             "kept_mb": _megabytes([logits, *features.values()]), "kept": sorted(features)}
 
 
+LIMIT_BOUND = 1.05  # a distilling step within 5 % of its limit
+
+
 def paired_limit(trainer, batches: list, rounds: int, device: str) -> dict:
     """The distilling `trainer`'s step against its limit, measured in this process: each round takes the next
     batch (cyclically) and times, in an order that rotates from round to round, (1) the trainer's train_step,
     (2) the same train_step with only the segmentation loss (SingleModalityTrainer's terms: the unimodal step, on
     the same student network, optimiser and GradScaler) and (3) the teacher's forward under the step's autocast.
     limit_ratio is the median over rounds of (1) / ((2) + (3)); every round's seconds are kept (per_round).
+    Rounds are the unit of replication: limit_ratio_ci95 is the distribution-free 95 % confidence interval of
+    that median (order statistics; None where too few rounds give one) and below_bound_p the one-sided sign
+    test's p that the median ratio is below LIMIT_BOUND (at least 0.5^rounds: 6 rounds can give p < 0.05).
     The student's weights move in (1) and (2) alike: run it after the checks of the measured steps."""
     parts = (trainer.train_step, functools.partial(unimodal_step, trainer), functools.partial(teacher_forward, trainer))
+    # the order shifts once more after every lcm(batches, 3) rounds, so that 3 x len(batches) rounds time each
+    # batch in each order (batch and order effects apart, also where 3 divides the number of batches)
+    period = math.lcm(len(batches), 3)
     per_round = []
     for index in range(rounds):
-        batch, seconds = batches[index % len(batches)], [0.0, 0.0, 0.0]
+        batch, seconds, rotation = batches[index % len(batches)], [0.0, 0.0, 0.0], index + index // period
         for position in range(3):
-            part = (index + position) % 3
+            part = (rotation + position) % 3
             seconds[part] = _timed(device, parts[part], batch)[1]
         per_round.append(seconds)
     step, plain, teacher = (np.array(column) for column in zip(*per_round))
     ratios = step / (plain + teacher)
     q1, median, q3 = np.percentile(ratios, [25, 50, 75])
+    interval = scipy.stats.quantile_test(ratios, q=LIMIT_BOUND, p=0.5).confidence_interval(0.95)
+    below_bound = scipy.stats.quantile_test(ratios, q=LIMIT_BOUND, p=0.5, alternative="less")
     return {"rounds": rounds, "step_s": float(np.median(step)), "unimodal_step_s": float(np.median(plain)),
             "teacher_forward_s": float(np.median(teacher)), "limit_ratio": float(median),
             "limit_ratio_iqr": float(q3 - q1), "overhead_percent": 100.0 * (float(median) - 1.0),
-            "per_round": per_round}
+            "limit_ratio_ci95": [float(interval.low), float(interval.high)]
+                                if np.isfinite([interval.low, interval.high]).all() else None,
+            "bound": LIMIT_BOUND, "below_bound_p": float(below_bound.pvalue), "per_round": per_round}
 
 
 def worker(mode: str, args: dict) -> dict:
@@ -318,10 +359,11 @@ def cache_batches(args: dict, count: int) -> None:
 def run_benchmark(dataset: str, configuration: str, teacher_checkpoint: str, device: str = "cpu",
                   steps: int = 20, warmup: int = 3, plans: str = "nnUNetPlans", inference_cases: int = 3,
                   precision: str = "float32", compile_network: str = "nnunet", trainers=None,
-                  memory_limit_gb: float = None, patch_size=None, paired_rounds: int = None, log=print,
-                  on_result=None) -> dict:
+                  memory_limit_gb: float = None, patch_size=None, paired_rounds: int = None,
+                  cpu_allocator: str = "system", log=print, on_result=None) -> dict:
     """Measures `trainers` (default: every mode, TRAINERS and the teacher's forward and inference, MODES).
     paired_rounds: rounds of each distilling trainer's paired_limit (default: `steps`; 0: none).
+    cpu_allocator: "system" (glibc's malloc as it comes) or "retain" (CPU_ALLOCATORS) in the measuring processes.
 
     on_result(report) is called after each mode with the report so far ("complete": False until the last), so
     that a run that is stopped or cut off by a time limit keeps what it measured."""
@@ -334,11 +376,12 @@ def run_benchmark(dataset: str, configuration: str, teacher_checkpoint: str, dev
     unknown = [t for t in modes if t not in MODES]
     if unknown:
         raise ConfigurationError(f"unknown trainer(s) {unknown}: the benchmark measures {', '.join(MODES)}")
+    allocator = allocator_environment(cpu_allocator, device)
     teacher_checkpoint = os.path.abspath(teacher_checkpoint)
     if not os.path.isfile(teacher_checkpoint):
         raise ConfigurationError(f"teacher checkpoint {teacher_checkpoint} does not exist")
     with tempfile.TemporaryDirectory(prefix="protokd_benchmark_") as scratch:
-        env = dict(os.environ, nnUNet_results=scratch, nnUNet_n_proc_DA="0")
+        env = dict(os.environ, nnUNet_results=scratch, nnUNet_n_proc_DA="0", **allocator)
         args = {"dataset": dataset, "plans": plans, "configuration": configuration, "device": device,
                 "teacher_checkpoint": teacher_checkpoint, "warmup": warmup,
                 "batches": os.path.join(scratch, "batches.pt"), "inference_cases": inference_cases,
@@ -360,6 +403,7 @@ def run_benchmark(dataset: str, configuration: str, teacher_checkpoint: str, dev
                     "warmup": warmup,
                     "precision": precision if device == "cpu" else "nnU-Net's CUDA autocast (float16)",
                     "compile": compile_network, "patch_size": patch_size and list(patch_size),
+                    "cpu_allocator": cpu_allocator if device == "cpu" else None,
                     "paired_rounds": paired_rounds,
                     "batches": "cached: drawn once from nnU-Net's training data loader, the same for every trainer; "
                                "data loading is not in the measured step",
@@ -417,24 +461,32 @@ def format_table(report: dict) -> str:
     r = report["results"]
     nan = float("nan")
     lines = [f"{'':<24}{'median s/step':>14}{'IQR':>10}{'peak MB':>10}{'x step':>8}{'x memory':>10}{'limit s':>9}"
-             f"{'x limit':>9}{'over %':>8}{'x paired':>10}{'x mem limit':>12}  loss terms' forward s"]
+             f"{'x limit':>9}{'over %':>8}{'x paired':>10}{'95% CI':>14}{'p below':>9}{'x mem limit':>12}"
+             f"  loss terms' forward s"]
     for mode in [m for m in TRAINERS + ("teacher",) if m in r]:
         row = r[mode]
         if "error" in row:
             lines.append(f"{mode:<24}failed: {row['error']}")
             continue
         terms = ", ".join(f"{name} {s:.4f}" for name, s in row.get("loss_forward_s", {}).items())
+        paired = row.get("paired_limit", {})
+        interval = paired.get("limit_ratio_ci95", "")  # absent from reports older than the interval
+        interval = "too few" if interval is None else "-".join(f"{bound:.3f}" for bound in interval)
         lines.append(f"{mode:<24}{row['median_s']:>14.4f}{row['iqr_s']:>10.4f}{row['peak_memory_mb']:>10.0f}"
                      f"{row.get('step_ratio', nan):>8.2f}{row.get('memory_ratio', nan):>10.2f}"
                      f"{row.get('limit_s', nan):>9.4f}{row.get('limit_ratio', nan):>9.3f}"
                      f"{row.get('overhead_percent', nan):>8.1f}"
-                     f"{row.get('paired_limit', {}).get('limit_ratio', nan):>10.3f}"
+                     f"{paired.get('limit_ratio', nan):>10.3f}{interval:>14}{paired.get('below_bound_p', nan):>9.3f}"
                      f"{row.get('memory_limit_ratio', nan):>12.3f}  {terms}")
     if any("limit_s" in row for row in r.values()):
         lines.append("limit = UnimodalTrainer's step + the teacher's forward (no gradient), measured in this run")
     if any("paired_limit" in row for row in r.values()):
         lines.append("x paired = the trainer's step / (its student's unimodal step + its teacher's forward), median "
-                     "over rounds on the same batch in its own process")
+                     "over rounds on the same batch in its own process; its 95 % confidence interval (order "
+                     f"statistics, 6 rounds or more) and the sign test's p that it is below {LIMIT_BOUND}")
+    if report.get("cpu_allocator") == "retain":
+        lines.append("peak MB under --cpu-allocator retain: what the allocator held, freed blocks included (a step's "
+                     "needs: --cpu-allocator system)")
     if any("memory_limit_mb" in row for row in r.values()):
         lines.append("x mem limit = the trainer's peak / (UnimodalTrainer's peak + its teacher's weights and the "
                      "outputs its forward keeps for the losses)")
