@@ -596,7 +596,11 @@ def test_the_protocol_end_to_end_on_one_small_seed_and_resumed_without_training_
     text = open(report).read()
     assert "ProtoKD (T1ce): " in text and "| T1ce | ProtoKD without L_proto | 3 |" in text
     assert "| T1ce | Modality dropout | 3 | " in text and "## Paired difference to modality dropout" in text
-    # agreement with the teacher: both differences to the baseline with their seed-level p
+    # agreement with the teacher: both differences to the baseline with their seed-level p, in the headline table
+    # (before the first section) and in the agreement table
+    headline_row = next(row for row in text.split("\n## ")[0].splitlines() if row.startswith("| T1ce | ProtoKD | 3 | "))
+    kl_p = format_p(agreement["protokd:T1ce"]["kl_vs_baseline"]["seed_level"]["p"])
+    assert headline_row.rstrip(" |").endswith(f"] ({kl_p})")
     agreement_rows = text.split("## Knowledge transfer")[1].split("## Calibration")[0].splitlines()
     cells = next(row for row in agreement_rows if row.startswith("| T1ce | ProtoKD | ")).split(" | ")
     for cell, name in ((cells[3], "dice_vs_baseline"), (cells[5], "kl_vs_baseline")):

@@ -914,7 +914,7 @@ def headline_table(evidence: dict) -> list:
     lines = ["| Modality | Method | n | Mean Dice | vs baseline [hierarchical 95 % CI] | seed-level p (Holm) | "
              "per seed | smallest detectable | verdict |"
              + (" vs modality dropout [95 % CI] (p): verdict |" if rivals else "")
-             + " KL to teacher | vs baseline [95 % CI] |", "|---|---|---|---|---|---|---|---|---|---|---|"
+             + " KL to teacher | vs baseline [95 % CI] (p) |", "|---|---|---|---|---|---|---|---|---|---|---|"
              + ("---|" if rivals else "")]
     for key, per_region in _ordered(evidence["dice"]):
         method, modality = ModelKey.parse(key)
@@ -929,7 +929,8 @@ def headline_table(evidence: dict) -> list:
             cells.append(f"{_ci(rival)} ({format_p(rival['seed_level']['p'])}): "
                          f"{student_verdict(knowledge, key, 'mean', rival).word}" if rival else "-")
         cells += [f"{agreement['kl']:.3f}" if "kl" in agreement else "-",
-                  _ci(agreement["kl_vs_baseline"]) if "kl_vs_baseline" in agreement else "-"]
+                  f"{_ci(agreement['kl_vs_baseline'])} ({format_p(agreement['kl_vs_baseline']['seed_level']['p'])})"
+                  if "kl_vs_baseline" in agreement else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
