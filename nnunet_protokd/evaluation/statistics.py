@@ -185,7 +185,12 @@ class Verdict(NamedTuple):
         if self.direction:
             return self.direction
         said = UNTESTED if not self.tested else NO_DIFFERENCE if self.knowledge else NO_KNOWLEDGE
-        return f"{said} ({'; '.join(self.failed)})"
+        return f"{said} ({self.why})"
+
+    @property
+    def why(self) -> str:
+        """The failed conditions, as the parenthesis after a verdict that is neither better nor worse says them."""
+        return "; ".join(self.failed)
 
     @property
     def word(self) -> str:

@@ -695,7 +695,7 @@ def _stated(decision: Verdict, against: str) -> str:
     if decision.direction:
         return f"{decision.direction} than {against}"
     if not decision.tested:
-        return f"{UNTESTED} against {against} ({'; '.join(decision.failed)})"
+        return f"{UNTESTED} against {against} ({decision.why})"
     if not decision.knowledge:
         return f"{decision.text}, so no verdict against {against}"
     return f"{decision.text} from {against}"
