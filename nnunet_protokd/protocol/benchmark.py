@@ -64,8 +64,9 @@ EVERY_CHANNEL_TRAINERS = tuple(method.trainer for method in (*METHODS.values(), 
 # so on a CPU each BraTS-size step maps its large tensors afresh and faults in every page of them: measured at
 # BraTS size under bfloat16 (2 cores), 40 % of the CPU time in the kernel and rounds spreading by 10 %. "retain"
 # (glibc tunables: no mmap, no trimming) keeps freed memory in the process for the next step, as PyTorch's caching
-# allocator does on CUDA: the same run took 12.4 instead of 27.2 s per unimodal step, with a tenth of the IQR. The
-# price: the process's peak resident memory is then what the allocator holds, not what the step needs at once
+# allocator does on CUDA: the same run took 12.4 instead of 27.2 s per unimodal step, IQR 0.21 instead of 3.7 s. The
+# price: the process's peak resident memory is then what the allocator holds, not what the step needs at once (and
+# at BraTS size in float32 more than a 22 GB address space)
 CPU_ALLOCATORS = {"system": None,
                   "retain": "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=" + str(2 ** 62)}
 
