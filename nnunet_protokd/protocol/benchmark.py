@@ -215,7 +215,7 @@ def paired_limit(trainer, batches: list, rounds: int, device: str) -> dict:
     limit_ratio is the median over rounds of (1) / ((2) + (3)); every round's seconds are kept (per_round).
     Rounds are the unit of replication: limit_ratio_ci95 is the distribution-free 95 % confidence interval of
     that median (order statistics; None where too few rounds give one) and below_bound_p the one-sided sign
-    test's p that the median ratio is below LIMIT_BOUND (at least 0.5^rounds: 6 rounds can give p < 0.05).
+    test's p that the median ratio is below LIMIT_BOUND (at least 0.5^rounds: 5 rounds can give p < 0.05).
     The student's weights move in (1) and (2) alike: run it after the checks of the measured steps."""
     parts = (trainer.train_step, functools.partial(unimodal_step, trainer), functools.partial(teacher_forward, trainer))
     # the order shifts once more after every lcm(batches, 3) rounds, so that 3 x len(batches) rounds time each
