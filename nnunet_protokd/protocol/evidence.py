@@ -765,6 +765,11 @@ def _ci(c: dict) -> str:
     return f"{c['mean_difference']:+.3f} [{c['hierarchical_ci95'][0]:+.3f}, {c['hierarchical_ci95'][1]:+.3f}]"
 
 
+def _ci_and_p(c: dict) -> str:
+    """A paired difference in a table cell: mean [hierarchical 95 % CI] (seed-level p)."""
+    return f"{_ci(c)} ({format_p(c['seed_level']['p'])})"
+
+
 def _wall_times(settings: dict) -> str:
     """'; wall time 81 min, then 34 min (adding Modality dropout, v:T1, w:T1ce)': each invocation that trained this
     folder."""
@@ -858,8 +863,8 @@ def write_evidence_markdown(evidence: dict, path: str) -> None:
         method, modality = ModelKey.parse(key)
         if method == TEACHER.name:
             continue
-        dice_change, kl_change = (f"{_ci(entry[name])} ({format_p(entry[name]['seed_level']['p'])})"
-                                  if name in entry else "-" for name in ("dice_vs_baseline", "kl_vs_baseline"))
+        dice_change, kl_change = (_ci_and_p(entry[name]) if name in entry else "-"
+                                  for name in ("dice_vs_baseline", "kl_vs_baseline"))
         lines.append(f"| {modality} | {title(method)} | {entry['dice']:.3f} | {dice_change} | "
                      f"{entry['kl']:.4f} | {kl_change} |")
     lines += ["", "## Calibration: how sure each model is, and how much it segments", "",
@@ -926,11 +931,10 @@ def headline_table(evidence: dict) -> list:
             if comparison else ["-"] * 5
         if rivals:
             rival = rivals.get(key, {}).get("mean")
-            cells.append(f"{_ci(rival)} ({format_p(rival['seed_level']['p'])}): "
-                         f"{student_verdict(knowledge, key, 'mean', rival).word}" if rival else "-")
+            cells.append(f"{_ci_and_p(rival)}: {student_verdict(knowledge, key, 'mean', rival).word}"
+                         if rival else "-")
         cells += [f"{agreement['kl']:.3f}" if "kl" in agreement else "-",
-                  f"{_ci(agreement['kl_vs_baseline'])} ({format_p(agreement['kl_vs_baseline']['seed_level']['p'])})"
-                  if "kl_vs_baseline" in agreement else "-"]
+                  _ci_and_p(agreement["kl_vs_baseline"]) if "kl_vs_baseline" in agreement else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
