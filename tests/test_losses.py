@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from nnunet_protokd.training import losses
 from nnunet_protokd.training.losses import (
     bottleneck_kl_loss,
     class_prototypes,
@@ -406,20 +407,21 @@ def test_kdnet_gradients_reach_the_student_only(region_based):
 # ----- chunked float32 reductions over voxels
 
 CHUNKED_LOSSES = {
-    "pixelwise_kd, labels": lambda x, chunk: pixelwise_kd_loss(x["student_logits"], x["teacher_logits"], 10.0, False,
-                                                              chunk_voxels=chunk),
-    "pixelwise_kd, regions": lambda x, chunk: pixelwise_kd_loss(x["student_logits"], x["teacher_logits"], 10.0, True,
-                                                               chunk_voxels=chunk),
-    "prototype_kd": lambda x, chunk: prototype_kd_loss(x["student_features"], x["teacher_features"], x["masks"],
-                                                       chunk_voxels=chunk),
-    "prototype_kd, intra-class": lambda x, chunk: prototype_kd_loss(x["student_features"], x["teacher_features"],
-                                                                    x["masks"], intra_class_only=True,
-                                                                    chunk_voxels=chunk),
+    "pixelwise_kd, labels": lambda x, chunk, **options: pixelwise_kd_loss(
+        x["student_logits"], x["teacher_logits"], 10.0, False, chunk_voxels=chunk, **options),
+    "pixelwise_kd, regions": lambda x, chunk, **options: pixelwise_kd_loss(
+        x["student_logits"], x["teacher_logits"], 10.0, True, chunk_voxels=chunk, **options),
+    "prototype_kd": lambda x, chunk, **options: prototype_kd_loss(
+        x["student_features"], x["teacher_features"], x["masks"], chunk_voxels=chunk, **options),
+    "prototype_kd, intra-class": lambda x, chunk, **options: prototype_kd_loss(
+        x["student_features"], x["teacher_features"], x["masks"], intra_class_only=True, chunk_voxels=chunk,
+        **options),
     "soft_label_kd, labels": lambda x, chunk: soft_label_kd_loss(x["student_logits"], x["teacher_logits"], 5.0, False,
                                                                 chunk_voxels=chunk),
     "soft_label_kd, regions": lambda x, chunk: soft_label_kd_loss(x["student_logits"], x["teacher_logits"], 5.0, True,
                                                                  chunk_voxels=chunk),
 }
+COMPILED_KERNEL_LOSSES = ["pixelwise_kd, labels", "pixelwise_kd, regions", "prototype_kd", "prototype_kd, intra-class"]
 
 
 def chunking_inputs(dtype=torch.float32, spatial=(6, 7, 9)):
@@ -433,10 +435,10 @@ def chunking_inputs(dtype=torch.float32, spatial=(6, 7, 9)):
     return {k: v.to(dtype).requires_grad_(k.startswith("student")) if k != "masks" else v for k, v in inputs.items()}
 
 
-def value_and_student_gradients(name, inputs, chunk):
+def value_and_student_gradients(name, inputs, chunk, **options):
     for key in ("student_logits", "student_features"):
         inputs[key].grad = None
-    loss = CHUNKED_LOSSES[name](inputs, chunk)
+    loss = CHUNKED_LOSSES[name](inputs, chunk, **options)
     loss.backward()
     return loss.detach(), [inputs[key].grad.clone() for key in ("student_logits", "student_features")
                            if inputs[key].grad is not None]
@@ -457,6 +459,35 @@ def test_chunked_reductions_equal_the_unchunked_value_and_gradients(name, dtype)
         for gradient, expected in zip(gradients, reference_gradients, strict=True):
             atol = 1e-7 if dtype == torch.float32 else 1e-2 * float(expected.abs().max())
             torch.testing.assert_close(gradient.float(), expected.float(), rtol=1e-5, atol=atol)
+
+
+@pytest.mark.parametrize("name", COMPILED_KERNEL_LOSSES)
+def test_compiled_chunk_kernels_give_the_eager_values_and_gradients(name, monkeypatch):
+    """ProtoKD's chunk kernels through torch.compile (what its trainer does when nnU-Net compiles the networks,
+    on CUDA; forced here on CPU), on bfloat16 inputs in chunks that do not divide the voxels: the eager value and
+    the student's gradients, with and without gradient (a term of weight 0 is computed under no_grad)."""
+    inputs = chunking_inputs(torch.bfloat16)
+    expected, expected_gradients = value_and_student_gradients(name, inputs, 64)
+    compiled_kernels = []
+
+    def compiled(kernel):
+        compiled_kernels.append(kernel.__name__)
+        return compile_once(kernel)
+
+    compile_once = losses._compiled
+    monkeypatch.setattr(losses, "_compiled", compiled)
+    value, gradients = value_and_student_gradients(name, inputs, 64, compile_kernels=True)
+    # forward and backward both ran through torch.compile
+    assert set(compiled_kernels) == ({"_summed_kl_chunk", "_kl_gradient_chunk"} if name.startswith("pixelwise")
+                                     else {"_map_pass_chunk", "_prototype_gradient_chunk"})
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-7)
+    for gradient, reference in zip(gradients, expected_gradients, strict=True):
+        # compiled float32 arithmetic may differ in its last bits, then round to a neighbouring bfloat16
+        torch.testing.assert_close(gradient.float(), reference.float(), rtol=1e-2,
+                                   atol=1e-2 * float(reference.abs().max()))
+    with torch.no_grad():
+        torch.testing.assert_close(CHUNKED_LOSSES[name](inputs, 64, compile_kernels=True), expected, rtol=1e-5,
+                                   atol=1e-7)
 
 
 def largest_float32_tensor(function) -> int:

@@ -20,7 +20,8 @@ class ProtoKDTrainer(DistillationTrainer):
     RC for BraTS 2024; setting `classes`), the same for every item and batch. Deep-supervision outputs below full
     resolution get the segmentation loss only: the teacher runs without deep supervision and the paper distils one
     output. Settings come from the configuration; a zero weight drops a term from the loss (it is still computed
-    without gradient and logged, to show how far the student is from the teacher).
+    without gradient and logged, to show how far the student is from the teacher). The two terms' per-chunk kernels
+    are compiled when the networks are (nnU-Net's choice; training/losses.py: chunk_kernel).
     """
     loss_terms = ("kd_loss", "proto_loss")
     distilled_features = ("decoder",)
@@ -50,9 +51,12 @@ class ProtoKDTrainer(DistillationTrainer):
         region_based = self.label_manager.has_regions
         masks = ground_truth_class_masks(full_resolution_target, region_based,
                                          self.label_manager.num_segmentation_heads, self.region_membership)
+        compiled = self._do_i_compile()  # the losses' chunk kernels are compiled when the networks are
         with self.gradient_if(self.settings["alpha"]):
-            kd = pixelwise_kd_loss(logits, teacher_logits, self.settings["temperature"], region_based)
+            kd = pixelwise_kd_loss(logits, teacher_logits, self.settings["temperature"], region_based,
+                                   compile_kernels=compiled)
         with self.gradient_if(self.settings["beta"]):
             proto = prototype_kd_loss(student_features["decoder"], teacher_features["decoder"], masks,
-                                      self.settings["intra_class_only"], self.settings["class_presence"])
+                                      self.settings["intra_class_only"], self.settings["class_presence"],
+                                      compile_kernels=compiled)
         return {"kd_loss": (self.settings["alpha"], kd), "proto_loss": (self.settings["beta"], proto)}

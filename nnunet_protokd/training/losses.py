@@ -17,6 +17,7 @@ keep their float32 intermediates or, for half-precision inputs, recompute every 
 from __future__ import annotations
 
 import functools
+import itertools
 
 import numpy as np
 import torch
@@ -48,6 +49,23 @@ def without_autocast(loss):
         with torch.autocast(device_type, enabled=False):
             return loss(*args, **kwargs)
     return full_precision_loss
+
+
+@functools.cache
+def _compiled(kernel):
+    return torch.compile(kernel, dynamic=False)
+
+
+def chunk_kernel(kernel, compile_kernels: bool):
+    """`kernel` (a function of one chunk of voxels) itself, or torch.compile's version of it (one per process and
+    kernel; every chunk has the same shape but the last, so each is compiled for two shapes).
+
+    Why compile: a chunk's float32 work is a dozen elementwise passes and small matmuls over the same voxels,
+    each reading and writing the whole chunk; compiled, the elementwise passes fuse into a few loops (CPU) or
+    kernels (CUDA). The trainers compile them exactly when they compile the networks (nnU-Net's choice: CUDA and
+    nnUNet_compile), since compiling needs what compiling the network needs (a C++ compiler on CPU, Triton on
+    CUDA). The values are those of the eager kernel within float32 rounding."""
+    return _compiled(kernel) if compile_kernels else kernel
 
 
 def voxel_chunks(voxel_tensors, chunk_voxels: int | None = None) -> list[tuple]:
@@ -89,23 +107,34 @@ def summed_over_voxel_chunks(per_chunk, chunks: list, shared=()) -> tuple:
     return totals
 
 
+def _log_sigmoid(logits: torch.Tensor) -> torch.Tensor:
+    """log(sigmoid(x)) = min(x, 0) - log(1 + exp(-|x|)) elementwise, a new float32 tensor; no autograd graph needed.
+
+    F.logsigmoid's value, finite for every finite x and within float32 rounding of it (absolute error below 1e-6;
+    where exp(-|x|) is under float32's epsilon the log term rounds to 0, an absolute error of at most 6e-8). Why
+    not F.logsigmoid: on CPU it also fills the buffer its own backward would use and is not vectorised, 1.0 ms per
+    chunk of 2x3x2^15 float32 voxels against 0.18 ms for these five passes (log1p is as slow; log of 1 + u is not)."""
+    return logits.clamp_max(0.0) - logits.abs().neg_().exp_().add_(1.0).log_()
+
+
 def _bernoulli_or_softmax_kl(student: torch.Tensor, teacher: torch.Tensor, region_based: bool) -> torch.Tensor:
     """Elementwise KL(teacher || student) of float32 logits (N, K, ...): per-region Bernoulli KL
-    p log(p/q) + (1-p) log((1-p)/(1-q)), or the softmax KL's terms.
+    p log(p/q) + (1-p) log((1-p)/(1-q)), or the softmax KL's terms. Forward only: _SummedKL writes the gradient.
 
     With p = sigmoid(t), q = sigmoid(s) and log(1-p) = log p - t, the Bernoulli KL is
     log p - log q + (1-p)(s - t) = logsigmoid(t) - logsigmoid(s) + sigmoid(-t)(s - t): stable for any logits, and
     two transcendental passes over the teacher and one over the student instead of six (its gradient in s is
     q - p)."""
     if region_based:
-        return F.logsigmoid(teacher) - F.logsigmoid(student) + torch.sigmoid(-teacher) * (student - teacher)
+        return _log_sigmoid(teacher) - _log_sigmoid(student) + torch.sigmoid(-teacher) * (student - teacher)
     log_p, log_q = F.log_softmax(teacher, dim=1), F.log_softmax(student, dim=1)
     return log_p.exp() * (log_p - log_q)
 
 
 @without_autocast
 def pixelwise_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-                      region_based: bool, chunk_voxels: int | None = None) -> torch.Tensor:
+                      region_based: bool, chunk_voxels: int | None = None,
+                      compile_kernels: bool = False) -> torch.Tensor:
     """ProtoKD Eq. (1): KL(teacher || student) of temperature-softened predictions.
 
     Args:
@@ -113,46 +142,66 @@ def pixelwise_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         temperature: T > 0; both logits are divided by T before the softmax/sigmoid.
         region_based: softmax over K classes (False) or an independent Bernoulli per region channel (True).
         chunk_voxels: voxels per float32 chunk (summed_over_voxel_chunks); the value does not depend on it.
+        compile_kernels: run the per-chunk work through torch.compile (chunk_kernel).
     Returns:
         float32 scalar, the KL divergence averaged over all N*K*S elements (the mean reduction of the authors'
         code; for softmax this is the per-voxel KL divided by K). No T^2 factor. The teacher is detached:
         gradients reach the student only.
     """
     total = _SummedKL.apply(student_logits.flatten(2), teacher_logits.detach().flatten(2), temperature, region_based,
-                            chunk_voxels)
+                            chunk_voxels, compile_kernels)
     return total / student_logits.numel()
 
 
+def _summed_kl_chunk(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                     region_based: bool) -> torch.Tensor:
+    """Kernel: float32 sum of the elementwise KL(teacher || student) of one chunk of logits (N, K, v), each / T."""
+    return _bernoulli_or_softmax_kl(student.float() / temperature, teacher.float() / temperature, region_based).sum()
+
+
+def _kl_gradient_chunk(student: torch.Tensor, teacher: torch.Tensor, temperature: float, region_based: bool,
+                       scale: torch.Tensor) -> torch.Tensor:
+    """Kernel: the KL sum's gradient in one chunk of the student's logits, (q - p) * scale in their dtype."""
+    softened_student, softened_teacher = student.float() / temperature, teacher.float() / temperature
+    if region_based:
+        difference = torch.sigmoid(softened_student) - torch.sigmoid(softened_teacher)
+    else:
+        difference = torch.softmax(softened_student, dim=1) - torch.softmax(softened_teacher, dim=1)
+    return (difference * scale).to(student.dtype)
+
+
 class _SummedKL(torch.autograd.Function):
-    """forward(student (N, K, V), teacher (N, K, V) detached, temperature, region_based, chunk_voxels): the float32
-    sum of the elementwise KL(teacher || student) of the logits divided by the temperature, chunk by chunk.
+    """forward(student (N, K, V), teacher (N, K, V) detached, temperature, region_based, chunk_voxels,
+    compile_kernels): the float32 sum of the elementwise KL(teacher || student) of the logits divided by the
+    temperature, chunk by chunk.
 
     Its gradient in the student's logits is (q - p) / T elementwise (q, p: the student's and the teacher's
     softened softmax or sigmoid), computed chunk by chunk in backward from the two logits alone: nothing computed
     in forward is kept, and no chunk's KL is recomputed (autograd through half-precision chunks would have to)."""
 
     @staticmethod
-    def forward(ctx, student, teacher, temperature: float, region_based: bool, chunk_voxels: int | None):
+    def forward(ctx, student, teacher, temperature: float, region_based: bool, chunk_voxels: int | None,
+                compile_kernels: bool):
+        summed_kl = chunk_kernel(_summed_kl_chunk, compile_kernels)
         total = torch.zeros((), dtype=torch.float32, device=student.device)
         for student_chunk, teacher_chunk in voxel_chunks((student, teacher), chunk_voxels):
-            total += _bernoulli_or_softmax_kl(student_chunk.float() / temperature,
-                                              teacher_chunk.float() / temperature, region_based).sum()
+            total += summed_kl(student_chunk, teacher_chunk, temperature, region_based)
         ctx.save_for_backward(student, teacher)
-        ctx.temperature, ctx.region_based, ctx.chunk_voxels = temperature, region_based, chunk_voxels
+        ctx.arguments = temperature, region_based, chunk_voxels, compile_kernels
         return total
 
     @staticmethod
     @without_autocast
     def backward(ctx, grad_total):
         student, teacher = ctx.saved_tensors
-        probabilities = torch.sigmoid if ctx.region_based else functools.partial(torch.softmax, dim=1)
+        temperature, region_based, chunk_voxels, compile_kernels = ctx.arguments
+        kl_gradient = chunk_kernel(_kl_gradient_chunk, compile_kernels)
         grad = torch.empty_like(student)
-        scale = grad_total.float() / ctx.temperature
-        chunks = voxel_chunks((student, teacher), ctx.chunk_voxels)
+        scale = grad_total.float() / temperature
+        chunks = voxel_chunks((student, teacher), chunk_voxels)
         for (student_chunk, teacher_chunk), grad_chunk in zip(chunks, _split_like(grad, chunks)):
-            grad_chunk.copy_((probabilities(student_chunk.float() / ctx.temperature)
-                              - probabilities(teacher_chunk.float() / ctx.temperature)) * scale)
-        return grad, None, None, None, None
+            grad_chunk.copy_(kl_gradient(student_chunk, teacher_chunk, temperature, region_based, scale))
+        return grad, None, None, None, None, None
 
 
 def disjoint_region_classes(regions) -> tuple[list[tuple], list[tuple]]:
@@ -259,74 +308,106 @@ def _feature_norms(features: torch.Tensor, eps: float) -> torch.Tensor:
     return (features * features).sum(dim=1, keepdim=True).clamp_min(eps * eps).sqrt()
 
 
+def _map_pass_chunk(features: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, unit_student: torch.Tensor,
+                    unit_teacher: torch.Tensor, eps: float, intra_class_only: bool, keep: bool) -> tuple:
+    """Kernel: one chunk of Eqs. (3)-(4) and what backward needs of it (_SquaredMapDifferences).
+
+    Args: the chunk's flat features (N, Cs, v) and teacher features (N, Ct, v), any dtype; its masks (N, K, v);
+    the unit prototypes (N, K, Cs) and (N, K, Ct). Returns float32 (summed squared differences (N, K), then, with
+    `keep`, w (N, K, v), a (N, K, v) and the chunk's sums of w z (N, K, Cs); else None for these three)."""
+    features = features.float()
+    norm = _feature_norms(features, eps)
+    maps = torch.bmm(unit_student, features) / norm
+    difference = maps - _cosine_maps(teacher, unit_teacher, eps)
+    squared = difference.square()
+    summed = (squared * mask.float()).sum(2) if intra_class_only else squared.sum(2)
+    if not keep:
+        return summed, None, None, None
+    weight = (difference * mask.float() if intra_class_only else difference) / norm
+    along_weight = weight * maps / norm * (norm > eps)
+    return summed, weight, along_weight, torch.bmm(weight, features.transpose(1, 2))
+
+
+def _prototype_gradient_chunk(features: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor,
+                              along_weight: torch.Tensor, slope: torch.Tensor, linear: torch.Tensor) -> torch.Tensor:
+    """Kernel: dL/dz for one chunk of the student's features (N, Cs, v), in their dtype (_SquaredMapDifferences).
+
+    `features * -along` is float32 whatever the features' dtype (type promotion), without a cast of its own."""
+    along = (slope * along_weight).sum(1, keepdim=True)  # (N, 1, v)
+    coefficients = torch.cat((slope * weight, mask.float()), dim=1)  # [2 g w; m] (N, 2K, v)
+    return torch.baddbmm(features * -along, linear, coefficients).to(features.dtype)
+
+
 class _SquaredMapDifferences(torch.autograd.Function):
     """The prototype term's reductions over voxels, Eqs. (2)-(4), with its gradient written out.
 
-    forward(student (N, Cs, V), teacher (N, Ct, V) detached, masks (N, K, V), intra_class_only, chunk_voxels, eps)
-    -> (summed (N, K): sum over voxels of (M_k^s(i) - M_k^t(i))^2, times the mask of k with intra_class_only;
-    counts (N, K): voxels per class), float32, computed in chunks of voxels cast to float32.
+    forward(student (N, Cs, V), teacher (N, Ct, V) detached, masks (N, K, V), intra_class_only, chunk_voxels, eps,
+    compile_kernels) -> (summed (N, K): sum over voxels of (M_k^s(i) - M_k^t(i))^2, times the mask of k with
+    intra_class_only; counts (N, K): voxels per class), float32, computed in chunks of voxels cast to float32.
 
     Autograd through the chunks would keep float32 copies of the student's features (or, to avoid them,
-    recompute every chunk's forward in backward: both networks' maps again). The gradient needs much less: with
-    h_k(i) = dL/dM_k^s(i) / |z_i| and the cosine maps M_k^s(i) = <c_k, z_i> / |z_i| of the unit prototypes c_k,
-        dL/dz_i = sum_k h_k(i) c_k - z_i sum_k h_k(i) M_k^s(i) / |z_i|  +  sum_k m_k(i) dL/dp_k / n_k,
-    where dL/dc_k = sum_i h_k(i) z_i, dL/dp_k follows through c_k = p_k / max(|p_k|, eps), and n_k counts class
-    k's voxels (p_k = its mean feature, Eq. 2). Forward keeps the maps' differences (N, K, V) and the feature
-    norms (N, 1, V) in float32, K/Cs and 1/Cs the size of a float32 copy of the features; backward makes two
-    passes over the student's chunks: the sums for dL/dc_k, then dL/dz chunk by chunk into the gradient, in the
-    features' dtype. Where |z_i| <= eps (the norm clamped) the second part of dL/dz_i is 0, as in autograd.
+    recompute every chunk's forward in backward: both networks' maps again). The gradient needs much less. With
+    g_k the upstream gradient of summed_k, w_k(i) = (M_k^s(i) - M_k^t(i)) [m_k(i)] / |z_i| (the mask with
+    intra_class_only) and the cosine maps M_k^s(i) = <c_k, z_i> / |z_i| of the unit prototypes c_k,
+        dL/dz_i = sum_k 2 g_k w_k(i) c_k - z_i sum_k 2 g_k a_k(i)  +  sum_k m_k(i) dL/dp_k / n_k,
+    with a_k(i) = w_k(i) M_k^s(i) / |z_i| (0 where |z_i| <= eps, the norm clamped, as in autograd),
+    dL/dc_k = 2 g_k sum_i w_k(i) z_i, dL/dp_k through c_k = p_k / max(|p_k|, eps), and n_k the voxels of class k
+    (p_k = its mean feature, Eq. 2). Only g depends on the upstream gradient, so the forward's pass over the maps,
+    which has each chunk in float32 anyway, also keeps w and a ((N, K, V) float32 each, 2K/Cs the size of a
+    float32 copy of the features) and the (N, K, Cs) sums of w z: backward is one pass over the student's chunks,
+    writing dL/dz into the gradient in the features' dtype. Under torch.no_grad nothing is kept.
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, masks, intra_class_only: bool, chunk_voxels: int | None, eps: float):
+    def forward(ctx, student, teacher, masks, intra_class_only: bool, chunk_voxels: int | None, eps: float,
+                compile_kernels: bool):
         chunks = voxel_chunks((student, teacher, masks), chunk_voxels)
         student_prototypes, counts = _prototypes_and_counts([(features, mask) for features, _, mask in chunks])
         teacher_prototypes, _ = _prototypes_and_counts([(features, mask) for _, features, mask in chunks])
         unit_student = F.normalize(student_prototypes, dim=2, eps=eps)
         unit_teacher = F.normalize(teacher_prototypes, dim=2, eps=eps)
-        differences = torch.empty(masks.shape, dtype=torch.float32, device=student.device)
-        norms = torch.empty((student.shape[0], 1, student.shape[2]), dtype=torch.float32, device=student.device)
+        map_pass = chunk_kernel(_map_pass_chunk, compile_kernels)
+        keep = ctx.needs_input_grad[0]
         summed = torch.zeros(masks.shape[:2], dtype=torch.float32, device=student.device)
-        for (features, teacher_chunk, mask), difference, norm in zip(
-                chunks, _split_like(differences, chunks), _split_like(norms, chunks)):
-            features = features.float()
-            norm.copy_(_feature_norms(features, eps))
-            difference.copy_(torch.bmm(unit_student, features) / norm - _cosine_maps(teacher_chunk, unit_teacher, eps))
-            squared = difference.square()
-            summed += (squared * mask.float()).sum(2) if intra_class_only else squared.sum(2)
-        ctx.save_for_backward(student, masks, differences, norms, student_prototypes, unit_student, counts)
-        ctx.intra_class_only, ctx.chunk_voxels, ctx.eps = intra_class_only, chunk_voxels, eps
+        if keep:
+            weights, along_weights = (torch.empty(masks.shape, dtype=torch.float32, device=student.device)
+                                      for _ in range(2))
+            weighted_feature_sums = torch.zeros_like(unit_student)
+            kept = zip(_split_like(weights, chunks), _split_like(along_weights, chunks))
+        else:
+            kept = itertools.repeat((None, None))
+        for (features, teacher_chunk, mask), (weight_chunk, along_weight_chunk) in zip(chunks, kept):
+            sums, weight, along_weight, weighted = map_pass(features, teacher_chunk, mask, unit_student,
+                                                            unit_teacher, eps, intra_class_only, keep)
+            summed += sums
+            if keep:
+                weight_chunk.copy_(weight)
+                along_weight_chunk.copy_(along_weight)
+                weighted_feature_sums += weighted
+        if keep:
+            ctx.save_for_backward(student, masks, weights, along_weights, weighted_feature_sums, student_prototypes,
+                                  unit_student, counts)
+        ctx.chunk_voxels, ctx.eps, ctx.compile_kernels = chunk_voxels, eps, compile_kernels
         ctx.mark_non_differentiable(counts)
         return summed, counts
 
     @staticmethod
     @without_autocast
     def backward(ctx, grad_summed, _grad_counts):
-        student, masks, differences, norms, prototypes, unit, counts = ctx.saved_tensors
-        eps = ctx.eps
+        student, masks, weights, along_weights, weighted_feature_sums, prototypes, unit, counts = ctx.saved_tensors
         slope = 2.0 * grad_summed.float().unsqueeze(2)  # d summed_k / d difference_k(i) = 2 difference_k(i)
-
-        def scaled_upstream(mask, difference, norm):  # h = dL/dM^s / |z|, (N, K, v)
-            upstream = slope * difference
-            return (upstream * mask.float() if ctx.intra_class_only else upstream) / norm
-
-        chunks = voxel_chunks((student, masks, differences, norms), ctx.chunk_voxels)
-        grad_unit = torch.zeros_like(unit)
-        for features, mask, difference, norm in chunks:
-            grad_unit += torch.bmm(scaled_upstream(mask, difference, norm), features.float().transpose(1, 2))
+        grad_unit = slope * weighted_feature_sums
         lengths = prototypes.norm(dim=2, keepdim=True)
         radial = (unit * grad_unit).sum(2, keepdim=True)
-        grad_prototypes = torch.where(lengths > eps, (grad_unit - unit * radial) / lengths, grad_unit / eps)
-        # one matmul per chunk for both linear parts: [c_k | dL/dp_k / n_k] (N, C, 2K) x [h; m] (N, 2K, v)
+        grad_prototypes = torch.where(lengths > ctx.eps, (grad_unit - unit * radial) / lengths, grad_unit / ctx.eps)
+        # one matmul per chunk for both linear parts: [c_k | dL/dp_k / n_k] (N, C, 2K) x [2 g w; m] (N, 2K, v)
         linear = torch.cat((unit, grad_prototypes / counts.clamp_min(1.0).unsqueeze(2)), dim=1).transpose(1, 2)
+        prototype_gradient = chunk_kernel(_prototype_gradient_chunk, ctx.compile_kernels)
         grad = torch.empty_like(student)
-        for (features, mask, difference, norm), grad_chunk in zip(chunks, _split_like(grad, chunks)):
-            features = features.float()
-            scaled = scaled_upstream(mask, difference, norm)
-            maps = torch.bmm(unit, features) / norm
-            along = (scaled * maps).sum(1, keepdim=True) / norm * (norm > eps)  # (N, 1, v)
-            grad_chunk.copy_(torch.baddbmm(features * -along, linear, torch.cat((scaled, mask.float()), dim=1)))
-        return grad, None, None, None, None, None
+        chunks = voxel_chunks((student, masks, weights, along_weights), ctx.chunk_voxels)
+        for (features, mask, weight, along_weight), grad_chunk in zip(chunks, _split_like(grad, chunks)):
+            grad_chunk.copy_(prototype_gradient(features, mask, weight, along_weight, slope, linear))
+        return grad, None, None, None, None, None, None
 
 
 @without_autocast
@@ -346,7 +427,7 @@ def prototype_similarity_maps(features: torch.Tensor, prototypes: torch.Tensor, 
 @without_autocast
 def prototype_kd_loss(student_features: torch.Tensor, teacher_features: torch.Tensor, masks: torch.Tensor,
                       intra_class_only: bool = False, class_presence: str = "item",
-                      chunk_voxels: int | None = None) -> torch.Tensor:
+                      chunk_voxels: int | None = None, compile_kernels: bool = False) -> torch.Tensor:
     """ProtoKD Eq. (4): mean squared difference of the student's and the teacher's I2FV maps.
 
     Each network's maps use its own features and its own prototypes (Eq. 2) over the same ground-truth masks;
@@ -360,7 +441,9 @@ def prototype_kd_loss(student_features: torch.Tensor, teacher_features: torch.Te
         class_presence: "item": class k counts for item n when item n has voxels of k; "batch": only when every
             item of the batch has (the authors' code, which then averages over all items, classes and voxels).
         chunk_voxels: voxels per float32 chunk: two passes over the voxels, the prototypes' sums, then the maps'
-            squared differences summed per (item, class); two in backward (_SquaredMapDifferences).
+            squared differences summed per (item, class) with what backward needs; one in backward
+            (_SquaredMapDifferences).
+        compile_kernels: run the per-chunk work of the maps through torch.compile (chunk_kernel).
     Returns:
         float32 scalar: the squared differences averaged over voxels and over the (item, class) pairs that count
         (absent classes contribute nothing; with intra_class_only, over the voxels of each class). 0 if no
@@ -370,7 +453,8 @@ def prototype_kd_loss(student_features: torch.Tensor, teacher_features: torch.Te
         raise ValueError(f"class_presence must be 'item' or 'batch', got {class_presence!r}")
     eps = 1e-8  # prototype_similarity_maps' default
     summed, counts = _SquaredMapDifferences.apply(student_features.flatten(2), teacher_features.detach().flatten(2),
-                                                  masks.flatten(2), intra_class_only, chunk_voxels, eps)
+                                                  masks.flatten(2), intra_class_only, chunk_voxels, eps,
+                                                  compile_kernels)
     present = counts > 0
     if class_presence == "batch":
         present = present.all(dim=0, keepdim=True).expand_as(present)
