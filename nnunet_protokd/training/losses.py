@@ -12,7 +12,9 @@ and a sum over the ~2 million voxels of a BraTS patch overflows float16 (max 655
 full-size float32 copy of a network's output exists (a 112x160x128 patch, batch 2, 32 decoder channels: 0.59 GB
 per copy) and the gradients are those of the unchunked float32 computation. ProtoKD's two terms write their
 gradient out (autograd Functions whose backward runs chunk by chunk too): autograd through the chunks would either
-keep their float32 intermediates or, for half-precision inputs, recompute every chunk's forward in backward.
+keep their float32 intermediates or, for half-precision inputs, recompute every chunk's forward in backward. Their
+per-chunk work is a named kernel function (`_summed_kl_chunk`, `_kl_gradient_chunk`, `_map_pass_chunk`,
+`_prototype_gradient_chunk`), run as it is or compiled (`chunk_kernel`).
 """
 from __future__ import annotations
 
@@ -61,10 +63,10 @@ def chunk_kernel(kernel, compile_kernels: bool):
     kernel; every chunk has the same shape but the last, so each is compiled for two shapes).
 
     Why compile: a chunk's float32 work is a dozen elementwise passes and small matmuls over the same voxels,
-    each reading and writing the whole chunk; compiled, the elementwise passes fuse into a few loops (CPU) or
-    kernels (CUDA). The trainers compile them exactly when they compile the networks (nnU-Net's choice: CUDA and
-    nnUNet_compile), since compiling needs what compiling the network needs (a C++ compiler on CPU, Triton on
-    CUDA). The values are those of the eager kernel within float32 rounding."""
+    each reading and writing the whole chunk (on CUDA, each one kernel launch); compiled, the elementwise passes
+    fuse into a few loops (CPU) or kernels (CUDA). ProtoKDTrainer compiles its kernels exactly when it compiles
+    the networks (nnU-Net's choice: CUDA and nnUNet_compile), which needs the same tools (a C++ compiler on CPU,
+    Triton on CUDA). The values are those of the eager kernel within float32 rounding."""
     return _compiled(kernel) if compile_kernels else kernel
 
 
