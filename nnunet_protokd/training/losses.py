@@ -291,14 +291,17 @@ def class_prototypes(features: torch.Tensor, masks: torch.Tensor,
     return prototypes, counts > 0
 
 
-def _cosine_maps(features: torch.Tensor, unit_prototypes: torch.Tensor, eps: float) -> torch.Tensor:
-    """Eq. (3) on flat features (N, C, v) and unit-length prototypes (N, K, C): (N, K, v) float32 cosines.
+def _cosine_maps(features: torch.Tensor, unit_prototypes: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. (3) on flat features (N, C, v) and unit-length prototypes (N, K, C): (N, K, v) float32 cosines, and the
+    feature norms (N, 1, v) they were divided by.
 
     <c_k, z_i> / max(|z_i|, eps), the cosine with the feature vector normalised as F.normalize does, computed
     without a normalised copy of the C-channel features: the chunk's squares are a temporary, summed at once, and
     only K-channel and one-channel tensors are kept for backward."""
     features = features.float()
-    return torch.bmm(unit_prototypes, features) / _feature_norms(features, eps)
+    norms = _feature_norms(features, eps)
+    return torch.bmm(unit_prototypes, features) / norms, norms
 
 
 def _feature_norms(features: torch.Tensor, eps: float) -> torch.Tensor:
@@ -317,10 +320,9 @@ def _map_pass_chunk(features: torch.Tensor, teacher: torch.Tensor, mask: torch.T
     Args: the chunk's flat features (N, Cs, v) and teacher features (N, Ct, v), any dtype; its masks (N, K, v);
     the unit prototypes (N, K, Cs) and (N, K, Ct). Returns float32 (summed squared differences (N, K), then, with
     `keep`, w (N, K, v), a (N, K, v) and the chunk's sums of w z (N, K, Cs); else None for these three)."""
-    features = features.float()
-    norm = _feature_norms(features, eps)
-    maps = torch.bmm(unit_student, features) / norm
-    difference = maps - _cosine_maps(teacher, unit_teacher, eps)
+    features = features.float()  # once: the weighted sums below read it too
+    maps, norm = _cosine_maps(features, unit_student, eps)
+    difference = maps - _cosine_maps(teacher, unit_teacher, eps)[0]
     squared = difference.square()
     summed = (squared * mask.float()).sum(2) if intra_class_only else squared.sum(2)
     if not keep:
@@ -422,7 +424,7 @@ def prototype_similarity_maps(features: torch.Tensor, prototypes: torch.Tensor, 
         (N, K, *S) float32 cosine similarities in [-1, 1]; 0 where a feature vector or prototype is all zeros.
         (prototype_kd_loss reduces these maps chunk by chunk and never holds them whole.)
     """
-    maps = _cosine_maps(features.flatten(2), F.normalize(prototypes.float(), dim=2, eps=eps), eps)
+    maps, _ = _cosine_maps(features.flatten(2), F.normalize(prototypes.float(), dim=2, eps=eps), eps)
     return maps.view(maps.shape[:2] + features.shape[2:])
 
 
